@@ -1,0 +1,46 @@
+"""Argument helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    """The MODEL positional plus the loading flags every model-taking command has."""
+    if optional:
+        parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: minilm)")
+    else:
+        parser.add_argument("model", help="model folder, hub id, or 'minilm' (the offline default)")
+    parser.add_argument("--pooling", default=None, help="override pooling: cls, mean, cls_avg, max, last")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code shipped in the model folder to run"
+    )
+
+
+def load_model(args: argparse.Namespace):  # noqa: ANN201
+    from matryoshka2d.model import MatryoshkaEncoder
+
+    return MatryoshkaEncoder.from_pretrained(
+        args.model, pooling=args.pooling, trust_remote_code=args.trust_remote_code
+    )
+
+
+def int_list(text: str, *, name: str, upper: int, allow_all: bool = True) -> list[int]:
+    """Parse ``"1,2,4"`` or ``"all"`` into integers within ``1..upper``.
+
+    Raises:
+        ValueError: an item that is not an integer or is out of range.
+    """
+    if allow_all and text.strip().lower() == "all":
+        return list(range(1, upper + 1))
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{name} {item!r} is not an integer; pass e.g. 1,2,4 or 'all'") from None
+        if not 1 <= value <= upper:
+            raise ValueError(f"{name} {value} is out of range 1..{upper}; pass values in 1..{upper}")
+        values.append(value)
+    return sorted(set(values))

@@ -1,0 +1,51 @@
+"""``m2d encode MODEL --layer N --dim D --input FILE --output OUT.npy``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from matryoshka2d.cli.common import add_model_args, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="embed sentences from a file at one exit")
+    add_model_args(p)
+    p.add_argument("--layer", type=int, default=None, help="exit layer 1..N (default: the model's default)")
+    p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: full width)")
+    p.add_argument("--input", required=True, help=".txt (one sentence per line) or .tsv/.csv/.jsonl")
+    p.add_argument("--column", default=None, help="column of a .tsv/.csv/.jsonl input (default: first)")
+    p.add_argument("--output", required=True, help="output .npy file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.data import read_sentences
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    texts = read_sentences(args.input, column=args.column)
+    model = load_model(args)
+    start = time.perf_counter()
+    emb = model.encode(
+        texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
+        show_progress_bar=True,
+    )
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    np.save(tmp, emb)
+    tmp.replace(out)
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} in {seconds:.2f}s "
+          f"({emb.shape[0] / seconds:.0f} sentences/s)")
+    return 0

