@@ -1,0 +1,58 @@
+"""The m2d entry point: info and encode in-process, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from matryoshka2d import MatryoshkaEncoder
+from matryoshka2d.cli import main
+
+
+def test_info(tiny_dir, capsys):
+    assert main(["info", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture:   bert" in out and "layers:         4" in out and "hidden size:    32" in out
+
+
+def test_encode_txt_round_trip(tiny_dir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("a man plays guitar\nthe dog runs\n\n", encoding="utf-8")
+    out = tmp_path / "emb.npy"
+    assert main(["encode", str(tiny_dir), "--layer", "2", "--dim", "16", "--input", str(src), "--output", str(out)]) == 0
+    emb = np.load(out)
+    expected = MatryoshkaEncoder.from_pretrained(tiny_dir).encode(["a man plays guitar", "the dog runs", ""],
+                                                                   layer=2, dim=16)
+    assert emb.shape == (3, 16)
+    np.testing.assert_allclose(emb, expected, atol=1e-6)
+    assert main(["encode", str(tiny_dir), "--input", str(src), "--output", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "0"], "m2d encode: error: layer 0 is out of range: this model has layers 1..4"),
+        (["--layer", "9"], "layer 9 is out of range"),
+        (["--dim", "0"], "dim 0 is out of range: this model's embeddings have 1..32 dims"),
+        (["--dim", "64"], "dim 64 is out of range"),
+    ],
+)
+def test_encode_bad_exit_exits_2_with_one_line(tiny_dir, tmp_path, capsys, args, message):
+    src = tmp_path / "in.txt"
+    src.write_text("cat\n", encoding="utf-8")
+    code = main(["encode", str(tiny_dir), "--input", str(src), "--output", str(tmp_path / "o.npy"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_missing_model_and_input_exit_2(tmp_path, capsys, tiny_dir):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["encode", str(tiny_dir), "--input", str(tmp_path / "nope.txt"), "--output", "x.npy"]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2():
+    assert main(["no-such-command"]) == 2
+    assert main(["--version"]) == 0
