@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# tiny models gain nothing from intra-op threads; one thread keeps the suite fast on a busy 2-core machine
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,7 +37,9 @@ def build_tiny_model(folder: Path, arch: str = "bert", *, layers: int = 4, hidde
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(folder)
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=128)
+    # the vocabulary as the first positional argument: transformers 5 ignores the vocab_file= keyword
+    tokenizer = BertTokenizerFast(str(vocab), do_lower_case=True, model_max_length=128)
+    assert tokenizer.vocab_size > 100, "tiny tokenizer lost its vocabulary"
     common = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=130)
     torch.manual_seed(0)
     if arch == "bert":
