@@ -117,6 +117,7 @@ def test_newer_format_version_is_refused(tiny_model, tmp_path):
     meta = json.loads((path / "matryoshka2d.json").read_text())
     meta["format_version"] = 99
     (path / "matryoshka2d.json").write_text(json.dumps(meta))
+    (path / "manifest.json").unlink()  # a deliberate edit: without this, the manifest refuses the folder
     with pytest.raises(ValueError, match="format_version 99 is newer than this library supports"):
         MatryoshkaEncoder.load(path)
 

@@ -16,9 +16,12 @@ from matryoshka2d.pooling import PoolingMode, check_pooling
 from matryoshka2d.serialization import (
     CONFIG_NAME,
     FORMAT_VERSION,
+    MANIFEST_NAME,
     atomic_dir,
     library_versions,
     read_model_config,
+    verify_manifest,
+    write_manifest,
 )
 
 if TYPE_CHECKING:
@@ -32,11 +35,13 @@ ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2
 # the unused task pooler is dropped so every parameter gets a gradient (DDP needs that)
 _HAS_POOLER = ("bert", "roberta", "xlm-roberta", "camembert")
 
-_ST_POOLING = {  # sentence-transformers 1_Pooling/config.json flag -> our mode
+_ST_LEGACY_POOLING = {  # sentence-transformers < 5 1_Pooling/config.json flag -> its mode name
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "last",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
 }
 
 
@@ -81,12 +86,26 @@ def read_sentence_transformers_folder(folder: Path) -> tuple[Path, PoolingMode |
     return transformer_dir, pooling, max_len
 
 
+_ST_POOLING_NAMES = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last"}  # ST name -> ours
+
+
 def _st_pooling_mode(cfg: dict[str, Any]) -> PoolingMode:
-    on = [mode for key, mode in _ST_POOLING.items() if cfg.get(key)]
-    if on == ["cls", "mean"]:
-        return "cls_avg"
-    if len(on) != 1:
-        raise ValueError(f"sentence-transformers pooling {cfg} has no single matryoshka2d equivalent")
+    """Our mode for a ``1_Pooling/config.json`` (legacy ``pooling_mode_*`` flags or ST >= 5 ``pooling_mode``).
+
+    Several modes at once are concatenated by sentence-transformers (a 2*D vector), which no single
+    matryoshka2d mode reproduces, so they are refused.
+    """
+    named = cfg.get("pooling_mode")
+    if named is not None:
+        names = [named] if isinstance(named, str) else list(named)
+    else:
+        names = [name for key, name in _ST_LEGACY_POOLING.items() if cfg.get(key)]
+    on = [_ST_POOLING_NAMES.get(name) for name in names]
+    if len(on) != 1 or on[0] is None:
+        raise ValueError(
+            f"sentence-transformers pooling {names} has no matryoshka2d equivalent (several modes are "
+            "concatenated there); supported: one of cls, mean, max, lasttoken, or pass pooling= to override"
+        )
     return on[0]  # type: ignore[return-value]
 
 
@@ -114,8 +133,13 @@ def load_encoder(
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> MatryoshkaEncoder:
-    """See :meth:`MatryoshkaEncoder.from_pretrained`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """See :meth:`MatryoshkaEncoder.from_pretrained`.
+
+    Safety: code shipped in the folder (``auto_map``) runs only with ``trust_remote_code``; weights are
+    read from safetensors, or from ``.bin`` with ``weights_only=True`` (no arbitrary unpickling); a folder
+    with a manifest is verified first; config/weights disagreements and missing weights are refused.
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     from matryoshka2d.model import MatryoshkaEncoder
 
@@ -129,9 +153,17 @@ def load_encoder(
     weights_dir: str = source
     if folder.exists():
         if not folder.is_dir():
-            raise ValueError(f"{source} is a file, not a model folder; pass the folder that holds config.json")
+            raise ValueError(f"{source} is a file, not a model folder; pass the folder that holds "
+                             "config.json")
+        if (folder / MANIFEST_NAME).exists():
+            verify_manifest(folder)
         if (folder / CONFIG_NAME).exists():
             meta = read_model_config(folder)
+            if (meta.get("export") or {}).get("format") == "onnx":
+                raise ValueError(
+                    f"{source} is an ONNX export (model.onnx), not a PyTorch model; run it with onnxruntime "
+                    "as its README.md shows, or export with --format hf to load it here"
+                )
             found_pooling, found_len = meta.get("pooling"), meta.get("max_seq_length")
         elif (folder / "modules.json").exists():
             sub, found_pooling, found_len = read_sentence_transformers_folder(folder)
@@ -142,19 +174,36 @@ def load_encoder(
                 "sentence-transformers or matryoshka2d model folder"
             )
     elif _looks_like_path(source):
-        raise ValueError(f"model path {source!r} does not exist; check the path or pass a hub id like org/name")
+        raise ValueError(f"model path {source!r} does not exist; check the path or pass a hub id like "
+                         "org/name")
+    custom_code = _custom_code(Path(weights_dir))
     try:
         config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"could not load model {source!r}: {str(e).splitlines()[0]} (offline? pass a local folder)"
-        ) from e
+        if custom_code and not trust_remote_code:
+            raise ValueError(
+                f"{weights_dir} needs its own code ({custom_code}, named by auto_map in config.json) and "
+                "matryoshka2d never runs code from a model folder unless asked; pass --trust-remote-code "
+                "(trust_remote_code=True) only if you trust its author"
+            ) from e
+        hint = "" if folder.exists() else " (offline? pass a local folder)"
+        raise ValueError(f"could not load model {source!r}: {str(e).splitlines()[0]}{hint}") from e
+    if custom_code and not trust_remote_code:
+        logger.warning("%s: config.json names custom code (%s) that was NOT run; loading the standard %r "
+                       "architecture (pass --trust-remote-code to run it)", weights_dir, custom_code,
+                       config.model_type)
     architectures.layout_for(config.model_type)
     _check_weights_match_config(Path(weights_dir), config)
     extra = {"add_pooling_layer": False} if config.model_type in _HAS_POOLER else {}
     with _quiet_transformers():
-        backbone = AutoModel.from_pretrained(weights_dir, trust_remote_code=trust_remote_code, **extra)
+        backbone = _load_backbone(weights_dir, trust_remote_code=trust_remote_code, **extra)
         tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+    rows = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{weights_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+            f"{rows} rows, so some token ids would index past it; the folder mixes two models, re-save it"
+        )
     meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
     for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
         meta.pop(key, None)
@@ -175,20 +224,80 @@ def _looks_like_path(name: str) -> bool:
     return not _HUB_ID.match(name)
 
 
+def _custom_code(folder: Path) -> str:
+    """The modules ``config.json``'s ``auto_map`` points to (``""`` when none): code from the folder."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return ""  # transformers reports the unreadable config
+    if not isinstance(auto_map, dict):
+        return ""
+    refs = [v for value in auto_map.values() for v in (value if isinstance(value, list | tuple) else [value])]
+    modules = sorted({str(ref).split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs if ref})
+    return ", ".join(modules)
+
+
+def _load_backbone(weights_dir: str, *, trust_remote_code: bool, **extra: Any) -> Any:
+    """``AutoModel.from_pretrained`` that refuses pickled objects, shape mismatches and missing weights."""
+    import pickle
+
+    from transformers import AutoModel
+
+    try:
+        backbone, info = AutoModel.from_pretrained(
+            weights_dir, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
+            **extra,
+        )
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{weights_dir}: the .bin weights hold objects other than tensors; they were NOT unpickled (that "
+            "could run code). Convert the model to safetensors where you trust it, or use another source"
+        ) from e
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "mismatched" not in str(e):
+            raise
+        raise ValueError(
+            f"{weights_dir}: the weights' shapes do not match config.json ({str(e).splitlines()[0]}); the "
+            "folder is inconsistent, re-export it or fix config.json"
+        ) from e
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{weights_dir}: {len(missing)} weights are missing from the checkpoint ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}) and would be randomly initialised; the folder is "
+            "incomplete or belongs to another architecture, re-save it"
+        )
+    return backbone
+
+
 def _check_weights_match_config(folder: Path, config: Any) -> None:
-    """Refuse a folder whose safetensors hold a different number of blocks than its config says."""
+    """Refuse safetensors whose block count, width or vocabulary differ from ``config.json``."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return
     keys: list[str] = []
+    shapes: dict[str, list[int]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
-                keys.extend(st.keys())
+                for key in st.keys():
+                    keys.append(key)
+                    if key.endswith("word_embeddings.weight"):
+                        shapes[key] = list(st.get_slice(key).get_shape())
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{f} is damaged or not a safetensors file ({e}); re-download or re-save it") from e
+            raise ValueError(f"{f} is damaged or not a safetensors file ({e}); re-download or re-save "
+                             "it") from e
+    for key, shape in shapes.items():
+        for axis, name in ((1, "hidden_size"), (0, "vocab_size")):
+            expected = getattr(config, name, None)
+            if len(shape) == 2 and isinstance(expected, int) and shape[axis] != expected:
+                raise ValueError(
+                    f"{folder}: config.json says {name}={expected} but the weights have {shape[axis]} "
+                    f"({key} has shape {tuple(shape)}); the folder is inconsistent, re-export it or fix "
+                    f"{name} in config.json"
+                )
     blocks = {int(m.group(1)) for k in keys if (m := re.search(r"\.layer\.(\d+)\.", k))}
     expected = architectures.config_depth(config)
     if blocks and len(blocks) != expected:
@@ -219,5 +328,6 @@ def save_encoder(model: MatryoshkaEncoder, path: str | os.PathLike[str], *, over
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         write_model_card(tmp, meta)
+        write_manifest(tmp)  # last: it lists every file above
     logger.info("saved model to %s", final)
     return final

@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_sentences
+    from matryoshka2d.serialization import atomic_open
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -42,10 +43,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress_bar=True,
     )
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, emb)
-    tmp.replace(out)
+    with atomic_open(out, "wb") as f:
+        np.save(f, emb)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} in {seconds:.2f}s "
           f"({emb.shape[0] / seconds:.0f} sentences/s)")
     return 0
