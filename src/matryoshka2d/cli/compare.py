@@ -1,0 +1,67 @@
+"""``m2d compare A.json B.json``: side-by-side exits with paired bootstrap CIs of the differences."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare m2d eval results, with paired bootstrap CIs per exit")
+    p.add_argument("results", nargs="+", help="two or more results JSON files written by m2d eval --output")
+    p.add_argument("--labels", default=None, help="comma-separated short names (default: model names)")
+    p.add_argument("--output", default=None, help="write the Markdown report here")
+    p.add_argument("--plot", default=None, help="write Spearman-vs-dim curves (one panel per model)")
+    p.add_argument("--plot-set", default=None, help="set of the plots (default: 7-set avg, else the first)")
+    p.add_argument("--benchmark", default=None, help="benchmark JSON (records) for --pareto")
+    p.add_argument("--pareto", default=None, help="write the quality-vs-speed plot of the first result here")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples (0 = no bootstrap)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval mass")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.evaluation import GridResult
+    from matryoshka2d.reporting import compare_results
+    from matryoshka2d.serialization import atomic_write_text
+
+    if args.draws < 0:
+        raise ValueError(f"--draws {args.draws} must be >= 0 (0 skips the bootstrap)")
+    if bool(args.benchmark) != bool(args.pareto):
+        raise ValueError("--benchmark and --pareto go together: pass both to draw the quality-vs-speed plot")
+    for out in (args.output, args.plot, args.pareto):
+        if out and Path(out).exists() and not args.overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    results = [GridResult.load(path) for path in args.results]
+    if args.labels:
+        labels = [s.strip() for s in args.labels.split(",")]
+        if len(labels) != len(results):
+            raise ValueError(f"--labels has {len(labels)} names for {len(results)} results")
+    else:
+        labels = [r.model for r in results]
+        if max(Counter(labels).values()) > 1:  # same model name twice: use the file names
+            labels = [Path(p).stem for p in args.results]
+    comparison = compare_results(results, labels, draws=args.draws, seed=args.seed,
+                                 confidence=args.confidence, show_progress_bar=not args.quiet)
+    report = comparison.to_markdown()
+    print(report)
+    if args.output:
+        atomic_write_text(args.output, report)
+        print(f"wrote {args.output}")
+    if args.plot:
+        from matryoshka2d.plots import plot_dim_curves
+
+        plot_dim_curves(results, args.plot, labels=labels, set_name=args.plot_set)
+        print(f"wrote {args.plot}")
+    if args.pareto:
+        from matryoshka2d.plots import plot_pareto
+
+        plot_pareto(results[0], args.benchmark, args.pareto, set_name=args.plot_set)
+        print(f"wrote {args.pareto}")
+    return 0

@@ -1,0 +1,88 @@
+"""``m2d eval MODEL --sets all --layers all --dims all``: STS correlations of every exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from matryoshka2d.cli.common import add_model_args, int_list, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="STS Spearman/Pearson of every (layer, dim) exit, one model pass per set")
+    add_model_args(p)
+    p.add_argument("--sets", default="all",
+                   help="comma-separated: sts12,sts13,sts14,sts15,sts16,stsb,sickr, or 'all' (default)")
+    p.add_argument("--layers", default="all", help="exit layers, e.g. 2,4,6, or 'all' (default)")
+    p.add_argument("--dims", default="all", help="dims, e.g. 64,384, or 'all' (8, 16, ... and D; default)")
+    p.add_argument("--split", default="test", help="split (train/dev only exist for stsb and sickr)")
+    p.add_argument("--variant", choices=("original", "senteval_tok"), default="original",
+                   help="original text or SentEval's tokenised text")
+    p.add_argument("--data-dir", default=None,
+                   help="data folder (default: $M2D_DATA_DIR, ./data, ../shared/data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--metric", choices=("spearman", "pearson"), default="spearman",
+                   help="metric of the printed tables")
+    p.add_argument("--output", default=None, help="write results JSON (+ <name>.preds.npz for m2d compare)")
+    p.add_argument("--plot", default=None, help="write a layer x dim heatmap per set (PNG/PDF/SVG)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
+    p.set_defaults(func=run)
+
+
+def parse_sets(text: str) -> list[str]:
+    """``"stsb,sickr"`` or ``"all"`` -> set names (checked)."""
+    from matryoshka2d.data import STS_SETS
+
+    if text.strip().lower() == "all":
+        return list(STS_SETS)
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STS_SETS]
+    if unknown or not names:
+        raise ValueError(f"--sets {text!r}: unknown set(s) {unknown}; choose from {', '.join(STS_SETS)} "
+                         f"or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def parse_dims(text: str, hidden_size: int) -> list[int]:
+    """``"all"`` -> the Matryoshka dims of ``hidden_size``, else integers within ``1..hidden_size``."""
+    from matryoshka2d.evaluation import matryoshka_dims
+
+    if text.strip().lower() == "all":
+        return matryoshka_dims(hidden_size)
+    return int_list(text, name="dim", upper=hidden_size, allow_all=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.data import load_sts
+    from matryoshka2d.evaluation import evaluate_grid
+
+    for out in (args.output, args.plot):
+        if out and Path(out).exists() and not args.overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    names = parse_sets(args.sets)
+    sets = {name: load_sts(name, args.split, variant=args.variant, data_dir=args.data_dir) for name in names}
+    model = load_model(args)
+    layers = int_list(args.layers, name="layer", upper=model.num_layers)
+    dims = parse_dims(args.dims, model.hidden_size)
+    start = time.perf_counter()
+    result = evaluate_grid(model, sets, layers=layers, dims=dims, batch_size=args.batch_size,
+                           show_progress_bar=not args.quiet, model_name=args.model)
+    seconds = time.perf_counter() - start
+    result.metadata.update(split=args.split, variant=args.variant, wall_s=round(seconds, 3))
+    print(result.to_markdown(args.metric))
+    sentences = sum(t["sentences"] for t in result.metadata["timings"].values())
+    print(f"evaluated {len(layers)} layers x {len(dims)} dims on {len(sets)} set(s) "
+          f"({sentences} unique sentences, one pass per set) in {seconds:.1f}s")
+    if args.output:
+        result.save(args.output)
+        print(f"wrote {args.output}")
+    if args.plot:
+        from matryoshka2d.plots import plot_heatmaps
+
+        plot_heatmaps(result, args.plot, metric=args.metric)
+        print(f"wrote {args.plot}")
+    return 0
