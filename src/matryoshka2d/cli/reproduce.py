@@ -1,0 +1,20 @@
+"""``m2d reproduce --config FILE``: the reproduction study (train, evaluate, report), resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="run the reproduction study from a TOML file (resumes)")
+    p.add_argument("--config", required=True, help="study TOML, e.g. configs/reproduce-stsb-minilm.toml")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.experiment import load_study, run_study
+
+    report = run_study(load_study(args.config), report_only=args.report_only)
+    print(f"wrote {report}")
+    return 0

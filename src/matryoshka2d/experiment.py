@@ -1,0 +1,237 @@
+"""The reproduction study: train every strategy x seed, evaluate the grid, resume after interruption.
+
+One TOML file drives it (``configs/reproduce-stsb-minilm.toml``); ``m2d reproduce --config FILE`` (or
+``make reproduce``) runs what is missing and then writes the report (:mod:`matryoshka2d.study_report`).
+Every unit of work leaves a file behind (``final/`` for a training run, ``eval.json`` for its grid), so a
+killed study restarts where it stopped; a training run that was cut off resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matryoshka2d.config import tomllib
+from matryoshka2d.serialization import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL = "original"
+TRAINED = ("full", "mrl", "layers", "2dmse", "starbucks", "separate")
+
+
+@dataclass
+class StudyConfig:
+    """What the study trains and evaluates.
+
+    Attributes:
+        name: the study's name (report title).
+        train_config: the training TOML every run starts from (model, data, loss, optimiser).
+        overrides: ``{"section.field": value}`` applied to every run (same hyper-parameters everywhere).
+        strategies: ``original`` (no training) and any of the training strategies.
+        variants: extra named strategies, ``{label: {"section.field": value}}`` (e.g. an ablation).
+        separate_layers: depths trained by ``separate``; ``None`` means 1..N-1.
+        seeds: one run per strategy and seed.
+        lr_grid: learning rates tried on the dev set (seed ``seeds[0]``) before the study; empty: keep the
+            training config's.
+        selection_strategies: strategies whose dev score picks the learning rate.
+        selection_set: dev set used to choose (never a test set).
+        eval_sets: evaluation sets (test split).
+        dims: evaluated widths; ``None`` means the Matryoshka dims.
+        eval_batch_size: sentences per forward pass in evaluation.
+        runs_dir: where the runs are written.
+        output_dir: where results JSON, tables and plots go.
+        benchmark: encoding-speed JSON joined with quality (optional).
+        draws: bootstrap resamples.
+    """
+
+    name: str = "stsb-minilm"
+    train_config: str = "configs/stsb-minilm-2dmse.toml"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    strategies: list[str] = field(default_factory=lambda: [ORIGINAL, *TRAINED])
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    separate_layers: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr_grid: list[float] = field(default_factory=list)
+    selection_strategies: list[str] = field(default_factory=lambda: ["full", "2dmse"])
+    selection_set: str = "stsb"
+    eval_sets: list[str] = field(default_factory=lambda: ["stsb", "sickr", "sts12", "sts13", "sts14", "sts15",
+                                                          "sts16"])
+    dims: list[int] | None = None
+    eval_batch_size: int = 128
+    runs_dir: str = "runs/reproduce"
+    output_dir: str = "docs/results"
+    benchmark: str | None = None
+    draws: int = 1000
+
+    def __post_init__(self) -> None:
+        known = (ORIGINAL, *TRAINED)
+        for s in self.strategies:
+            if s not in known:
+                raise ValueError(f"study.strategies: unknown strategy {s!r}; choose from {', '.join(known)}")
+        for label, changes in self.variants.items():
+            if label in known or not isinstance(changes, dict):
+                raise ValueError(f"study.variants.{label}: expected a new label with a table of overrides")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds {self.seeds!r}: expected distinct integers, e.g. [0, 1, 2]")
+        from matryoshka2d.data import STS_SETS
+
+        for s in [*self.eval_sets, self.selection_set]:
+            if s not in STS_SETS:
+                raise ValueError(f"study: unknown set {s!r}; known sets: {', '.join(STS_SETS)}")
+
+
+def load_study(path: str | os.PathLike[str]) -> StudyConfig:
+    """Read a study TOML (a ``[study]`` table and an optional ``[study.overrides]`` / ``[study.variants.X]``).
+
+    Raises:
+        FileNotFoundError / ValueError: missing file, bad TOML, unknown field or value.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"study file {file} does not exist; see configs/reproduce-stsb-minilm.toml")
+    data = tomllib.loads(file.read_text(encoding="utf-8")).get("study")
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a [study] table")
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{file}: unknown field(s) study.{', study.'.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    return StudyConfig(**data)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One trained (or original) model of the study."""
+
+    label: str  # strategy or variant label; separate runs are "separate-<n>"
+    seed: int | None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    lr: float | None = None
+
+    def folder(self, runs_dir: Path) -> Path:
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return runs_dir / f"{self.label}{lr}" / ("base" if self.seed is None else f"seed{self.seed}")
+
+
+def plan_units(study: StudyConfig, num_layers: int, lr: float | None) -> list[Unit]:
+    """Every model the study needs, seed by seed (an interrupted study has every strategy for its first seeds)."""
+    units: list[Unit] = [Unit(ORIGINAL, None)] if ORIGINAL in study.strategies else []
+    for seed in study.seeds:
+        for strategy in study.strategies:
+            if strategy == "separate":
+                units += [Unit(f"separate-{n}", seed, (("objective.strategy", "separate"),
+                                                       ("objective.separate_layers", n)), lr)
+                          for n in study.separate_layers or range(1, num_layers)]
+            elif strategy != ORIGINAL:
+                units.append(Unit(strategy, seed, (("objective.strategy", strategy),), lr))
+        units += [Unit(label, seed, tuple(sorted(changes.items())), lr) for label, changes in study.variants.items()]
+    return units
+
+
+def train_unit(study: StudyConfig, unit: Unit) -> Path:
+    """Train ``unit`` unless its ``final/`` exists; resume a run that was cut off. Returns the model folder."""
+    from matryoshka2d.config import load_config
+    from matryoshka2d.training import train
+
+    if unit.label == ORIGINAL:
+        return Path(load_config(study.train_config).model.name)
+    folder = unit.folder(Path(study.runs_dir))
+    final = folder / "final"
+    if final.is_dir():
+        return final
+    overrides = {**study.overrides, **dict(unit.overrides), "train.seed": unit.seed,
+                 "run.output_dir": str(folder), "run.progress_bar": False}
+    if unit.lr is not None:
+        overrides["train.lr"] = unit.lr
+    config = load_config(study.train_config, overrides=overrides)
+    resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+    logger.info("training %s seed %s -> %s%s", unit.label, unit.seed, folder, " (resuming)" if resume else "")
+    start = time.perf_counter()
+    result = train(config, resume=resume, overwrite=folder.exists() and not resume)
+    logger.info("trained %s seed %s in %.0fs", unit.label, unit.seed, time.perf_counter() - start)
+    return result.final_dir
+
+
+def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[str, Any], *,
+                  tag: str = "eval") -> Path:
+    """Evaluate the whole grid of ``unit`` on ``sets`` unless ``<tag>.json`` exists. Returns the JSON path."""
+    from matryoshka2d.evaluation import evaluate_grid
+    from matryoshka2d.model import MatryoshkaEncoder
+
+    out = unit.folder(Path(study.runs_dir)) / f"{tag}.json"
+    if out.is_file():
+        return out
+    model = MatryoshkaEncoder.from_pretrained(model_dir)
+    dims = [d for d in study.dims or [] if d <= model.hidden_size] or None
+    result = evaluate_grid(model, sets, dims=dims, batch_size=study.eval_batch_size,
+                           model_name=f"{unit.label}/{'base' if unit.seed is None else f'seed{unit.seed}'}")
+    result.save(out)
+    return out
+
+
+def select_lr(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
+    """Choose the learning rate on the dev set: the best mean dev Spearman over every exit with dim >= 64,
+    averaged over ``selection_strategies`` (seed ``seeds[0]``). Test sets are never looked at."""
+    if not study.lr_grid:
+        return None, {}
+    from matryoshka2d.data import load_sts
+    from matryoshka2d.evaluation import GridResult
+
+    dev = {study.selection_set: load_sts(study.selection_set, "dev")}
+    scores: dict[str, dict[str, float]] = {}
+    for lr in study.lr_grid:
+        for strategy in study.selection_strategies:
+            unit = Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
+            result = GridResult.load(evaluate_unit(study, unit, train_unit(study, unit), dev, tag="dev"))
+            floor = min(64, max(result.dims))  # narrow models: their widest dim
+            values = [r["spearman"] for r in result.records if r["dim"] >= floor]
+            scores.setdefault(f"{lr:g}", {})[strategy] = sum(values) / len(values)
+    mean = {lr: sum(v.values()) / len(v) for lr, v in scores.items()}
+    best = max(mean, key=mean.__getitem__)
+    logger.info("learning rate chosen on %s dev: %s (%s)", study.selection_set, best, mean)
+    return float(best), {"set": f"{study.selection_set} dev", "rule": "mean Spearman over exits with dim >= 64, "
+                         f"averaged over {', '.join(study.selection_strategies)}", "scores": scores,
+                         "mean": mean, "chosen": best}
+
+
+def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
+    """Run what is missing, then write the report. Returns the report path."""
+    from matryoshka2d.data import load_sts
+    from matryoshka2d.model import MatryoshkaEncoder
+    from matryoshka2d.study_report import write_report
+
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lr, selection = select_lr(study) if not report_only else _saved_selection(out)
+    atomic_write_json(out / "selection.json", selection)
+    from matryoshka2d.config import load_config
+
+    base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
+    units = plan_units(study, base.num_layers, lr)
+    sets = {} if report_only else {name: load_sts(name, "test") for name in study.eval_sets}
+    evals: dict[Unit, Path] = {}
+    for i, unit in enumerate(units, 1):
+        path = unit.folder(Path(study.runs_dir)) / "eval.json"
+        if not report_only:
+            logger.info("[%d/%d] %s seed %s", i, len(units), unit.label, unit.seed)
+            path = evaluate_unit(study, unit, train_unit(study, unit), sets)
+        if path.is_file():
+            evals[unit] = path
+    return write_report(study, evals, selection, base.num_layers)
+
+
+def _saved_selection(out: Path) -> tuple[float | None, dict[str, Any]]:
+    import json
+
+    path = out / "selection.json"
+    if not path.is_file():
+        return None, {}
+    selection = json.loads(path.read_text(encoding="utf-8"))
+    return (float(selection["chosen"]) if selection.get("chosen") else None), selection

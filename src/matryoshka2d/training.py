@@ -1,0 +1,453 @@
+"""The training loop: one function, :func:`train`, on Hugging Face Accelerate.
+
+It runs as one process (CPU or GPU) or as several under ``accelerate launch`` / ``torchrun`` (DDP; gloo
+on CPU). ``train.batch_size`` is the GLOBAL micro-batch: every process draws the same seeded order and
+takes its share of each batch, so a config trains on the same examples whatever the number of processes.
+A run folder holds ``config.resolved.toml``, ``log.jsonl``, ``checkpoints/``, ``best/`` (with a dev set)
+and ``final/`` (a model folder: ``m2d eval RUN/final`` works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from matryoshka2d import checkpoint as ckpt
+from matryoshka2d.checkpoint import DataOrder
+from matryoshka2d.config import Config, check_against_model, config_differences, load_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.resolved.toml"
+LOG_FILE = "log.jsonl"
+StepHook = Callable[[int, dict[str, Any]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss part or the gradient became NaN/inf; the last checkpoint on disk is the last good state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after a complete step, saved as ``checkpoint``; ``resume=True`` continues it."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _SigintFlag:
+    """While installed, a first Ctrl-C only sets :attr:`raised` (the loop saves and stops after its step);
+    a second one raises ``KeyboardInterrupt`` at once (an atomic checkpoint write in progress is dropped).
+    Nothing is installed off the main thread or where SIGINT is ignored (e.g. ``nohup``)."""
+
+    def __init__(self) -> None:
+        self.raised, self.previous = False, None
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self.previous = signal.signal(signal.SIGINT, self._handle) or signal.SIG_DFL
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+        logger.warning("Ctrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again stops at "
+                       "once, without saving)")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run lives and what it reached."""
+
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    seconds: float
+    best_step: int | None = None
+    best_score: float | None = None
+
+
+def check_run_dir(config: Config, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check the run folder before anything is loaded; return the checkpoint to resume from.
+
+    Raises:
+        FileExistsError: the folder exists and neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: ``resume`` without a checkpoint.
+        ValueError: ``resume`` with a config that differs from the run's, or both flags set.
+    """
+    run_dir = Path(config.run.output_dir)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: resume continues the run, overwrite "
+                         "deletes it; pass one")
+    if resume:
+        latest = ckpt.latest_checkpoint(run_dir)
+        saved = load_config(run_dir / CONFIG_FILE)
+        diff = config_differences(saved, config)
+        if diff:
+            raise ValueError(f"cannot resume {run_dir}: the config differs from its {CONFIG_FILE} in "
+                             f"{'; '.join(diff)}; resume with the run's config or start a new --output-dir")
+        budget = [(k, getattr(saved.train, k), getattr(config.train, k)) for k in ("max_steps", "epochs")]
+        for key, old, new in budget:
+            if old != new:
+                logger.warning("resuming with train.%s = %s instead of the run's %s: the lr schedule is "
+                               "recomputed for the new number of steps", key, new, old)
+        return latest
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
+                                  f"--overwrite to replace it, or choose another --output-dir")
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileExistsError(f"{run_dir} is not a matryoshka2d run folder (no {CONFIG_FILE}); refusing "
+                                  f"to delete it with --overwrite; choose another --output-dir")
+    return None
+
+
+def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, Any], Any]:
+    """Load the model, data and dev set and build the objective; every input check runs here.
+
+    Returns:
+        ``(model, training data, {dev name: ScoredPairs}, objective)``.
+
+    Raises:
+        ValueError / FileNotFoundError: any bad input, before training starts.
+    """
+    from matryoshka2d.data import load_sts, load_training_data
+    from matryoshka2d.losses import build_base_loss
+    from matryoshka2d.model import MatryoshkaEncoder
+    from matryoshka2d.objective import TwoDMatryoshkaLoss
+
+    m, d, o, t = config.model, config.data, config.objective, config.train
+    if t.batch_size % world_size:
+        fit = world_size * max(1, t.batch_size // world_size)
+        raise ValueError(f"train.batch_size = {t.batch_size} must be divisible by the {world_size} processes "
+                         f"(it is the global batch); use e.g. {fit}")
+    model = MatryoshkaEncoder.from_pretrained(m.name, m.pooling,  # type: ignore[arg-type]  # validated
+                                              max_seq_length=m.max_seq_length)
+    if o.strategy == "separate":
+        if o.separate_layers >= model.num_layers:  # type: ignore[operator]
+            raise ValueError(f"objective.separate_layers = {o.separate_layers} must be in "
+                             f"1..{model.num_layers - 1} (the model has {model.num_layers} layers); use "
+                             f"strategy 'full' for the whole model")
+        model = model.truncate(o.separate_layers)  # type: ignore[arg-type]
+    check_against_model(config, model.num_layers, model.hidden_size)
+    data = load_training_data(d.source, kind=d.kind, columns=d.columns, split=d.split, data_dir=d.data_dir,
+                              limit=d.limit)
+    if len(data) < t.batch_size:
+        raise ValueError(f"train.batch_size = {t.batch_size} is larger than the {len(data)} training rows of "
+                         f"{data.name!r}; lower it to at most {len(data)}")
+    base = build_base_loss(config.loss.name, **config.loss.options)
+    _check_loss_fits(base, data, t.batch_size)
+    objective = TwoDMatryoshkaLoss(
+        model, base, strategy=o.strategy, dims=o.dims, layer_pool=o.layer_pool,
+        n_layers_per_step=o.n_layers_per_step, n_dims_per_step=o.n_dims_per_step, last_weight=o.last_weight,
+        prior_weight=o.prior_weight, kl_weight=o.kl_weight, kl_temperature=o.kl_temperature,
+        depth_weighting=o.depth_weighting, detach_teacher=o.detach_teacher, starbucks_pairs=o.starbucks_pairs,
+        seed=t.seed if o.seed is None else o.seed,
+    )
+    dev = {}
+    if config.run.eval_every > 0:
+        pairs = load_sts(d.dev_set, d.dev_split, data_dir=d.data_dir)
+        dev[pairs.name] = pairs
+    if m.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(  # type: ignore[operator]
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, data, dev, objective
+
+
+def _accelerator(mixed_precision: str) -> Any:
+    """An ``Accelerator``; processes come from the launcher's environment (torchrun / accelerate launch).
+
+    Raises:
+        ValueError: fp16 without a CUDA GPU.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.mixed_precision = 'fp16' needs a CUDA GPU and none is visible; use 'no' or "
+                         "'bf16'")
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()  # an earlier run in this process (notebook, tests) used another one
+    # cpu=True on a machine without CUDA: accelerate only sets up gloo DDP under torchrun when told so
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def _check_loss_fits(base: Any, data: Any, batch_size: int) -> None:
+    """Run the base loss once on random embeddings shaped like a batch, so it rejects unfit data now."""
+    if batch_size < 2 and (base.name == "ibn" or getattr(base, "w_ibn", 0) > 0) and data.scores is None:
+        raise ValueError(f"train.batch_size = {batch_size} leaves in-batch negatives ({base.name!r}) with no "
+                         "negative to contrast; use a batch size >= 2 (e.g. 32)")
+    gen = torch.Generator().manual_seed(0)
+    rows = max(2, batch_size)
+    emb = [torch.randn(rows, 8, generator=gen) for _ in data.columns]
+    labels = torch.arange(rows, dtype=torch.float32) if data.scores is not None else None
+    with torch.no_grad():
+        base(emb, labels)
+
+
+def _optimizer(objective: torch.nn.Module, config: Config, total: int) -> tuple[Any, Any]:
+    from transformers import get_linear_schedule_with_warmup
+
+    t = config.train
+    decay = [p for p in objective.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in objective.parameters() if p.requires_grad and p.ndim < 2]  # biases, LayerNorm
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
+
+
+def train(config: Config, *, resume: bool = False, overwrite: bool = False,
+          on_step: StepHook | None = None) -> TrainResult:
+    """Train ``config.model`` with the 2D Matryoshka objective; see ``docs/training.md``.
+
+    Args:
+        config: the run's configuration.
+        resume: continue the run in ``config.run.output_dir`` from its latest checkpoint.
+        overwrite: replace an existing run folder.
+        on_step: called on the main process after every step with ``(step, log record)``.
+
+    Returns:
+        The run folder, the final model folder and the step count.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: bad input, before training starts.
+        TrainingDivergedError: a NaN/inf loss part or gradient (the run stops, its checkpoints stay).
+        TrainingInterrupted: Ctrl-C (SIGINT); the current step finished and was saved as a checkpoint.
+    """
+    from accelerate.utils import set_seed
+
+    run_dir = Path(config.run.output_dir)
+    accelerator = _accelerator(config.train.mixed_precision)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    resume_from = check_run_dir(config, resume=resume, overwrite=overwrite)
+    set_seed(config.train.seed)
+    model, data, dev, objective = build(config, world_size=world)
+    accelerator.wait_for_everyone()  # every process has checked everything before anything is written
+    t = config.train
+    order = DataOrder(len(data), t.batch_size, t.seed)
+    total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accumulation))
+    optimizer, scheduler = _optimizer(objective, config, total)
+    objective, optimizer = accelerator.prepare(objective, optimizer)  # DDP wraps the objective (1 call/step)
+    inner = accelerator.unwrap_model(objective)
+    start, best = 0, {"step": None, "score": None}
+    if resume_from is not None:
+        start, best = _restore(resume_from, accelerator, inner, optimizer, scheduler, order)
+    elif main:
+        if run_dir.exists() and overwrite:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    per_rank, accum = t.batch_size // world, t.grad_accumulation
+    truncated = 0
+    log = open(run_dir / LOG_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
+    bar = tqdm(total=total, initial=start, desc="train", unit="step",
+               disable=not (main and config.run.progress_bar))
+    began = time.perf_counter()
+    sigint = _SigintFlag()
+    try:
+        for step in range(start + 1, total + 1):
+            objective.train()
+            tick = time.perf_counter()
+            parts: dict[str, torch.Tensor] = {}
+            layers, dims = set(), set()
+            for micro in range(accum):  # gradients are all-reduced only on the last micro-batch
+                rows = order.next_batch()[rank * per_rank : (rank + 1) * per_rank]
+                features, labels, cut = _collate(inner.model, data, rows, accelerator.device)
+                truncated += cut
+                with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective):
+                    out = objective(features, labels)
+                    accelerator.backward(out["loss"] / accum)
+                for key, value in out.items():
+                    parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
+                layers.update(inner.last_sample.get("layers", ()))
+                dims.update(inner.last_sample.get("dims", ()))
+            # one all-reduce per step: the logged parts are the mean over processes, and a NaN on any
+            # process is seen by all of them, so they stop together
+            names = list(parts)
+            record = dict(zip(names, accelerator.reduce(torch.stack(list(parts.values())), "mean").tolist(),
+                              strict=True))
+            max_norm = t.max_grad_norm or math.inf  # inf: measure the norm (for logs and checks), never clip
+            grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), max_norm))
+            _check_finite(step, record, grad_norm, fp16=t.mixed_precision == "fp16")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - tick
+            record = {"step": step, "epoch": round(order.epochs_done, 4), "lr": lr, **record,
+                      "grad_norm": grad_norm, "layers": sorted(layers), "dims": sorted(dims),
+                      "samples_per_s": round(t.batch_size * accum / seconds, 2), "step_s": round(seconds, 4)}
+            if log is not None and (step % config.run.log_every == 0 or step == total):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            shown = {k.removeprefix("loss/"): f"{v:.3f}" for k, v in record.items() if k.startswith("loss")}
+            bar.set_postfix({**shown, "L": record["layers"], "d": record["dims"],
+                             "ex/s": f"{record['samples_per_s']:.0f}"})
+            if dev and (step % config.run.eval_every == 0 or step == total):
+                best = _evaluate(accelerator, inner, dev, config, step, best, log)
+            saved = bool(config.run.save_every and step % config.run.save_every == 0) or step == total
+            if saved:
+                _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
+                            config.run.keep_last)
+            if main and on_step is not None:
+                on_step(step, record)
+            if _stop_requested(accelerator, sigint.raised) and step < total:
+                if not saved:
+                    _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
+                                config.run.keep_last)
+                folder = ckpt.checkpoint_dir(run_dir, step)
+                if main:
+                    logger.warning("interrupted after step %d of %d; checkpoint saved in %s; resume with: "
+                                   "m2d train --config %s --resume", step, total, folder, run_dir / CONFIG_FILE)
+                raise TrainingInterrupted(step, folder)
+    finally:
+        sigint.restore()
+        bar.close()
+        if log is not None:
+            log.close()
+    if truncated:
+        logger.warning("%d training texts were longer than max_seq_length=%d tokens and were truncated",
+                       truncated, inner.model.max_seq_length)
+    final = run_dir / "final"
+    if main:
+        _save_model(inner, config, data, final, steps=total, epochs=order.epochs_done, world=world, best=best)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - began
+    logger.info("trained %d steps in %.1fs; final model in %s", total - start, seconds, final)
+    return TrainResult(run_dir, final, total, seconds, best["step"], best["score"])
+
+
+def _stop_requested(accelerator: Any, local: bool) -> bool:
+    """Whether any process saw Ctrl-C: all must stop at the same step, as saving a checkpoint is collective."""
+    if accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor([float(local)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
+def _check_finite(step: int, record: dict[str, float], grad_norm: float, *, fp16: bool) -> None:
+    """Stop on a NaN/inf loss part (named) or gradient norm; fp16's scaler skips inf-gradient steps itself."""
+    bad = [k for k in [*list(record)[1:], "loss"] if not math.isfinite(record[k])]
+    if bad:
+        raise TrainingDivergedError(
+            f"step {step}: {bad[0]} is {record[bad[0]]} (loss parts: {record}); the run stopped and its last "
+            "checkpoint is intact; lower train.lr, or use train.mixed_precision = 'no'")
+    if not math.isfinite(grad_norm) and not fp16:
+        raise TrainingDivergedError(
+            f"step {step}: the gradient norm is {grad_norm} (loss parts: {record}); the run stopped and its "
+            "last checkpoint is intact; lower train.lr or set train.max_grad_norm")
+
+
+def _restore(folder: Path, accelerator: Any, inner: Any, optimizer: Any, scheduler: Any,
+             order: DataOrder) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint into the live objects; the RNGs are restored last, right before the loop."""
+    state = ckpt.load_checkpoint(folder, rank=accelerator.process_index)
+    inner.model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    order.load_state_dict({**state.state["data_order"], "generator": state.rng["data_order"]})
+    inner.set_sampler_state(state.rng["sampler"])
+    if state.state["world_size"] != accelerator.num_processes:
+        logger.warning("resuming a %d-process run on %d processes: same data order, but other dropout RNG "
+                       "streams, so not bitwise identical", state.state["world_size"],
+                       accelerator.num_processes)
+    if accelerator.is_main_process:
+        ckpt.rewind_log(folder.parent.parent / LOG_FILE, state.step)
+    ckpt.restore_rng(state.rng)
+    logger.info("resuming %s from step %d", folder.parent.parent, state.step)
+    return state.step, state.state["best"]
+
+
+def _checkpoint(accelerator: Any, run_dir: Path, step: int, inner: Any, optimizer: Any, scheduler: Any,
+                order: DataOrder, best: dict[str, Any], keep_last: int) -> None:
+    """Gather every process's RNG state and write checkpoint ``step`` from the main process."""
+    from accelerate.utils import gather_object
+
+    order_state = order.state_dict()
+    rng = ckpt.capture_rng(sampler=inner.sampler_state(), data_order=order_state.pop("generator"))
+    rng_all = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": order.epochs_done, "best": best, "data_order": order_state,
+                 "world_size": accelerator.num_processes}
+        ckpt.save_checkpoint(run_dir, step, model=inner.model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), rng=rng_all, state=state, keep_last=keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _collate(model: Any, data: Any, rows: list[int], device: torch.device) -> tuple[list, Any, int]:
+    """Tokenize each text column of ``rows``; scores (raw scale) become a float tensor."""
+    features, truncated = [], 0
+    for texts in data.columns.values():
+        batch = model.tokenize([texts[i] for i in rows])
+        truncated += int(batch.pop("num_truncated", 0))
+        features.append({k: v.to(device) for k, v in batch.items()})
+    labels = None
+    if data.scores is not None:
+        labels = torch.as_tensor(data.scores[rows], dtype=torch.float32, device=device)
+    return features, labels, truncated
+
+
+def _evaluate(accelerator: Any, inner: Any, dev: dict[str, Any], config: Config, step: int,
+              best: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Dev Spearman at a few exits on the main process; a new best mean score saves ``best/``."""
+    if accelerator.is_main_process:
+        from matryoshka2d.evaluation import evaluate_grid
+
+        model = inner.model
+        n, d = model.num_layers, model.hidden_size
+        layers = config.data.dev_layers or sorted({max(1, n // 2), n})
+        dims = config.data.dev_dims or sorted({min(64, d), d})
+        result = evaluate_grid(model, dev, layers=layers, dims=dims, batch_size=config.run.eval_batch_size,
+                               show_progress_bar=False)
+        scores = {f"dev/{r['set']}/L{r['layer']}/d{r['dim']}": r["spearman"] for r in result.records}
+        score = sum(scores.values()) / len(scores)
+        improved = best["score"] is None or score > best["score"]
+        logger.info("step %d: dev mean Spearman %.2f over %d exits%s", step, score, len(scores),
+                    " (new best)" if improved else "")
+        log.write(json.dumps({"step": step, "event": "eval", "dev_score": score, **scores}) + "\n")
+        log.flush()
+        if improved:
+            best = {"step": step, "score": score}
+            _save_model(inner, config, None, Path(config.run.output_dir) / "best", steps=step, epochs=None,
+                        world=accelerator.num_processes, best=best)
+    accelerator.wait_for_everyone()  # only the main process's ``best`` is ever written
+    return best
+
+
+def _save_model(inner: Any, config: Config, data: Any, path: Path, *, steps: int, epochs: float | None,
+                world: int, best: dict[str, Any]) -> None:
+    """Save the encoder in the foundation's format with the training facts in its metadata."""
+    model = inner.model
+    meta = model.metadata
+    meta["training"] = {
+        "strategy": inner.strategy, "objective": inner.config_dict(), "base_loss": config.loss.name,
+        "data": {"source": config.data.source, "split": config.data.split,
+                 **({"name": data.name, "kind": data.kind, "rows": len(data)} if data is not None else {})},
+        "steps": steps, "epochs": epochs, "batch_size": config.train.batch_size,
+        "grad_accumulation": config.train.grad_accumulation, "lr": config.train.lr, "seed": config.train.seed,
+        "mixed_precision": config.train.mixed_precision, "processes": world, "best_dev": best,
+    }
+    meta["trained_layers"], meta["trained_dims"] = list(inner.trained_layers), list(inner.trained_dims)
+    model.save(path, overwrite=True)
+

@@ -1,0 +1,84 @@
+"""The reproduction study on the tiny model: plan, train, evaluate, resume, report."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import WORDS
+from matryoshka2d.experiment import StudyConfig, Unit, load_study, plan_units, run_study
+
+
+def _rows(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a = [rng.choice(WORDS) for _ in range(6)]
+        k = rng.randint(0, 6)
+        b = a[:k] + [rng.choice(WORDS) for _ in range(6 - k)]
+        rows.append(f"{' '.join(a)}\t{' '.join(b)}\t{k * 5 / 6:.3f}")
+    return rows
+
+
+@pytest.fixture()
+def study_files(tmp_path: Path, tiny_dir: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    header = "sentence1\tsentence2\tscore"
+    for name, splits in (("stsb", ("train", "dev", "test")), ("sickr", ("test",))):
+        (data / name).mkdir(parents=True)
+        for i, split in enumerate(splits):
+            (data / name / f"{split}.tsv").write_text("\n".join([header, *_rows(i + len(name), 40)]) + "\n")
+    train_cfg = tmp_path / "train.toml"
+    train_cfg.write_text(
+        f'[model]\nname = "{tiny_dir}"\n[data]\nsource = "stsb"\ndata_dir = "{data}"\n'
+        '[train]\nbatch_size = 8\nmax_steps = 3\nlr = 1e-3\n[run]\nsave_every = 2\nprogress_bar = false\n'
+    )
+    study = tmp_path / "study.toml"
+    study.write_text(
+        f'[study]\nname = "tiny"\ntrain_config = "{train_cfg}"\nstrategies = ["original", "full", "2dmse", '
+        f'"separate"]\nseeds = [0, 1]\nseparate_layers = [2]\nlr_grid = [1e-3, 1e-4]\n'
+        f'eval_sets = ["stsb", "sickr"]\ndims = [8, 32]\nruns_dir = "{tmp_path / "runs"}"\n'
+        f'output_dir = "{tmp_path / "docs" / "results"}"\ndraws = 50\n'
+    )
+    return study, data
+
+
+def test_plan_covers_every_strategy_and_seed():
+    study = StudyConfig(strategies=["original", "2dmse", "separate"], seeds=[0, 1], separate_layers=[1, 3])
+    units = plan_units(study, num_layers=4, lr=None)
+    assert Unit("original", None) in units
+    labels = [(u.label, u.seed) for u in units]
+    assert labels.count(("2dmse", 0)) == 1 and ("separate-3", 1) in labels and len(units) == 1 + 2 + 4
+
+
+def test_study_runs_resumes_and_reports(study_files, monkeypatch):
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    study = load_study(study_path)
+    report = run_study(study)
+    text = report.read_text()
+    assert "## stsb test" in text and "## Paired bootstrap 95% CIs" in text and "separate (model of that depth)" in text
+    selection = json.loads((Path(study.output_dir) / "selection.json").read_text())
+    assert selection["chosen"] in ("0.001", "0.0001") and set(selection["scores"]) == {"0.001", "0.0001"}
+    comparisons = json.loads((Path(study.output_dir) / "comparisons.json").read_text())
+    assert any(r["comparison"] == "2dmse - full" and r["low"] <= r["delta"] <= r["high"] for r in comparisons)
+    # a second run trains nothing: every unit's final/ and eval.json is reused
+    finals = sorted(Path(study.runs_dir).rglob("final"))
+    mtimes = [p.stat().st_mtime for p in finals]
+    run_study(study)
+    assert [p.stat().st_mtime for p in finals] == mtimes and len(finals) == 2 * 2 + 2 + 2  # sweep + runs
+
+
+def test_bad_study_files(tmp_path):
+    bad = tmp_path / "s.toml"
+    bad.write_text('[study]\nstrategies = ["2dmse", "magic"]\n')
+    with pytest.raises(ValueError, match="unknown strategy 'magic'"):
+        load_study(bad)
+    bad.write_text('[study]\nseedz = [1]\n')
+    with pytest.raises(ValueError, match=r"unknown field\(s\) study.seedz"):
+        load_study(bad)
+    with pytest.raises(FileNotFoundError, match="study file .* does not exist"):
+        load_study(tmp_path / "missing.toml")
