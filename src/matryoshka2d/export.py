@@ -1,0 +1,426 @@
+"""Export one exit ``(layer, dim)`` as a standalone model folder that other tools load directly.
+
+Formats:
+
+- ``hf``: the physically truncated backbone (only blocks ``1..layer`` stored, the config says the new
+  depth), its tokenizer and ``matryoshka2d.json`` whose default exit is ``(layer, dim)``.
+- ``sentence-transformers``: the ``hf`` files plus the sentence-transformers layout (``modules.json``,
+  ``1_Pooling``, a ``2_Dense`` that keeps the first ``dim`` coordinates when ``dim < D`` (or averages CLS
+  and mean for ``cls_avg``), then ``Normalize``), so ``SentenceTransformer(folder)`` returns the exit's
+  L2-normalised ``dim``-dim embeddings.
+- ``onnx``: one graph from token ids to the normalised embedding (see :mod:`matryoshka2d.onnx_export`).
+
+Every export is checked before it is moved into place: the folder is loaded back the way its users will
+load it and must reproduce the source exit; the numbers are recorded in ``matryoshka2d.json`` and in the
+model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+
+import numpy as np
+import torch
+
+from matryoshka2d.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
+from matryoshka2d.serialization import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    atomic_dir,
+    library_versions,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from matryoshka2d.model import MatryoshkaEncoder
+
+logger = logging.getLogger(__name__)
+
+ExportFormat = Literal["hf", "sentence-transformers", "onnx"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
+_FORMAT_ALIASES = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
+Quantization = Literal["int8"]
+
+ST_MIN_COSINE = 0.99999  # sentence-transformers folder vs the source exit
+RELOAD_MAX_ABS_DIFF = 1e-5  # our own loader on the exported folder vs the source exit
+
+# sentence-transformers pooling names for each of our modes (cls_avg = CLS and mean, averaged by 2_Dense)
+_ST_MODES: dict[str, tuple[str, ...]] = {
+    "mean": ("mean",), "cls": ("cls",), "max": ("max",), "last": ("lasttoken",), "cls_avg": ("cls", "mean"),
+}
+_ST_LEGACY_KEYS = {  # sentence-transformers' pooling flags, readable by every version since 2.x
+    "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
+}
+
+#: Texts every export is checked on: several lengths in one padded batch, an empty string, a long text.
+VERIFY_TEXTS: tuple[str, ...] = (
+    "A man is playing a guitar.",
+    "The quick brown fox jumps over the lazy dog near the river bank on a sunny afternoon.",
+    "",
+    "cat",
+    "Two children are eating food in the park while their parents read books under an old tree.",
+    "Ünïcödé text, digits 12345 and punctuation!?",
+    " ".join(["a very long sentence that will be truncated at the maximum sequence length"] * 60),
+)
+
+
+class ScoredPairsLike(Protocol):
+    """An STS set: what :class:`matryoshka2d.data.ScoredPairs` provides."""
+
+    name: str
+    sentences1: list[str]
+    sentences2: list[str]
+    scores: np.ndarray
+
+
+def check_format(fmt: str) -> ExportFormat:
+    """Return the canonical format name (``st`` is accepted for ``sentence-transformers``).
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    canonical = _FORMAT_ALIASES.get(fmt, fmt)
+    if canonical not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return canonical  # type: ignore[return-value]
+
+
+def export_model(
+    model: MatryoshkaEncoder,
+    path: str | os.PathLike[str],
+    *,
+    layer: int | None = None,
+    dim: int | None = None,
+    format: str = "hf",
+    overwrite: bool = False,
+    quantize: Quantization | None = None,
+    opset: int | None = None,
+    verify: bool = True,
+    eval_results: str | os.PathLike[str] | dict[str, Any] | None = None,
+    bench_results: str | os.PathLike[str] | dict[str, Any] | None = None,
+    sts: ScoredPairsLike | str | None = None,
+) -> Path:
+    """Write exit ``(layer, dim)`` of ``model`` to ``path`` as a standalone folder, atomically.
+
+    Args:
+        model: the source encoder (left unchanged).
+        path: the output folder.
+        layer: exit layer in ``1..N``; ``None`` means the model's default exit.
+        dim: embedding width in ``1..D``; ``None`` means the model's default width.
+        format: ``hf``, ``sentence-transformers`` (or ``st``) or ``onnx``.
+        overwrite: replace an existing non-empty folder.
+        quantize: ``"int8"`` also writes ``model_int8.onnx`` (dynamic quantisation; onnx only).
+        opset: ONNX opset (onnx only; see :data:`matryoshka2d.onnx_export.DEFAULT_OPSET`).
+        verify: load the folder back (our loader; sentence-transformers for that format) and compare it
+            with the source exit. The ONNX graph is always checked with onnxruntime.
+        eval_results: an ``m2d eval`` results JSON (or dict) for the card's layer x dim table.
+        bench_results: an ``m2d bench`` results JSON (or dict) for the card's speed table.
+        sts: an STS set (``ScoredPairs`` or a set name for :func:`matryoshka2d.data.load_sts`) on which the
+            exported folder's Spearman is compared with the source exit's (and int8's with fp32's).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ValueError: layer/dim out of range, unknown format, quantize/opset given for another format, a
+            graph that cannot be traced, or an export that does not reproduce the source exit.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ImportError: a missing optional dependency (the message names the extra to install).
+    """
+    fmt = check_format(format)
+    n, d = model.check_layer(layer), model.check_dim(dim)
+    if fmt != "onnx" and (quantize is not None or opset is not None):
+        raise ValueError(f"quantize and opset apply to the onnx format only, not {fmt!r}; drop them")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; the only choice is 'int8' (or none)")
+    if fmt == "onnx":
+        from matryoshka2d import onnx_export
+
+        onnx_export.require_onnx()
+    elif fmt == "sentence-transformers" and verify:
+        require_sentence_transformers()
+    final = Path(path)
+    if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before any slow work
+        raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
+    meta = _export_metadata(model, n, d, fmt, eval_results, bench_results)
+    pairs = _resolve_sts(sts)
+    texts = list(VERIFY_TEXTS)
+    sub = model.truncate(n).eval()
+    with quiet_logger("matryoshka2d.model"):  # the long check text is truncated on purpose
+        reference = model.encode(texts, layer=n, dim=d)
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        if fmt == "onnx":  # traced and checked in fp32 on the CPU, where onnxruntime runs it here
+            meta["export"] = onnx_export.write_onnx(
+                sub.to("cpu", torch.float32), tmp, dim=d, opset=opset, quantize=quantize, texts=texts,
+                reference=reference, sts=pairs,
+            )
+        else:
+            _write_backbone(sub, tmp)
+            if fmt == "sentence-transformers":
+                _write_sentence_transformers_layout(sub, tmp, d)
+            meta["export"] = {"format": fmt, "files": _list_files(tmp)}
+            _write_meta(tmp, meta)
+            if verify:
+                with quiet_logger("matryoshka2d.model"):
+                    meta["export"]["verification"] = _verify_folder(
+                        tmp, fmt, texts, reference, pairs, model, n, d
+                    )
+        if pairs is not None:
+            meta["export"]["sts"] = pairs.name
+        _write_meta(tmp, meta)
+        write_model_card(tmp, meta, name=final.name)
+        write_manifest(tmp)  # last: size and SHA-256 of every file above, checked by our loader
+    logger.info("exported layer %d, dim %d of %s as %s to %s", n, d, meta["exported_from"]["source"], fmt,
+                final)
+    return final
+
+
+# ----------------------------------------------------------------------------------- metadata
+def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_results: Any,
+                     bench_results: Any) -> dict[str, Any]:
+    """The exported folder's ``matryoshka2d.json`` (the ``export`` key is added once written)."""
+    inherited = {k: v for k, v in model.metadata.items()
+                 if k not in ("default_layer", "default_dim", "exported_from", "export", "truncated_from")}
+    if eval_results is not None:
+        inherited["evaluation"] = read_eval_results(eval_results)
+    if bench_results is not None:
+        inherited["benchmark"] = read_bench_results(bench_results)
+    for key, field in (("evaluation", "results"), ("benchmark", "records")):
+        if inherited.get(key):
+            inherited[key] = select_layers(inherited[key], field, n)
+    if inherited.get("trained_layers"):
+        inherited["trained_layers"] = [m for m in inherited["trained_layers"] if m <= n]
+    versions = library_versions()
+    extras = {"sentence-transformers": ("sentence_transformers",), "onnx": ("onnx", "onnxruntime")}
+    for package in extras.get(fmt, ()):
+        versions[package] = _installed_version(package) or "not installed"
+    return {
+        "format_version": FORMAT_VERSION,
+        "pooling": model.pooling,
+        "max_seq_length": model.max_seq_length,
+        "num_layers": n,
+        "hidden_size": model.hidden_size,
+        "default_layer": n,
+        "default_dim": d,
+        "architecture": _hf(model).config.model_type,
+        **({"transformers_kwargs": {"add_pooling_layer": False}} if _dropped_pooler(model) else {}),
+        **inherited,
+        "exported_from": {
+            "source": str(model.metadata.get("source", "unknown")),
+            "layer": n,
+            "dim": d,
+            "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size,
+        },
+        "library_versions": versions,
+    }
+
+
+def _hf(model: MatryoshkaEncoder) -> Any:
+    """The backbone as the transformers model it is (``nn.Module`` attribute typing hides ``config``)."""
+    return model.backbone
+
+
+def _dropped_pooler(model: MatryoshkaEncoder) -> bool:
+    """True when the backbone class builds a task pooler that our weights lack (loaders must skip it)."""
+    import inspect
+
+    init = inspect.signature(type(model.backbone).__init__).parameters
+    return "add_pooling_layer" in init and getattr(model.backbone, "pooler", None) is None
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise logger ``name``'s level (``None``: the root logger) within the context, for expected messages."""
+    target = logging.getLogger(name)
+    old = target.level
+    target.setLevel(level)
+    try:
+        yield
+    finally:
+        target.setLevel(old)
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _list_files(folder: Path) -> list[str]:
+    skip = {CONFIG_NAME, "README.md", MANIFEST_NAME}
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name not in skip)
+    return sorted(p.relative_to(folder).as_posix() for p in files)
+
+
+def _resolve_sts(sts: ScoredPairsLike | str | None) -> ScoredPairsLike | None:
+    if sts is None or not isinstance(sts, str):
+        return sts
+    from matryoshka2d.data import load_sts
+
+    return load_sts(sts)
+
+
+# ----------------------------------------------------------------------------------- writers
+def write_tokenizer(model: MatryoshkaEncoder, folder: Path) -> None:
+    """Save the tokenizer with ``model_max_length`` set to the model's ``max_seq_length``.
+
+    Plain ``tokenizer(..., truncation=True)`` then truncates where the exported model was evaluated.
+    """
+    model.tokenizer.save_pretrained(folder)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["model_max_length"] = model.max_seq_length
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_backbone(sub: MatryoshkaEncoder, folder: Path) -> None:
+    _hf(sub).save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(sub, folder)
+
+
+def _write_sentence_transformers_layout(sub: MatryoshkaEncoder, folder: Path, dim: int) -> None:
+    """Transformer (the root) -> Pooling -> [Dense: keep ``dim`` coords / average CLS+mean] -> Normalize.
+
+    sentence-transformers applies ``truncate_dim`` after all modules, i.e. after ``Normalize``, which would
+    leave vectors of norm < 1; the Dense module truncates before normalising instead. ``truncate_dim`` is
+    still recorded so ``get_sentence_embedding_dimension()`` and tools reading the config see ``dim``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = sub.hidden_size
+    modes = _ST_MODES[sub.pooling]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    sbert: dict[str, Any] = {"max_seq_length": sub.max_seq_length, "do_lower_case": False}
+    if _dropped_pooler(sub):
+        sbert["model_args"] = {"add_pooling_layer": False}  # read by every sentence-transformers since 2.x
+    _json(folder / "sentence_bert_config.json", sbert)
+    _json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": hidden, **{key: mode in modes for mode, key in _ST_LEGACY_KEYS.items()},
+        "include_prompt": True,
+    })
+    if dim < hidden or len(modes) > 1:
+        # row i picks coordinate i of each concatenated pooled vector, weighted 1/len(modes): exact in fp32
+        weight = torch.zeros(dim, hidden * len(modes))
+        for k in range(len(modes)):
+            weight[:, k * hidden : k * hidden + dim] = torch.eye(dim) / len(modes)
+        (folder / "2_Dense").mkdir()
+        save_file({"linear.weight": weight.contiguous()}, str(folder / "2_Dense" / "model.safetensors"))
+        _json(folder / "2_Dense" / "config.json", {"in_features": hidden * len(modes), "out_features": dim,
+                                                   "bias": False,
+                                                   "activation_function": "torch.nn.modules.linear.Identity"})
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense",
+                        "type": "sentence_transformers.models.Dense"})
+    idx = len(modules)
+    _json(folder / f"{idx}_Normalize" / "config.json", {})
+    modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+    _json(folder / "modules.json", modules)
+    versions = {"transformers": library_versions()["transformers"], "pytorch": torch.__version__}
+    st_version = _installed_version("sentence_transformers")
+    if st_version:
+        versions["sentence_transformers"] = st_version
+    _json(folder / "config_sentence_transformers.json", {
+        "__version__": versions, "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+        "truncate_dim": dim,
+    })
+
+
+def _json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------- checks
+def require_sentence_transformers() -> None:
+    """Raises: ImportError naming the ``st`` extra when sentence-transformers is missing."""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "checking a sentence-transformers export needs sentence-transformers: "
+            'pip install "matryoshka2d[st]" (or skip the check with --no-verify / verify=False)'
+        ) from None
+
+
+def _verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarray,
+                   pairs: ScoredPairsLike | None, model: MatryoshkaEncoder, n: int, d: int) -> dict[str, Any]:
+    """Load ``folder`` back (ours, and sentence-transformers for that format); compare with ``reference``."""
+    from matryoshka2d.loading import load_encoder
+
+    report: dict[str, Any] = {}
+    loaded = load_encoder(folder)
+    if loaded.num_layers != n or loaded.default_layer != n or loaded.default_dim != d:
+        raise RuntimeError(f"the exported folder loads with {loaded.num_layers} layers and default exit "
+                           f"({loaded.default_layer}, {loaded.default_dim}), expected ({n}, {d}); "
+                           "please report")
+    diff = float(np.abs(loaded.encode(texts) - reference).max())
+    if diff > RELOAD_MAX_ABS_DIFF:
+        raise RuntimeError(f"the exported folder differs from the source exit by {diff:.2e} "
+                           f"(limit {RELOAD_MAX_ABS_DIFF:.0e}); please report")
+    report["matryoshka2d_max_abs_diff"] = diff
+    encoders: dict[str, Callable[[Sequence[str]], np.ndarray]] = {
+        "source": lambda t: model.encode(t, layer=n, dim=d)}
+    if fmt == "sentence-transformers":
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+        got = st.encode(texts, convert_to_numpy=True)
+        if got.shape != reference.shape:
+            raise RuntimeError(f"SentenceTransformer returns {got.shape[1]}-dim embeddings, expected {d}")
+        cosine = float(min_cosine(got, reference))
+        report.update({"sentence_transformers_min_cosine": round(cosine, 7),
+                       "sentence_transformers_max_abs_diff": float(np.abs(got - reference).max()),
+                       "sentence_transformers_dim": int(got.shape[1])})
+        if cosine < ST_MIN_COSINE:
+            raise ValueError(f"SentenceTransformer on the export agrees with the source exit only to "
+                             f"cosine {cosine:.6f} (< {ST_MIN_COSINE}); this sentence-transformers version "
+                             "reads the folder differently: export --format hf and build the pipeline "
+                             "by hand")
+        encoders["sentence_transformers"] = lambda t: st.encode(list(t), convert_to_numpy=True)
+    else:
+        encoders["exported"] = loaded.encode
+    if pairs is not None:
+        for key, encode in encoders.items():
+            report[f"{pairs.name}_spearman_{key}"] = round(sts_spearman(encode, pairs), 4)
+    return report
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine between two embedding matrices."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    num = (a64 * b64).sum(1)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return float((num / np.maximum(den, 1e-12)).min())
+
+
+def sts_spearman(encode: Callable[[Sequence[str]], np.ndarray], pairs: ScoredPairsLike) -> float:
+    """Spearman x100 between the cosine of each pair's embeddings and its gold score."""
+    from scipy.stats import spearmanr
+
+    unique = list(dict.fromkeys([*pairs.sentences1, *pairs.sentences2]))
+    index = {t: i for i, t in enumerate(unique)}
+    emb = encode(unique).astype(np.float64)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    a = emb[[index[t] for t in pairs.sentences1]]
+    b = emb[[index[t] for t in pairs.sentences2]]
+    return float(spearmanr((a * b).sum(1), pairs.scores).statistic * 100)
