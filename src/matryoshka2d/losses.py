@@ -145,7 +145,28 @@ class BaseLoss(nn.Module):
         return {"name": self.name}
 
 
-class CoSENTLoss(BaseLoss):
+class _PairRankingLoss(BaseLoss):
+    """Shared body of CoSENT and Angle: rank the pairs' similarity by their gold scores."""
+
+    requires_scores = True
+
+    def __init__(self, scale: float = 20.0) -> None:
+        super().__init__()
+        self.scale = check_positive("scale", scale)
+
+    def similarity(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        x, y = _check_embeddings(self.name, embeddings, exact=2)
+        scores = _check_scores(self.name, labels, x.shape[0]).to(x.device)
+        return ranking_loss(self.similarity(x, y), scores, self.scale)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "scale": self.scale}
+
+
+class CoSENTLoss(_PairRankingLoss):
     """CoSENT on scored pairs: rank the pair cosines in the order of the gold scores.
 
     Args:
@@ -153,22 +174,12 @@ class CoSENTLoss(BaseLoss):
     """
 
     name = "cosent"
-    requires_scores = True
 
-    def __init__(self, scale: float = 20.0) -> None:
-        super().__init__()
-        self.scale = check_positive("scale", scale)
-
-    def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
-        x, y = _check_embeddings(self.name, embeddings, exact=2)
-        scores = _check_scores(self.name, labels, x.shape[0]).to(x.device)
-        return ranking_loss(pair_cosine(x, y), scores, self.scale)
-
-    def config_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "scale": self.scale}
+    def similarity(self, x: Tensor, y: Tensor) -> Tensor:
+        return pair_cosine(x, y)
 
 
-class AngleLoss(BaseLoss):
+class AngleLoss(_PairRankingLoss):
     """The AnglE angle objective on scored pairs: CoSENT ranking of the complex-space angle difference.
 
     A higher score must come with a smaller angle: ``log(1 + sum_{y_i > y_j} exp(scale * (a_i - a_j)))``
@@ -179,20 +190,10 @@ class AngleLoss(BaseLoss):
     """
 
     name = "angle"
-    requires_scores = True
     requires_even_dim = True
 
-    def __init__(self, scale: float = 20.0) -> None:
-        super().__init__()
-        self.scale = check_positive("scale", scale)
-
-    def forward(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
-        x, y = _check_embeddings(self.name, embeddings, exact=2)
-        scores = _check_scores(self.name, labels, x.shape[0]).to(x.device)
-        return ranking_loss(-angle_difference(x, y), scores, self.scale)
-
-    def config_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "scale": self.scale}
+    def similarity(self, x: Tensor, y: Tensor) -> Tensor:
+        return -angle_difference(x, y)
 
 
 class InBatchNegativesLoss(BaseLoss):
