@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from matryoshka2d import checkpoint as ckpt
 from matryoshka2d.checkpoint import DataOrder
 from matryoshka2d.config import Config, check_against_model, config_differences, load_config
+from matryoshka2d.interrupts import SigintFlag, TrainingInterrupted, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -38,37 +37,6 @@ StepHook = Callable[[int, dict[str, Any]], None]
 
 class TrainingDivergedError(RuntimeError):
     """A loss part or the gradient became NaN/inf; the last checkpoint on disk is the last good state."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run after a complete step, saved as ``checkpoint``; ``resume=True`` continues it."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
-
-
-class _SigintFlag:
-    """While installed, a first Ctrl-C only sets :attr:`raised` (the loop saves and stops after its step);
-    a second one raises ``KeyboardInterrupt`` at once (an atomic checkpoint write in progress is dropped).
-    Nothing is installed off the main thread or where SIGINT is ignored (e.g. ``nohup``)."""
-
-    def __init__(self) -> None:
-        self.raised, self.previous = False, None
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self.previous = signal.signal(signal.SIGINT, self._handle) or signal.SIG_DFL
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-        logger.warning("Ctrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again stops at "
-                       "once, without saving)")
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 @dataclass
@@ -262,7 +230,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     bar = tqdm(total=total, initial=start, desc="train", unit="step",
                disable=not (main and config.run.progress_bar))
     began = time.perf_counter()
-    sigint = _SigintFlag()
+    sigint = SigintFlag()
     try:
         for step in range(start + 1, total + 1):
             objective.train()
@@ -312,7 +280,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
                             config.run.keep_last)
             if main and on_step is not None:
                 on_step(step, record)
-            if _stop_requested(accelerator, sigint.raised) and step < total:
+            if stop_requested(accelerator, sigint.raised) and step < total:
                 if not saved:
                     _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
                                 config.run.keep_last)
@@ -336,14 +304,6 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     seconds = time.perf_counter() - began
     logger.info("trained %d steps in %.1fs; final model in %s", total - start, seconds, final)
     return TrainResult(run_dir, final, total, seconds, best["step"], best["score"])
-
-
-def _stop_requested(accelerator: Any, local: bool) -> bool:
-    """Whether any process saw Ctrl-C: all must stop at the same step, as saving a checkpoint is collective."""
-    if accelerator.num_processes == 1:
-        return local
-    flag = torch.tensor([float(local)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
 def _check_finite(step: int, record: dict[str, float], grad_norm: float, *, fp16: bool) -> None:
