@@ -19,7 +19,8 @@ def test_encode_txt_round_trip(tiny_dir, tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text("a man plays guitar\nthe dog runs\n\n", encoding="utf-8")
     out = tmp_path / "emb.npy"
-    assert main(["encode", str(tiny_dir), "--layer", "2", "--dim", "16", "--input", str(src), "--output", str(out)]) == 0
+    args = ["encode", str(tiny_dir), "--layer", "2", "--dim", "16", "--input", str(src), "--output", str(out)]
+    assert main(args) == 0
     emb = np.load(out)
     expected = MatryoshkaEncoder.from_pretrained(tiny_dir).encode(["a man plays guitar", "the dog runs", ""],
                                                                    layer=2, dim=16)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SENTENCES
 from transformers import AutoModel
 
+from conftest import SENTENCES
 from matryoshka2d import MatryoshkaEncoder, architectures
 from matryoshka2d.pooling import POOLING_MODES, pool
 
