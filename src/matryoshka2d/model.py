@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from matryoshka2d.pooling import PoolingMode, check_pooling, pool
 logger = logging.getLogger(__name__)
 
 _FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+_TOKENIZE_CHUNK = 8192  # texts tokenized per call in encode (bounds the memory of token ids)
 
 
 class MatryoshkaEncoder(nn.Module):
@@ -53,6 +55,7 @@ class MatryoshkaEncoder(nn.Module):
         self.pooling: PoolingMode = check_pooling(pooling)
         self.max_seq_length = int(max_seq_length or _default_max_length(backbone, tokenizer))
         self.metadata: dict[str, Any] = dict(metadata or {})
+        self.train(backbone.training)  # a loaded model starts in eval mode, like its backbone
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -122,7 +125,24 @@ class MatryoshkaEncoder(nn.Module):
             features["num_truncated"] = torch.tensor(sum(1 for e in encodings if e.overflowing))
         return features
 
-    def forward(self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    def _tokenize_unpadded(self, texts: Sequence[str]) -> _Tokenized:
+        """Token ids of ``texts`` without padding (one tokenizer call); batches are padded by ``collate``."""
+        batch = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_seq_length, return_attention_mask=False
+        )
+        encodings = getattr(batch, "encodings", None)
+        return _Tokenized(
+            input_ids=batch["input_ids"],
+            token_type_ids=batch.get("token_type_ids"),
+            num_truncated=sum(1 for e in encodings if e.overflowing) if encodings else 0,
+            pad_id=self.tokenizer.pad_token_id,
+            pad_type_id=getattr(self.tokenizer, "pad_token_type_id", 0),
+            left=getattr(self.tokenizer, "padding_side", "right") == "left",
+        )
+
+    def forward(
+        self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None
+    ) -> dict[int, torch.Tensor]:
         """Pooled (not normalised) embeddings of every requested layer from ONE backbone pass.
 
         The pass stops after the deepest requested layer: later blocks never run.
@@ -142,7 +162,8 @@ class MatryoshkaEncoder(nn.Module):
         with architectures.running_blocks(self.backbone, deepest):
             out = self.backbone(**inputs, output_hidden_states=need_all, return_dict=True)
         states = out.hidden_states if need_all else {deepest: out.last_hidden_state}
-        return {n: pool(states[n], mask, self.pooling) for n in wanted}
+        # pool in float32 whatever the backbone dtype (a bf16 model keeps fp32 pooling and normalisation)
+        return {n: pool(states[n].float(), mask, self.pooling) for n in wanted}
 
     @torch.inference_mode()
     def encode(
@@ -185,22 +206,28 @@ class MatryoshkaEncoder(nn.Module):
             self.to(device)
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(t) for t in items], kind="stable")
         out = np.empty((len(items), dim), dtype=np.float32)
-        starts = range(0, len(items), batch_size)
         if show_progress_bar is None:
-            show_progress_bar = len(starts) > 10 and logger.isEnabledFor(logging.INFO)
+            show_progress_bar = len(items) > 10 * batch_size and logger.isEnabledFor(logging.INFO)
+        # tokenize a whole chunk in one fast-tokenizer call (per-batch calls cost up to a third of a layer-1
+        # pass), sort it by token count (not characters: ~25% less padding), pad each batch with numpy
+        chunk = batch_size * max(1, _TOKENIZE_CHUNK // batch_size)
         truncated = 0
         try:
-            for start in tqdm(starts, desc=f"encode L{layer} d{dim}", disable=not show_progress_bar):
-                idx = order[start : start + batch_size]
-                features = self.tokenize([items[i] for i in idx])
-                truncated += int(features.pop("num_truncated", 0))
-                features = {k: v.to(self.device) for k, v in features.items()}
-                emb = self(features, layers=(layer,))[layer][:, :dim].float()
-                if normalize:
-                    emb = F.normalize(emb, dim=-1)
-                out[idx] = emb.cpu().numpy()
+            with tqdm(total=len(items), unit="text", desc=f"encode L{layer} d{dim}",
+                      disable=not show_progress_bar) as bar:
+                for first in range(0, len(items), chunk):
+                    tokens = self._tokenize_unpadded(items[first : first + chunk])
+                    truncated += tokens.num_truncated
+                    order = np.argsort([-len(ids) for ids in tokens.input_ids], kind="stable")
+                    for start in range(0, len(order), batch_size):
+                        rows = order[start : start + batch_size]
+                        features = {k: v.to(self.device) for k, v in tokens.collate(rows).items()}
+                        emb = self(features, layers=(layer,))[layer][:, :dim]
+                        if normalize:
+                            emb = F.normalize(emb, dim=-1)
+                        out[first + rows] = emb.cpu().numpy()
+                        bar.update(len(rows))
         finally:
             self.train(was_training)
         if truncated:
@@ -289,6 +316,39 @@ class MatryoshkaEncoder(nn.Module):
         }
 
 
+@dataclass
+class _Tokenized:
+    """Unpadded token ids of a chunk of texts; ``collate`` pads a batch of them like ``tokenize`` does."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    num_truncated: int
+    pad_id: int | None
+    pad_type_id: int
+    left: bool
+
+    def collate(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors for the texts at positions ``rows``, padded to the longest of them."""
+        lengths = [len(self.input_ids[i]) for i in rows]
+        width = max(lengths)
+        if self.pad_id is None and min(lengths) != width:
+            raise ValueError("the tokenizer has no pad token, so texts of different lengths cannot be batched; "
+                             "set tokenizer.pad_token (e.g. to its eos token) or pass batch_size=1")
+        ids = np.full((len(rows), width), self.pad_id or 0, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        types = None if self.token_type_ids is None else np.full_like(ids, self.pad_type_id)
+        for r, (i, n) in enumerate(zip(rows, lengths, strict=True)):
+            cols = slice(width - n, width) if self.left else slice(0, n)
+            ids[r, cols] = self.input_ids[i]
+            mask[r, cols] = 1
+            if types is not None:
+                types[r, cols] = self.token_type_ids[i]  # type: ignore[index]
+        features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            features["token_type_ids"] = torch.from_numpy(types)
+        return features
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
         raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}; pass e.g. ['a sentence']")
@@ -299,6 +359,15 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
             raise ValueError(
                 f"texts[{i}] is {type(t).__name__} ({t!r:.40}), not str; convert every item to str first"
             )
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # the tokenizer would fail with an unrelated TypeError
+                raise ValueError(
+                    f"texts[{i}] holds {t[e.start]!r} at position {e.start}, a lone surrogate that is not "
+                    "valid Unicode (text decoded with errors='surrogateescape'?); clean it first, e.g. "
+                    "text.encode('utf-8', 'replace').decode('utf-8')"
+                ) from None
     return list(texts)
 
 

@@ -1,0 +1,556 @@
+"""Encoding-speed benchmark: throughput of every exit on a physically truncated model, against a peer.
+
+Every configuration (implementation x dtype x layer x dim) of one batch size runs once per round, all of them
+interleaved (the order reverses every round), so load from other processes hits them alike; ratios are
+medians of per-round ratios. Wall time is the headline; process CPU time is recorded beside it (with one
+thread it barely moves when other processes share the cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import gc
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import torch
+
+from matryoshka2d import architectures
+from matryoshka2d.serialization import library_versions
+
+if TYPE_CHECKING:
+    from matryoshka2d.data import ScoredPairs
+    from matryoshka2d.model import MatryoshkaEncoder
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Peer = Literal["sentence-transformers"]
+Attention = Literal["auto", "sdpa", "eager"]
+PEERS: tuple[str, ...] = get_args(Peer)
+OURS, COMPILED, PEER = "matryoshka2d", "matryoshka2d+compile", "sentence-transformers"
+ST_POOLING = {"cls": "cls", "mean": "mean", "max": "max", "last": "lasttoken"}
+MIN_COSINE, MAX_SPEARMAN_DROP = 0.999, 0.2  # a number-changing mode counts toward a target only within these
+
+
+@dataclass
+class BenchmarkSettings:
+    """What to time. ``layers`` / ``dims`` ``None`` mean every layer / the full width; ``compile`` adds
+    ``torch.compile``d copies of our models (impl ``matryoshka2d+compile``); ``attention`` is our models'
+    attention kernel (``auto``: plain matmul attention for bf16/fp16 on CPU, where it beats SDPA on short
+    sentences, the model's default otherwise). The peer always runs its defaults.
+
+    Raises:
+        ValueError: a value out of range (named with the allowed range).
+    """
+
+    layers: list[int] | None = None
+    dims: list[int] | None = None
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 128])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    repeats: int = 5
+    warmup: int = 1
+    threads: int | None = None
+    peer: Peer | None = None
+    device: str = "cpu"
+    allow_fallback: bool = False
+    compile: bool = False
+    attention: Attention = "auto"
+
+    def __post_init__(self) -> None:
+        for name, low in (("repeats", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} {value!r} must be an integer >= {low}")
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes {self.batch_sizes!r} must be positive integers, e.g. 32,128")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads {self.threads!r} must be >= 1 (or None for torch's default)")
+        if self.attention not in get_args(Attention):
+            raise ValueError(f"attention {self.attention!r} is not one of {', '.join(get_args(Attention))}")
+        if self.peer is not None and self.peer not in PEERS:
+            raise ValueError(f"unknown peer {self.peer!r}; valid peers: {', '.join(PEERS)}")
+        bad = [name for name in self.dtypes if name not in DTYPES] or ([] if self.dtypes else ["(none)"])
+        if bad:
+            raise ValueError(f"unknown dtype {bad[0]!r}; valid dtypes: {', '.join(DTYPES)}")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model name and the SIMD flags that decide fp32 / bf16 / fp16 speed."""
+    model, flags = "unknown", []
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16")
+    return {"model": model if model != "unknown" else platform.processor() or model,
+            "flags": [f for f in wanted if f in flags], "count": os.cpu_count()}
+
+
+def dtype_problem(name: str, device: str | torch.device) -> str | None:
+    """Why ``device`` cannot run dtype ``name`` natively, or ``None`` if it can."""
+    dev = torch.device(device)
+    if name == "fp32" or dev.type not in ("cpu", "cuda"):
+        return None
+    if dev.type == "cuda":
+        ok = name != "bf16" or torch.cuda.is_bf16_supported()
+        return None if ok else f"{torch.cuda.get_device_name(dev)} has no bf16 support"
+    native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}[name]
+    if set(cpu_info()["flags"]) & native:
+        return None
+    return (f"this CPU ({cpu_info()['model']}) has no {' or '.join(sorted(native))} instructions, so {name} "
+            "would be emulated, slower than fp32")
+
+
+def resolve_dtypes(settings: BenchmarkSettings) -> list[tuple[str, str]]:
+    """``(requested, used)`` dtype names; one the device cannot run falls back to fp32 only if allowed.
+
+    Raises:
+        ValueError: a dtype the device cannot run, without ``allow_fallback``.
+    """
+    out: list[tuple[str, str]] = []
+    for name in dict.fromkeys(settings.dtypes):
+        problem = dtype_problem(name, settings.device)
+        if problem and not settings.allow_fallback:
+            raise ValueError(f"dtype {name} cannot run on {settings.device}: {problem}; pass --dtype fp32, "
+                             "or --allow-fallback to measure fp32 in its place")
+        if problem:
+            logger.warning("dtype %s falls back to fp32: %s", name, problem)
+        used = "fp32" if problem else name
+        if all(used != u for _, u in out):
+            out.append((name, used))
+    return out
+
+
+# ----------------------------------------------------------------------------------- the peer
+def require_peer() -> Any:
+    """The ``SentenceTransformer`` class.
+
+    Raises:
+        ImportError: sentence-transformers is not installed (the message says how to install it).
+    """
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ImportError('--peer sentence-transformers needs the sentence-transformers library; '
+                          'pip install "matryoshka2d[st]"') from None
+    return SentenceTransformer
+
+
+def load_peer(source: str, model: MatryoshkaEncoder, device: str) -> Any:
+    """sentence-transformers' model of the same folder, with the same pooling and max_seq_length.
+
+    Raises:
+        ImportError: sentence-transformers is not installed.
+        ValueError: our pooling has no sentence-transformers equivalent.
+    """
+    sentence_transformer = require_peer()
+    from matryoshka2d.loading import resolve_model_path
+
+    folder = Path(resolve_model_path(source))
+    if (folder / "modules.json").is_file():
+        st = sentence_transformer(str(folder), device=device)
+    else:
+        try:
+            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+        except ImportError:  # sentence-transformers < 6
+            from sentence_transformers.models import Normalize, Pooling, Transformer
+        if model.pooling not in ST_POOLING:
+            raise ValueError(f"pooling {model.pooling!r} has no sentence-transformers equivalent "
+                             f"({', '.join(ST_POOLING)} do); run without --peer")
+        pooling = Pooling(model.hidden_size, ST_POOLING[model.pooling])
+        st = sentence_transformer(modules=[Transformer(str(folder)), pooling, Normalize()], device=device)
+    st.max_seq_length = model.max_seq_length
+    return st.eval()
+
+
+def truncate_peer(st: Any, layers: int) -> Any:
+    """A copy of the sentence-transformers model holding only blocks ``1..layers`` (config updated)."""
+    with architectures.running_blocks(st[0].auto_model, layers):
+        out = copy.deepcopy(st)
+    architectures.set_depth_in_config(out[0].auto_model.config, layers)
+    return out
+
+
+# ----------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak resident memory (MB) of this process inside the block (psutil polled every 2 ms; without psutil
+    the process high-water mark, ru_maxrss), and the CUDA allocator's peak on GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak_rss_mb = self.cuda_mb = float("nan")
+        self._stop, self._peak = threading.Event(), 0
+        try:
+            import psutil
+
+            self._proc: Any = psutil.Process()
+            self.method = "psutil"
+        except ImportError:
+            self._proc, self.method = None, "ru_maxrss"
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if self._proc is not None:
+            self._peak = self._proc.memory_info().rss
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_rss_mb = max(self._peak, self._proc.memory_info().rss) / 2**20
+        else:
+            import resource
+
+            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if self.cuda:
+            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+# ----------------------------------------------------------------------------------- the run
+@dataclass
+class _Config:
+    impl: str
+    dtype: str
+    layer: int
+    dim: int
+    run: Callable[[list[str], int], np.ndarray]
+    depth: int
+    attn: str | None = None
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    output: np.ndarray | None = None
+    memory: PeakMemory | None = None
+
+
+@dataclass
+class BenchmarkResult:
+    """One record per implementation x dtype x layer x dim x batch size, and the run's facts."""
+
+    meta: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "records": self.records, "targets": self.targets()}
+
+    def find(self, **keys: Any) -> list[dict[str, Any]]:
+        """Records whose fields equal ``keys``."""
+        return [r for r in self.records if all(r.get(k) == v for k, v in keys.items())]
+
+    def to_markdown(self, metric: Literal["wall", "cpu"] = "wall") -> str:
+        """A row per (batch size, our impl, dtype, layer, dim), with the peer's throughput beside it."""
+        cpu = "_cpu" if metric == "cpu" else ""
+        unit = "sent/cpu-s" if cpu else "sent/s (min-max)"
+        head = ["batch", "impl", "dtype", "layer", "dim", f"ours {unit}", "vs full", "ideal N/n"]
+        peer = bool(self.meta.get("peer"))
+        head += [f"ST {unit}", "ours/ST", "ours/ST fp32"] * peer + ["cos to fp32", "STS-B rho (delta)", "RSS MB"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in (r for r in self.records if r["impl"] != PEER):
+            row = [r["batch_size"], r["impl"], r["dtype"], r["layer"], r["dim"], _rate(r, cpu),
+                   _x(r[f"speedup_vs_full{cpu}"]), _x(r["ideal_speedup"])]
+            if peer:
+                theirs = self.find(impl=PEER, dtype=r["dtype"], layer=r["layer"], dim=r["dim"],
+                                   batch_size=r["batch_size"])
+                row += [_rate(theirs[0], cpu) if theirs else "-", _x(r.get(f"ratio_vs_peer{cpu}")),
+                        _x(r.get(f"ratio_vs_peer_fp32{cpu}"))]
+            rho, delta = r.get("stsb_spearman"), r.get("stsb_spearman_delta")
+            row += [_num(r.get("cosine_to_fp32_mean"), 5),
+                    _num(rho, 2) + ("" if delta is None else f" ({delta:+.2f})"), _num(r.get("peak_rss_mb"), 0)]
+            lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        return "\n".join(lines)
+
+    def targets(self, metric: Literal["wall", "cpu"] = "wall") -> list[dict[str, Any]]:
+        """The issue's speed targets at each batch size: the measured median ratio and whether it is met."""
+        cpu = "_cpu" if metric == "cpu" else ""
+        n_full, width, out = self.meta["num_layers"], self.meta["hidden_size"], []
+        for bs in self.meta["batch_sizes"]:
+            full = {(r["impl"], r["dtype"]): r for r in self.find(layer=n_full, dim=width, batch_size=bs)}
+            checks = [("full depth fp32: ours / ST fp32", full.get((OURS, "fp32"), {}).get(f"ratio_vs_peer{cpu}"),
+                       1.0, "")]
+            modes = [r for (impl, dtype), r in full.items() if impl != PEER and (impl, dtype) != (OURS, "fp32")
+                     and (dtype == "fp32" or self._quality_ok(impl, dtype, bs))]
+            best = max(modes, key=lambda r: r.get(f"ratio_vs_peer_fp32{cpu}") or 0.0, default=None)
+            if best is not None:
+                checks.append((f"best mode ({best['impl']} {best['dtype']}): ours / ST fp32",
+                               best.get(f"ratio_vs_peer_fp32{cpu}"), 2.5, ""))
+            for (impl, dtype) in (k for k in full if k[0] == OURS):
+                for layer, goal in ((max(1, n_full // 2), 1.9), (1, 0.8 * n_full)):
+                    rec = self.find(impl=impl, dtype=dtype, layer=layer, dim=width, batch_size=bs)
+                    if rec and layer < n_full:
+                        checks.append((f"early exit n={layer} ({dtype}): speedup vs full",
+                                       rec[0][f"speedup_vs_full{cpu}"], round(goal, 2), ""))
+            out += [{"target": name, "batch_size": bs, "metric": metric, "value": round(value, 3), "goal": goal,
+                     "met": value >= goal} for name, value, goal, _ in checks if value is not None]
+        return out
+
+    def _quality_ok(self, impl: str, dtype: str, batch_size: int) -> bool:
+        recs = self.find(impl=impl, dtype=dtype, batch_size=batch_size)
+        return bool(recs) and all(r.get("cosine_to_fp32_mean", 0.0) >= MIN_COSINE
+                                  and abs(r.get("stsb_spearman_delta") or 0.0) <= MAX_SPEARMAN_DROP for r in recs)
+
+
+def _rate(r: dict[str, Any], cpu: str) -> str:
+    if cpu:
+        return f"{r['sentences_per_cpu_s']:.0f}"
+    return f"{r['sentences_per_s']:.0f} ({r['sentences_per_s_min']:.0f}-{r['sentences_per_s_max']:.0f})"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def run_benchmark(
+    model: MatryoshkaEncoder,
+    sentences: Sequence[str],
+    settings: BenchmarkSettings,
+    *,
+    peer_source: str | None = None,
+    stsb: ScoredPairs | None = None,
+    meta: dict[str, Any] | None = None,
+) -> BenchmarkResult:
+    """Time ``encode`` of every requested exit, each on a copy of ``model`` truncated to that depth.
+
+    Args:
+        model: the full model (left unchanged: truncated copies are timed).
+        sentences: what every timed call encodes.
+        settings: layers, dims, batch sizes, dtypes, repeats, peer, threads.
+        peer_source: model folder or alias the peer loads (the same model as ``model``).
+        stsb: STS-B test pairs; when all their sentences are in ``sentences``, each exit of ours gets its
+            Spearman x100 (and, for a dtype other than fp32, the change from fp32).
+        meta: extra facts to record (e.g. the command line).
+
+    Returns:
+        The records and the run's facts (device, CPU, threads, versions, load average, date).
+
+    Raises:
+        ValueError: no sentences, a layer/dim out of range, or a dtype the device cannot run.
+        ImportError: the peer library is missing.
+    """
+    texts = [str(t) for t in sentences]
+    if not texts:
+        raise ValueError("no sentences to encode; pass a file with at least one sentence, or 'stsb'")
+    n_full, width = model.num_layers, model.hidden_size
+    layers = sorted({model.check_layer(n) for n in (settings.layers or range(1, n_full + 1))} | {n_full})
+    dims = sorted({model.check_dim(d) for d in (settings.dims or [width])})
+    dtypes = resolve_dtypes(settings)
+    peer = load_peer(peer_source or "minilm", model, settings.device) if settings.peer else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads or threads)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    records: list[dict[str, Any]] = []
+    try:
+        configs = _build_configs(model, peer, layers, dims, [u for _, u in dtypes], settings)
+        for batch_size in settings.batch_sizes:
+            for c in configs:
+                c.wall, c.cpu, c.output, c.memory = [], [], None, None
+            _time_all(configs, texts, int(batch_size), settings)
+            records += _records(configs, len(texts), int(batch_size), n_full)
+            _add_quality(records, configs, texts, int(batch_size), stsb)
+    finally:
+        torch.set_num_threads(threads)
+    device = torch.device(settings.device)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model.metadata.get("source"), "num_layers": n_full, "hidden_size": width,
+        "pooling": model.pooling, "max_seq_length": model.max_seq_length,
+        "attn_implementation": getattr(model.backbone.config, "_attn_implementation", None),
+        "device": settings.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["model"],
+        "cpu": cpu_info(), "threads": settings.threads or threads,
+        "dtypes": [{"requested": r, "used": u} for r, u in dtypes], "layers": layers, "dims": dims,
+        "batch_sizes": [int(b) for b in settings.batch_sizes], "repeats": settings.repeats,
+        "warmup": settings.warmup, "peer": settings.peer, "compile": settings.compile,
+        "sentences": _sentence_stats(model, texts),
+        "memory_method": configs[0].memory.method if configs and configs[0].memory else None,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "library_versions": _versions(), "python": platform.python_version(), "platform": platform.platform(),
+        "settings": asdict(settings), **(meta or {}),
+    }
+    return BenchmarkResult(info, records)
+
+
+def _build_configs(model: MatryoshkaEncoder, peer: Any, layers: list[int], dims: list[int], dtypes: list[str],
+                   settings: BenchmarkSettings) -> list[_Config]:
+    configs: list[_Config] = []
+    for dtype in dtypes:
+        for n in layers:
+            variants = [(OURS, fast_copy(model, n, dtype, settings.device, settings.attention))]
+            if settings.compile:
+                compiled = fast_copy(model, n, dtype, settings.device, settings.attention)
+                compiled.backbone.compile(dynamic=True)  # compiles on the first (warm-up) call
+                variants.append((COMPILED, compiled))
+            for impl, ours in variants:
+                if ours.num_layers != n or architectures.get_depth(ours.backbone) != n:
+                    raise RuntimeError(f"truncate({n}) returned a model of {ours.num_layers} blocks")
+                attn = getattr(ours.backbone.config, "_attn_implementation", None)
+                configs += [_Config(impl, dtype, n, d, _ours_runner(ours, n, d), depth=n, attn=attn) for d in dims]
+            if peer is not None:
+                theirs = truncate_peer(peer, n).to(DTYPES[dtype])
+                depth = architectures.get_depth(theirs[0].auto_model)
+                if depth != n:
+                    raise RuntimeError(f"the peer truncated to {n} blocks holds {depth}")
+                attn = getattr(theirs[0].auto_model.config, "_attn_implementation", None)
+                configs += [_Config(PEER, dtype, n, d, _peer_runner(theirs, d, model.hidden_size), depth=depth,
+                                    attn=attn) for d in dims]
+    return configs
+
+
+def fast_copy(model: MatryoshkaEncoder, layers: int, dtype: str, device: str,
+              attention: Attention = "auto") -> MatryoshkaEncoder:
+    """A copy of ``model`` truncated to ``layers`` blocks, in ``dtype`` on ``device``, with the attention kernel
+    that is fastest there (see :class:`BenchmarkSettings`); pooling and normalisation stay float32."""
+    out = model.truncate(layers).to(device=device, dtype=DTYPES[dtype]).eval()
+    if attention == "auto":
+        slow_sdpa = dtype != "fp32" and torch.device(device).type == "cpu"
+        attention = "eager" if slow_sdpa else getattr(out.backbone.config, "_attn_implementation", "sdpa")
+    if getattr(out.backbone.config, "_attn_implementation", None) != attention:
+        out.backbone.set_attn_implementation(attention)
+    return out
+
+
+def _ours_runner(model: MatryoshkaEncoder, layer: int, dim: int) -> Callable[[list[str], int], np.ndarray]:
+    return lambda texts, bs: model.encode(texts, layer=layer, dim=dim, batch_size=bs, show_progress_bar=False)
+
+
+def _peer_runner(st: Any, dim: int, width: int) -> Callable[[list[str], int], np.ndarray]:
+    return lambda texts, bs: np.asarray(st.encode(
+        texts, batch_size=bs, show_progress_bar=False, convert_to_numpy=True, normalize_embeddings=True,
+        truncate_dim=dim if dim < width else None), dtype=np.float32)
+
+
+def _time_all(configs: list[_Config], texts: list[str], batch_size: int, settings: BenchmarkSettings) -> None:
+    """Warm-up rounds, then timed rounds; a round runs every config once, in alternating order. The first
+    call of each config is watched for peak memory and keeps its output (for the cosine checks)."""
+    gc.collect()
+    gc.freeze()  # the models' objects leave the collector's view, so the collect before each call is cheap
+    try:
+        rounds = settings.warmup + settings.repeats
+        for r in range(rounds):
+            timed = r >= settings.warmup
+            logger.info("batch %d: %s round %d/%d", batch_size, "timed" if timed else "warm-up", r + 1, rounds)
+            for c in configs if r % 2 == 0 else reversed(configs):
+                gc.collect()
+                memory = PeakMemory(settings.device) if c.output is None else None
+                with memory or contextlib.nullcontext():
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    out = c.run(texts, batch_size)
+                    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                if memory is not None:
+                    c.output, c.memory = out, memory
+                if timed:
+                    c.wall.append(wall)
+                    c.cpu.append(cpu)
+    finally:
+        gc.unfreeze()
+
+
+def _records(configs: list[_Config], count: int, batch_size: int, n_full: int) -> list[dict[str, Any]]:
+    """One record per config; ratios are medians of per-round ratios (configs of a round ran together)."""
+    wall = {(c.impl, c.dtype, c.layer, c.dim): count / np.asarray(c.wall) for c in configs}
+    cpu = {(c.impl, c.dtype, c.layer, c.dim): count / np.maximum(np.asarray(c.cpu), 1e-9) for c in configs}
+    out = []
+    for c in configs:
+        rate, per_cpu = wall[(c.impl, c.dtype, c.layer, c.dim)], cpu[(c.impl, c.dtype, c.layer, c.dim)]
+        full = (c.impl, c.dtype, n_full, c.dim)
+        rec: dict[str, Any] = {
+            "impl": c.impl, "layer": c.layer, "dim": c.dim, "dtype": c.dtype, "batch_size": batch_size,
+            "blocks_run": c.depth, "attn_implementation": c.attn, "sentences": count, "repeats": len(rate),
+            "sentences_per_s": float(np.median(rate)), "sentences_per_s_min": float(rate.min()),
+            "sentences_per_s_max": float(rate.max()), "speedup_vs_full": float(np.median(rate / wall[full])),
+            "ideal_speedup": n_full / c.layer, "sentences_per_cpu_s": float(np.median(per_cpu)),
+            "speedup_vs_full_cpu": float(np.median(per_cpu / cpu[full])),
+            "peak_rss_mb": round(c.memory.peak_rss_mb, 1) if c.memory else None,
+        }
+        if c.memory is not None and c.memory.cuda:
+            rec["cuda_max_allocated_mb"] = round(c.memory.cuda_mb, 1)
+        for suffix, peer_dtype in (("", c.dtype), ("_fp32", "fp32")):
+            peer = (PEER, peer_dtype, c.layer, c.dim)
+            if c.impl != PEER and peer in wall and (suffix == "" or c.dtype != "fp32" or c.impl == COMPILED):
+                rec[f"ratio_vs_peer{suffix}"] = float(np.median(rate / wall[peer]))
+                rec[f"ratio_vs_peer{suffix}_cpu"] = float(np.median(per_cpu / cpu[peer]))
+        out.append(rec)
+    return out
+
+
+def _add_quality(records: list[dict[str, Any]], configs: list[_Config], texts: list[str], batch_size: int,
+                 stsb: ScoredPairs | None) -> None:
+    """Cosine of each config's embeddings to the same impl in fp32 and to the peer; STS-B Spearman of ours."""
+    outputs = {(c.impl, c.dtype, c.layer, c.dim): c.output for c in configs}
+    for rec in records:
+        if rec["batch_size"] != batch_size:
+            continue
+        key = (rec["impl"], rec["dtype"], rec["layer"], rec["dim"])
+        emb = outputs[key]
+        if rec["dtype"] != "fp32" and (rec["impl"], "fp32", *key[2:]) in outputs:
+            ref = outputs[(rec["impl"], "fp32", *key[2:])]
+            rec["cosine_to_fp32_mean"], rec["cosine_to_fp32_min"] = _cosine(emb, ref), _cosine(emb, ref, np.min)
+        if rec["impl"] != PEER and (PEER, *key[1:]) in outputs:
+            rec["cosine_to_peer_mean"] = _cosine(emb, outputs[(PEER, *key[1:])])
+        if rec["impl"] != PEER and stsb is not None:
+            rec["stsb_spearman"] = _spearman(emb, texts, stsb)
+    for rec in records:
+        ref = [r for r in records if r["batch_size"] == batch_size and r["impl"] == rec["impl"]
+               and r["dtype"] == "fp32" and r["layer"] == rec["layer"] and r["dim"] == rec["dim"]]
+        if rec["batch_size"] == batch_size and rec["dtype"] != "fp32" and rec.get("stsb_spearman") is not None \
+                and ref and ref[0].get("stsb_spearman") is not None:
+            rec["stsb_spearman_delta"] = rec["stsb_spearman"] - ref[0]["stsb_spearman"]
+
+
+def _cosine(a: np.ndarray | None, b: np.ndarray | None, reduce: Callable[..., Any] = np.mean) -> float:
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return float(reduce((a64 * b64).sum(1) / np.maximum(den, 1e-12)))
+
+
+def _spearman(emb: np.ndarray | None, texts: list[str], pairs: ScoredPairs) -> float | None:
+    """Spearman x100 of cosine vs gold on ``pairs``, if every pair sentence is among ``texts``."""
+    from scipy.stats import spearmanr
+
+    row = {t: i for i, t in enumerate(texts)}
+    if emb is None or any(t not in row for t in (*pairs.sentences1, *pairs.sentences2)):
+        return None
+    a, b = emb[[row[t] for t in pairs.sentences1]], emb[[row[t] for t in pairs.sentences2]]
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(spearmanr(cos, pairs.scores).statistic * 100)
+
+
+def _sentence_stats(model: MatryoshkaEncoder, texts: list[str]) -> dict[str, Any]:
+    lengths = np.array([len(ids) for ids in model._tokenize_unpadded(texts).input_ids])
+    return {"count": len(texts), "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max())}
+
+
+def _versions() -> dict[str, str]:
+    versions = {**library_versions(), "numpy": np.__version__}
+    with contextlib.suppress(ImportError):
+        import sentence_transformers
+
+        versions["sentence-transformers"] = sentence_transformers.__version__
+    return versions

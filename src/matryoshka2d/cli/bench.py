@@ -1,0 +1,144 @@
+"""``m2d bench MODEL``: encoding throughput of every exit (physically truncated), optionally against a peer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from matryoshka2d.cli.common import add_model_args, int_list, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time encode at every exit (truncated models), optionally vs a peer")
+    add_model_args(p)
+    p.add_argument("--layers", default="all", help="exits to time, e.g. 1,3,6 or 'all' (full depth is always timed)")
+    p.add_argument("--dims", default=None, help="embedding dims to time, e.g. 64,384 (default: full width)")
+    p.add_argument("--batch-sizes", default="32,128", help="comma-separated batch sizes")
+    p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16, fp16 (e.g. fp32,bf16)")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="measure fp32 in place of a dtype the device cannot run (default: error)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd copies of our models (impl matryoshka2d+compile)")
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager"),
+                   help="our models' attention kernel (auto: eager for bf16/fp16 on CPU, the model's default "
+                        "otherwise); the peer keeps its default")
+    p.add_argument("--sentences", default="stsb",
+                   help="a .txt/.tsv/.csv/.jsonl file or an STS set name (default: stsb, the unique STS-B test "
+                        "sentences, which also gives each exit's STS-B Spearman)")
+    p.add_argument("--column", default=None, help="column of a .tsv/.csv/.jsonl sentence file")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every configuration once)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both implementations")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--peer", default=None, help="also time this library on the same model: sentence-transformers")
+    p.add_argument("--output", default=None, help="write meta, records and targets as JSON here")
+    p.add_argument("--plot", default=None, help="write a throughput-per-layer PNG here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.benchmark import BenchmarkSettings, require_peer, resolve_dtypes, run_benchmark
+    from matryoshka2d.data import load_sts, read_sentences
+    from matryoshka2d.serialization import atomic_write_json
+
+    for out in (args.output, args.plot):
+        if out and Path(out).exists() and not args.overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    settings = BenchmarkSettings(
+        batch_sizes=int_list(args.batch_sizes, name="batch size", upper=1 << 20, allow_all=False),
+        dtypes=[d.strip().lower() for d in args.dtype.split(",") if d.strip()],
+        repeats=args.repeats, warmup=args.warmup, threads=args.threads, peer=args.peer, device=args.device,
+        allow_fallback=args.allow_fallback, compile=args.compile, attention=args.attention,
+    )
+    resolve_dtypes(settings)  # fail before loading anything
+    if settings.peer:
+        require_peer()
+    if args.plot:
+        _require_matplotlib()
+    sentences = read_sentences(args.sentences, column=args.column)
+    if not sentences:
+        raise ValueError(f"{args.sentences} holds no sentences; pass a file with one sentence per line, or 'stsb'")
+    model = load_model(args)
+    settings.layers = int_list(args.layers, name="layer", upper=model.num_layers)
+    settings.dims = int_list(args.dims, name="dim", upper=model.hidden_size) if args.dims else None
+    stsb = load_sts("stsb") if args.sentences == "stsb" else None
+    result = run_benchmark(model, sentences, settings, peer_source=args.model, stsb=stsb,
+                           meta={"command": _command_line(args), "sentences_source": args.sentences})
+    print(result.to_markdown())
+    for metric in ("wall", "cpu"):
+        for t in result.targets(metric):
+            print(f"target ({metric} time, batch {t['batch_size']}) {t['target']}: {t['value']:.2f} "
+                  f"(goal >= {t['goal']}): {'met' if t['met'] else 'MISSED'}")
+    if args.output:
+        atomic_write_json(args.output, {**result.to_dict(), "targets_cpu": result.targets("cpu")})
+        print(f"wrote {args.output}")
+    if args.plot:
+        plot_benchmark(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError('--plot needs matplotlib; pip install "matryoshka2d[plot]"') from None
+
+
+def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN001
+    """Throughput per exit layer, one panel per batch size; ours vs the peer in each dtype; band = min-max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matryoshka2d.benchmark import COMPILED, OURS, PEER
+    from matryoshka2d.serialization import atomic_open
+
+    meta, sizes = result.meta, result.meta["batch_sizes"]
+    dim, n_full = meta["dims"][-1], meta["num_layers"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False, sharey=True)
+    colours = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+    for ax, bs in zip(axes[0], sizes, strict=True):
+        for impl, style in ((OURS, "-o"), (COMPILED, "-.^"), (PEER, "--s")):
+            for dtype in [d["used"] for d in meta["dtypes"]]:
+                recs = sorted(result.find(impl=impl, dtype=dtype, dim=dim, batch_size=bs), key=lambda r: r["layer"])
+                if recs:
+                    x = [r["layer"] for r in recs]
+                    ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colours[dtype],
+                            label=f"{impl} {dtype}")
+                    ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
+                                    [r["sentences_per_s_max"] for r in recs], color=colours[dtype], alpha=0.15)
+        full = result.find(impl=OURS, dtype="fp32", dim=dim, batch_size=bs, layer=n_full)
+        if full:
+            ax.plot(meta["layers"], [full[0]["sentences_per_s"] * n_full / n for n in meta["layers"]], ":",
+                    color="grey", label="ideal N/n x ours fp32 at N")
+        ax.set(title=f"batch size {bs}", xlabel="exit layer n (model physically truncated to n blocks)",
+               xticks=meta["layers"], yscale="log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"sentences / s (median of {meta['repeats']}; band = min-max)")
+    axes[0][-1].legend(fontsize=8)
+    name = Path(str(meta.get("model") or "model")).name
+    fig.suptitle(f"Encoding throughput per exit: {name}, {meta['sentences']['count']} sentences\n"
+                 f"{meta['device_name']}, {meta['threads']} thread(s), {meta['date'][:10]}", fontsize=11)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The ``m2d bench`` command that reproduces this run."""
+    parts = ["m2d", "bench", str(args.model)]
+    for flag in ("layers", "dims", "batch_sizes", "dtype", "sentences", "column", "repeats", "warmup", "threads",
+                 "device", "peer", "attention", "pooling", "output", "plot"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += [f"--{flag.replace('_', '-')}", str(value)]
+    parts += [f"--{f.replace('_', '-')}" for f in ("allow_fallback", "compile") if getattr(args, f)]
+    return " ".join(parts)
