@@ -220,6 +220,29 @@ def test_kl_teacher_detached_by_default(tiny_model, batch, detach):
         assert all(g > 0 for g in grads[1:])
 
 
+def test_batch_kl_distils_in_batch_similarity_distributions(tiny_model, batch):
+    loss = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="layers", layer_pool=[1], last_weight=0.0,
+                              prior_weight=0.0, kl_space="batch", kl_temperature=0.05)
+    out = loss(batch, SCORES)
+    emb = [tiny_model(f, layers=(1, 4)) for f in batch]
+
+    def log_probs(x):  # reference: each row's softmax over its cosines to the OTHER rows, float64
+        x = F.normalize(x.double(), dim=-1)
+        sims = x @ x.T / 0.05
+        off = ~torch.eye(len(x), dtype=torch.bool)
+        return F.log_softmax(sims[off].view(len(x), -1), -1)
+
+    t, s = (log_probs(torch.cat([e[k] for e in emb])) for k in (4, 1))
+    expected = (t.exp() * (t - s)).sum(-1).mean()
+    assert out["loss/kl"].item() == pytest.approx(expected.item(), rel=5e-3) and expected > 0
+    out["loss"].backward()
+    grads = grads_of_blocks(tiny_model)
+    assert grads[0] > 0 and grads[1:] == [0.0, 0.0, 0.0]  # teacher detached: only the student's block learns
+    same = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), kl_space="batch")._kl_batch(emb[0][4], emb[0][4])
+    assert same.item() == pytest.approx(0.0, abs=1e-6)  # identical distributions: zero
+    assert loss.config_dict()["kl_space"] == "batch"
+
+
 def hand_made_features(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     """A tokenized batch built from token ids (independent of the tiny tokenizer's vocabulary)."""
     width = max(len(r) for r in rows) + 2
@@ -282,6 +305,7 @@ def test_training_20_steps_lowers_the_loss(tiny_model):
     ({"kl_weight": "1"}, "kl_weight must be a finite number >= 0, got '1'"),
     ({"kl_temperature": 0}, "kl_temperature must be a finite number > 0, got 0; pass e.g. 1"),
     ({"detach_teacher": "yes"}, "detach_teacher must be True or False, got 'yes'"),
+    ({"kl_space": "tokens"}, "kl_space 'tokens' is unknown; choose one of coordinates, batch"),
     ({"seed": 1.5}, "seed must be an integer, got 1.5"),
     ({"last_weight": 0, "strategy": "full"}, "every term of strategy 'full' has weight 0"),
     ({"last_weight": 0, "prior_weight": 0, "kl_weight": 0}, "every term of strategy '2dmse' has weight 0"),

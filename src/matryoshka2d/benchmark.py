@@ -426,8 +426,10 @@ def _build_configs(model: MatryoshkaEncoder, peer: Any, layers: list[int], dims:
 def fast_copy(model: MatryoshkaEncoder, layers: int, dtype: str, device: str,
               attention: Attention = "auto") -> MatryoshkaEncoder:
     """A copy of ``model`` truncated to ``layers`` blocks, in ``dtype`` on ``device``, with the attention kernel
-    that is fastest there (see :class:`BenchmarkSettings`); pooling and normalisation stay float32."""
+    that is fastest there (see :class:`BenchmarkSettings`); pooling, the exit head (the copy keeps head
+    ``layers``, its last exit's) and normalisation stay float32."""
     out = model.truncate(layers).to(device=device, dtype=DTYPES[dtype]).eval()
+    out.exit_heads.float()
     if attention == "auto":
         slow_sdpa = dtype != "fp32" and torch.device(device).type == "cpu"
         attention = "eager" if slow_sdpa else getattr(out.backbone.config, "_attn_implementation", "sdpa")

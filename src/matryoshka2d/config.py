@@ -25,8 +25,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate"]
 DepthWeighting = Literal["none", "linear", "log"]
+KLSpace = Literal["coordinates", "batch"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 DataKind = Literal["scored", "pairs", "triplets"]
+ExitHeads = Literal["none", "linear"]
 STRATEGY_NAMES: tuple[str, ...] = get_args(Strategy)
 
 # fields that may differ between a run and its --resume (they do not change what is computed per step);
@@ -90,12 +92,16 @@ class ModelConfig:
         pooling: pooling mode; ``None`` keeps the model's own.
         max_seq_length: tokens per sentence; ``None`` keeps the model's own.
         gradient_checkpointing: recompute activations in the backward pass (less memory, slower steps).
+        exit_heads: ``linear`` gives every shallow exit the objective trains a head (identity-initialised
+            ``D x D`` map of its pooled vector, see :mod:`matryoshka2d.heads`); ``none`` adds none (heads the
+            model already has are kept and trained). Strategies that train no shallow exit get no heads.
     """
 
     name: str = "minilm"
     pooling: str | None = None
     max_seq_length: int | None = None
     gradient_checkpointing: bool = False
+    exit_heads: ExitHeads = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -105,6 +111,9 @@ class ModelConfig:
 
             _choice("model.pooling", self.pooling, POOLING_MODES)
         _int("model.max_seq_length", self.max_seq_length, 1, optional=True)
+        if self.exit_heads not in get_args(ExitHeads):
+            _fail("model.exit_heads", self.exit_heads,
+                  f"choose one of {', '.join(get_args(ExitHeads))} (e.g. model.exit_heads = \"linear\")")
 
 
 @dataclass
@@ -164,6 +173,8 @@ class ObjectiveConfig:
         prior_weight: weight of the shallow-layer terms.
         kl_weight: weight of the shallow-to-last KL alignment.
         kl_temperature: softmax temperature of the KL term.
+        kl_space: ``coordinates`` (the paper's softmax over embedding coordinates) or ``batch`` (in-batch
+            cosine-similarity distributions of the last exit distilled into the shallow ones).
         depth_weighting: lambda(n) applied to shallow terms.
         detach_teacher: stop the gradient through the KL teacher (the last layer).
         starbucks_pairs: fixed ``[layer, dim]`` pairs for ``starbucks``; ``None`` derives them.
@@ -180,6 +191,7 @@ class ObjectiveConfig:
     prior_weight: float = 1.0
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
+    kl_space: KLSpace = "coordinates"
     depth_weighting: DepthWeighting = "none"
     detach_teacher: bool = True
     starbucks_pairs: list[list[int]] | None = None
@@ -190,6 +202,7 @@ class ObjectiveConfig:
         _to_float(self, "last_weight", "prior_weight", "kl_weight", "kl_temperature")
         _choice("objective.strategy", self.strategy, STRATEGY_NAMES)
         _choice("objective.depth_weighting", self.depth_weighting, get_args(DepthWeighting))
+        _choice("objective.kl_space", self.kl_space, get_args(KLSpace))
         _int_list("objective.dims", self.dims)
         if self.layer_pool is not None:
             _int_list("objective.layer_pool", self.layer_pool)
@@ -247,6 +260,7 @@ class TrainConfig:
         epochs: passes over the data (fractions allowed); ignored when ``max_steps`` is set.
         max_steps: optimizer steps; ``None`` derives them from ``epochs``.
         lr: peak learning rate of AdamW.
+        head_lr: peak learning rate of the exit heads (same schedule); ``None`` means ``lr``.
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         warmup_ratio: share of the steps with a linear warm-up.
         warmup_steps: warm-up steps; overrides ``warmup_ratio`` when set.
@@ -260,6 +274,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = 2e-5
+    head_lr: float | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None
@@ -274,6 +289,12 @@ class TrainConfig:
         _float("train.epochs", self.epochs, open_low=True)
         _int("train.max_steps", self.max_steps, 1, optional=True)
         _float("train.lr", self.lr, open_low=True)
+        if self.head_lr is not None:
+            _to_float(self, "head_lr")
+            value = self.head_lr
+            if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+                _fail("train.head_lr", value, "expected a finite number > 0 (e.g. 1e-3, often 10-100x train.lr), "
+                      "or leave it unset to train the exit heads at train.lr")
         _float("train.weight_decay", self.weight_decay)
         _float("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _int("train.warmup_steps", self.warmup_steps, 0, optional=True)

@@ -179,6 +179,25 @@ class GridResult:
         return [{"set": AVG, "layer": n, "dim": d, "spearman": sp[(n, d)], "pearson": pe[(n, d)],
                  "n": len(STS_SETS)} for n, d in sp]
 
+    def merged(self, other: GridResult) -> GridResult:
+        """This result plus ``other``'s sets (same layers and dims; a set in both keeps this one's rows).
+
+        Raises:
+            ValueError: the two grids have different layers or dims.
+        """
+        if other.layers != self.layers or other.dims != self.dims:
+            raise ValueError(f"cannot merge grids with layers/dims {self.layers}/{self.dims} and "
+                             f"{other.layers}/{other.dims}; evaluate both with the same layers and dims")
+        new = [s for s in other.sets if s not in self.sets]
+        records = [*self.records, *(r for r in other.records if r["set"] in new)]
+        meta = {**other.metadata, **self.metadata}
+        timings = {**(other.metadata.get("timings") or {}), **(self.metadata.get("timings") or {})}
+        if timings:
+            meta["timings"] = timings
+        return GridResult(self.model, records,
+                          {**{s: other.predictions[s] for s in new if s in other.predictions}, **self.predictions},
+                          {**{s: other.gold[s] for s in new if s in other.gold}, **self.gold}, meta)
+
     # ----------------------------------------------------------------------------------- views
     def to_dict(self) -> dict[str, Any]:
         """``{"format_version", "model", "metadata", "results", "average"}`` (NaN becomes None)."""

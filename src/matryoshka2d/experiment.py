@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,13 @@ class StudyConfig:
         selection_strategies: strategies whose dev score picks the learning rate.
         selection_set: dev set used to choose (never a test set).
         eval_sets: evaluation sets (test split).
+        priority_sets: the sets of ``eval_sets`` evaluated right after each run; the others are evaluated once
+            every run is trained, so an interrupted study holds the primary results of every strategy first.
+        dev_eval: also evaluate every run on the ``selection_set`` dev split (``dev.json``), for ablations
+            that are chosen on dev and reported on test.
+        report: the markdown report written from the results; ``None`` means ``results.md`` beside
+            ``output_dir`` (``docs/results`` -> ``docs/results.md``).
+        command: the command quoted in the report as the one that generates it.
         dims: evaluated widths; ``None`` means the Matryoshka dims.
         eval_batch_size: sentences per forward pass in evaluation.
         runs_dir: where the runs are written.
@@ -62,6 +71,10 @@ class StudyConfig:
     selection_set: str = "stsb"
     eval_sets: list[str] = field(default_factory=lambda: ["stsb", "sickr", "sts12", "sts13", "sts14", "sts15",
                                                           "sts16"])
+    priority_sets: list[str] = field(default_factory=lambda: ["stsb", "sickr"])
+    dev_eval: bool = False
+    report: str | None = None
+    command: str = "make reproduce"
     dims: list[int] | None = None
     eval_batch_size: int = 128
     runs_dir: str = "runs/reproduce"
@@ -81,7 +94,7 @@ class StudyConfig:
             raise ValueError(f"study.seeds {self.seeds!r}: expected distinct integers, e.g. [0, 1, 2]")
         from matryoshka2d.data import STS_SETS
 
-        for s in [*self.eval_sets, self.selection_set]:
+        for s in [*self.eval_sets, *self.priority_sets, self.selection_set]:
             if s not in STS_SETS:
                 raise ValueError(f"study: unknown set {s!r}; known sets: {', '.join(STS_SETS)}")
 
@@ -135,6 +148,50 @@ def plan_units(study: StudyConfig, num_layers: int, lr: float | None) -> list[Un
     return units
 
 
+@contextmanager
+def unit_lock(study: StudyConfig, unit: Unit, *, wait: bool) -> Iterator[bool]:
+    """Hold ``unit``'s lock file while it is trained and evaluated, so that several workers can run one study.
+
+    Yields ``True`` when the lock is held, ``False`` when another worker holds it and ``wait`` is false. The
+    operating system drops the lock of a killed worker, so a crash never leaves a unit locked. Without
+    ``fcntl`` (Windows) every unit is taken: run one worker there.
+    """
+    folder = unit.folder(Path(study.runs_dir))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    with open(folder.parent / f".{folder.name}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def for_each_unit(study: StudyConfig, units: list[Unit], work: Callable[[Unit], object], what: str = "") -> None:
+    """Run ``work(unit)`` for every unit under its lock: free units first, then (waiting) those another
+    worker held, so that two workers started on one study share its units and both end with all of them done."""
+    busy = []
+    for i, unit in enumerate(units, 1):
+        with unit_lock(study, unit, wait=False) as held:
+            if not held:
+                busy.append(unit)
+                continue
+            logger.info("[%d/%d] %s seed %s%s", i, len(units), unit.label, unit.seed, what)
+            work(unit)
+    for unit in busy:
+        logger.info("waiting for another worker's %s seed %s%s", unit.label, unit.seed, what)
+        with unit_lock(study, unit, wait=True):
+            work(unit)
+
+
 def train_unit(study: StudyConfig, unit: Unit) -> Path:
     """Train ``unit`` unless its ``final/`` exists; resume a run that was cut off. Returns the model folder."""
     from matryoshka2d.config import load_config
@@ -161,18 +218,21 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
 
 def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[str, Any], *,
                   tag: str = "eval") -> Path:
-    """Evaluate the whole grid of ``unit`` on ``sets`` unless ``<tag>.json`` exists. Returns the JSON path."""
-    from matryoshka2d.evaluation import evaluate_grid
+    """Evaluate the whole grid of ``unit`` on the sets of ``sets`` that ``<tag>.json`` does not hold yet (they
+    are added to it). Returns the JSON path."""
+    from matryoshka2d.evaluation import GridResult, evaluate_grid
     from matryoshka2d.model import MatryoshkaEncoder
 
     out = unit.folder(Path(study.runs_dir)) / f"{tag}.json"
-    if out.is_file():
+    done = GridResult.load(out) if out.is_file() else None
+    missing = {k: v for k, v in sets.items() if done is None or k not in done.sets}
+    if not missing:
         return out
     model = MatryoshkaEncoder.from_pretrained(model_dir)
     dims = [d for d in study.dims or [] if d <= model.hidden_size] or None
-    result = evaluate_grid(model, sets, dims=dims, batch_size=study.eval_batch_size,
+    result = evaluate_grid(model, missing, dims=dims, batch_size=study.eval_batch_size,
                            model_name=f"{unit.label}/{'base' if unit.seed is None else f'seed{unit.seed}'}")
-    result.save(out)
+    (result if done is None else done.merged(result)).save(out)
     return out
 
 
@@ -185,14 +245,16 @@ def select_lr(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
     from matryoshka2d.evaluation import GridResult
 
     dev = {study.selection_set: load_sts(study.selection_set, "dev")}
+    units = {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
+             for lr in study.lr_grid for strategy in study.selection_strategies}
+    for_each_unit(study, list(units.values()), lambda u: evaluate_unit(study, u, train_unit(study, u), dev, tag="dev"),
+                  " (learning-rate selection)")
     scores: dict[str, dict[str, float]] = {}
-    for lr in study.lr_grid:
-        for strategy in study.selection_strategies:
-            unit = Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
-            result = GridResult.load(evaluate_unit(study, unit, train_unit(study, unit), dev, tag="dev"))
-            floor = min(64, max(result.dims))  # narrow models: their widest dim
-            values = [r["spearman"] for r in result.records if r["dim"] >= floor]
-            scores.setdefault(f"{lr:g}", {})[strategy] = sum(values) / len(values)
+    for (lr, strategy), unit in units.items():
+        result = GridResult.load(unit.folder(Path(study.runs_dir)) / "dev.json")
+        floor = min(64, max(result.dims))  # narrow models: their widest dim
+        values = [r["spearman"] for r in result.records if r["dim"] >= floor]
+        scores.setdefault(lr, {})[strategy] = sum(values) / len(values)
     mean = {lr: sum(v.values()) / len(v) for lr, v in scores.items()}
     best = max(mean, key=mean.__getitem__)
     logger.info("learning rate chosen on %s dev: %s (%s)", study.selection_set, best, mean)
@@ -216,15 +278,22 @@ def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
     base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
     units = plan_units(study, base.num_layers, lr)
     sets = {} if report_only else {name: load_sts(name, "test") for name in study.eval_sets}
-    evals: dict[Unit, Path] = {}
-    for i, unit in enumerate(units, 1):
-        path = unit.folder(Path(study.runs_dir)) / "eval.json"
-        if not report_only:
-            logger.info("[%d/%d] %s seed %s", i, len(units), unit.label, unit.seed)
-            path = evaluate_unit(study, unit, train_unit(study, unit), sets)
-        if path.is_file():
-            evals[unit] = path
-    return write_report(study, evals, selection, base.num_layers)
+    first = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
+    dev = {study.selection_set: load_sts(study.selection_set, "dev")} if study.dev_eval and not report_only else {}
+
+    def work(unit: Unit) -> None:
+        model_dir = train_unit(study, unit)
+        evaluate_unit(study, unit, model_dir, first)
+        if dev:
+            evaluate_unit(study, unit, model_dir, dev, tag="dev")
+
+    if not report_only:
+        for_each_unit(study, units, work)
+        if len(first) < len(sets):  # the other sets, once every run is trained
+            for_each_unit(study, units, lambda u: evaluate_unit(study, u, train_unit(study, u), sets),
+                          ": the other sets")
+    evals = {u: u.folder(Path(study.runs_dir)) / "eval.json" for u in units}
+    return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
 
 
 def _saved_selection(out: Path) -> tuple[float | None, dict[str, Any]]:

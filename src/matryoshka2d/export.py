@@ -3,12 +3,17 @@
 Formats:
 
 - ``hf``: the physically truncated backbone (only blocks ``1..layer`` stored, the config says the new
-  depth), its tokenizer and ``matryoshka2d.json`` whose default exit is ``(layer, dim)``.
+  depth), its tokenizer and ``matryoshka2d.json`` whose default exit is ``(layer, dim)``. A plain
+  transformers folder cannot hold an exit head, so an exit with a head is refused in this format.
 - ``sentence-transformers``: the ``hf`` files plus the sentence-transformers layout (``modules.json``,
-  ``1_Pooling``, a ``2_Dense`` that keeps the first ``dim`` coordinates when ``dim < D`` (or averages CLS
-  and mean for ``cls_avg``), then ``Normalize``), so ``SentenceTransformer(folder)`` returns the exit's
-  L2-normalised ``dim``-dim embeddings.
-- ``onnx``: one graph from token ids to the normalised embedding (see :mod:`matryoshka2d.onnx_export`).
+  ``1_Pooling``, a ``Dense`` holding the exit's head when it has one, a ``Dense`` that keeps the first
+  ``dim`` coordinates when ``dim < D`` (or averages CLS and mean for ``cls_avg``), then ``Normalize``), so
+  ``SentenceTransformer(folder)`` returns the exit's L2-normalised ``dim``-dim embeddings.
+- ``onnx``: one graph from token ids to the normalised embedding, the exit's head included (see
+  :mod:`matryoshka2d.onnx_export`).
+
+The ``hf`` and ``sentence-transformers`` folders also keep the heads of layers ``1..layer`` in
+``exit_heads.safetensors`` (see :mod:`matryoshka2d.heads`), so our loader reproduces every kept exit.
 
 Every export is checked before it is moved into place: the folder is loaded back the way its users will
 load it and must reproduce the source exit; the numbers are recorded in ``matryoshka2d.json`` and in the
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 import numpy as np
 import torch
 
+from matryoshka2d.heads import folded_dense, save_heads
 from matryoshka2d.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
 from matryoshka2d.serialization import (
     CONFIG_NAME,
@@ -131,8 +137,9 @@ def export_model(
         The output folder.
 
     Raises:
-        ValueError: layer/dim out of range, unknown format, quantize/opset given for another format, a
-            graph that cannot be traced, or an export that does not reproduce the source exit.
+        ValueError: layer/dim out of range, unknown format, quantize/opset given for another format, ``hf``
+            for an exit with a head, a graph that cannot be traced, or an export that does not reproduce
+            the source exit.
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         ImportError: a missing optional dependency (the message names the extra to install).
     """
@@ -142,6 +149,12 @@ def export_model(
         raise ValueError(f"quantize and opset apply to the onnx format only, not {fmt!r}; drop them")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; the only choice is 'int8' (or none)")
+    if fmt == "hf" and n in model.exit_head_layers:
+        raise ValueError(
+            f"exit layer {n} has a {model.exit_head_kind} exit head, which a plain Hugging Face folder cannot "
+            "express (transformers would return the embedding without it); export with --format "
+            "sentence-transformers (the head becomes a Dense module) or --format onnx (the head is in the graph)"
+        )
     if fmt == "onnx":
         from matryoshka2d import onnx_export
 
@@ -165,6 +178,9 @@ def export_model(
             )
         else:
             _write_backbone(sub, tmp)
+            heads = save_heads(sub, tmp)
+            if heads:
+                meta["exit_heads"] = heads
             if fmt == "sentence-transformers":
                 _write_sentence_transformers_layout(sub, tmp, d)
             meta["export"] = {"format": fmt, "files": _list_files(tmp)}
@@ -297,14 +313,16 @@ def _write_backbone(sub: MatryoshkaEncoder, folder: Path) -> None:
 
 
 def _write_sentence_transformers_layout(sub: MatryoshkaEncoder, folder: Path, dim: int) -> None:
-    """Transformer (the root) -> Pooling -> [Dense: keep ``dim`` coords / average CLS+mean] -> Normalize.
+    """Transformer (the root) -> Pooling -> [Dense: the exit's head] -> [Dense: keep ``dim`` coords /
+    average CLS+mean] -> Normalize.
 
     sentence-transformers applies ``truncate_dim`` after all modules, i.e. after ``Normalize``, which would
     leave vectors of norm < 1; the Dense module truncates before normalising instead. ``truncate_dim`` is
     still recorded so ``get_sentence_embedding_dimension()`` and tools reading the config see ``dim``.
+    The head acts on the pooled vector before truncation, as in :meth:`MatryoshkaEncoder.forward`; with
+    ``cls_avg`` it also takes over the averaging of the concatenated CLS and mean vectors.
     """
     import torch
-    from safetensors.torch import save_file
 
     hidden = sub.hidden_size
     modes = _ST_MODES[sub.pooling]
@@ -318,18 +336,18 @@ def _write_sentence_transformers_layout(sub: MatryoshkaEncoder, folder: Path, di
         "word_embedding_dimension": hidden, **{key: mode in modes for mode, key in _ST_LEGACY_KEYS.items()},
         "include_prompt": True,
     })
-    if dim < hidden or len(modes) > 1:
+    width = hidden * len(modes)  # what Pooling returns (the modes concatenated)
+    if sub.num_layers in sub.exit_head_layers:
+        weight, bias = folded_dense(sub.exit_heads[str(sub.num_layers)], len(modes))
+        _write_dense(folder, modules, weight, bias)
+        width = hidden
+    if dim < hidden or width > hidden:
         # row i picks coordinate i of each concatenated pooled vector, weighted 1/len(modes): exact in fp32
-        weight = torch.zeros(dim, hidden * len(modes))
-        for k in range(len(modes)):
-            weight[:, k * hidden : k * hidden + dim] = torch.eye(dim) / len(modes)
-        (folder / "2_Dense").mkdir()
-        save_file({"linear.weight": weight.contiguous()}, str(folder / "2_Dense" / "model.safetensors"))
-        _json(folder / "2_Dense" / "config.json", {"in_features": hidden * len(modes), "out_features": dim,
-                                                   "bias": False,
-                                                   "activation_function": "torch.nn.modules.linear.Identity"})
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense",
-                        "type": "sentence_transformers.models.Dense"})
+        parts = width // hidden
+        weight = torch.zeros(dim, width)
+        for k in range(parts):
+            weight[:, k * hidden : k * hidden + dim] = torch.eye(dim) / parts
+        _write_dense(folder, modules, weight, None)
     idx = len(modules)
     _json(folder / f"{idx}_Normalize" / "config.json", {})
     modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
@@ -343,6 +361,22 @@ def _write_sentence_transformers_layout(sub: MatryoshkaEncoder, folder: Path, di
         "__version__": versions, "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
         "truncate_dim": dim,
     })
+
+
+def _write_dense(folder: Path, modules: list[dict[str, Any]], weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+    """Append a sentence-transformers ``Dense`` (identity activation) computing ``x @ weight.T (+ bias)``."""
+    from safetensors.torch import save_file
+
+    idx = len(modules)
+    path = folder / f"{idx}_Dense"
+    path.mkdir()
+    tensors = {"linear.weight": weight.contiguous(), **({"linear.bias": bias.contiguous()} if bias is not None
+                                                       else {})}
+    save_file(tensors, str(path / "model.safetensors"))
+    _json(path / "config.json", {"in_features": weight.shape[1], "out_features": weight.shape[0],
+                                 "bias": bias is not None, "activation_function": "torch.nn.modules.linear.Identity"})
+    modules.append({"idx": idx, "name": str(idx), "path": path.name, "type": "sentence_transformers.models.Dense"})
 
 
 def _json(path: Path, obj: Any) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from matryoshka2d import architectures
+from matryoshka2d.heads import HEADS_FILE, load_heads, save_heads
 from matryoshka2d.pooling import PoolingMode, check_pooling
 from matryoshka2d.serialization import (
     CONFIG_NAME,
@@ -205,15 +206,19 @@ def load_encoder(
             f"{rows} rows, so some token ids would index past it; the folder mixes two models, re-save it"
         )
     meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
+    heads_entry = meta.pop("exit_heads", None)
     for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
         meta.pop(key, None)
-    return MatryoshkaEncoder(
+    model = MatryoshkaEncoder(
         backbone,
         tokenizer,
         pooling=pooling or found_pooling or "mean",
         max_seq_length=max_seq_length or found_len,
         metadata=meta,
     )
+    if heads_entry is not None:
+        load_heads(model, folder, heads_entry)
+    return model
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -274,7 +279,7 @@ def _check_weights_match_config(folder: Path, config: Any) -> None:
     """Refuse safetensors whose block count, width or vocabulary differ from ``config.json``."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != HEADS_FILE)
     if not files:
         return
     keys: list[str] = []
@@ -307,6 +312,9 @@ def _check_weights_match_config(folder: Path, config: Any) -> None:
         )
 
 
+_OWN_KEYS = ("default_layer", "default_dim", "exit_heads")  # written from the model, not from its metadata
+
+
 def save_encoder(model: MatryoshkaEncoder, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write ``model`` to ``path`` atomically (see :meth:`MatryoshkaEncoder.save`)."""
     from matryoshka2d.modelcard import write_model_card
@@ -315,6 +323,7 @@ def save_encoder(model: MatryoshkaEncoder, path: str | os.PathLike[str], *, over
     with atomic_dir(final, overwrite=overwrite) as tmp:
         model.backbone.save_pretrained(tmp, safe_serialization=True)
         model.tokenizer.save_pretrained(tmp)
+        heads = save_heads(model, tmp)
         meta = {
             "format_version": FORMAT_VERSION,
             "pooling": model.pooling,
@@ -323,7 +332,8 @@ def save_encoder(model: MatryoshkaEncoder, path: str | os.PathLike[str], *, over
             "hidden_size": model.hidden_size,
             "default_layer": model.default_layer,
             "default_dim": model.default_dim,
-            **{k: v for k, v in model.metadata.items() if k not in ("default_layer", "default_dim")},
+            **({"exit_heads": heads} if heads else {}),
+            **{k: v for k, v in model.metadata.items() if k not in _OWN_KEYS},
             "library_versions": library_versions(),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from matryoshka2d import architectures
+from matryoshka2d import architectures, heads
+from matryoshka2d.heads import ExitHeadKind
 from matryoshka2d.pooling import PoolingMode, check_pooling, pool
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ class MatryoshkaEncoder(nn.Module):
     """A Hugging Face encoder whose pooled output is usable at every layer ``1..N`` and dim ``1..D``.
 
     Layer ``n`` is ``hidden_states[n]``, the output of block ``n`` (the embedding output is not an exit).
-    Running layer ``n`` executes only blocks ``1..n``.
+    Running layer ``n`` executes only blocks ``1..n``. An exit may have a head (see :mod:`matryoshka2d.heads`
+    and :meth:`add_exit_heads`): a small map applied to its pooled vector before dim truncation.
 
     Args:
         backbone: a supported ``transformers`` encoder (see :mod:`matryoshka2d.architectures`).
@@ -55,6 +57,8 @@ class MatryoshkaEncoder(nn.Module):
         self.pooling: PoolingMode = check_pooling(pooling)
         self.max_seq_length = int(max_seq_length or _default_max_length(backbone, tokenizer))
         self.metadata: dict[str, Any] = dict(metadata or {})
+        self.exit_heads = nn.ModuleDict()  # {str(layer): head}, applied to the pooled vector of that exit
+        self.exit_head_kind: ExitHeadKind | None = None
         self.train(backbone.training)  # a loaded model starts in eval mode, like its backbone
 
     # ----------------------------------------------------------------------------------- properties
@@ -71,6 +75,11 @@ class MatryoshkaEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def exit_head_layers(self) -> list[int]:
+        """The layers whose exit has a head, ascending (empty without heads)."""
+        return sorted(int(key) for key in self.exit_heads)
 
     @property
     def default_layer(self) -> int:
@@ -152,7 +161,7 @@ class MatryoshkaEncoder(nn.Module):
             layers: exits to return; ``None`` means the last layer only.
 
         Returns:
-            ``{layer: (batch, D) tensor}``.
+            ``{layer: (batch, D) float32 tensor}``; an exit with a head returns the head's output.
         """
         wanted = sorted({self.check_layer(n) for n in layers}) if layers else [self.num_layers]
         deepest = wanted[-1]
@@ -163,7 +172,11 @@ class MatryoshkaEncoder(nn.Module):
             out = self.backbone(**inputs, output_hidden_states=need_all, return_dict=True)
         states = out.hidden_states if need_all else {deepest: out.last_hidden_state}
         # pool in float32 whatever the backbone dtype (a bf16 model keeps fp32 pooling and normalisation)
-        return {n: pool(states[n].float(), mask, self.pooling) for n in wanted}
+        pooled = {n: pool(states[n].float(), mask, self.pooling) for n in wanted}
+        for n in wanted:
+            if str(n) in self.exit_heads:
+                pooled[n] = heads.apply_head(self.exit_heads[str(n)], pooled[n])
+        return pooled
 
     @torch.inference_mode()
     def encode(
@@ -239,7 +252,10 @@ class MatryoshkaEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------------- structure
     def truncate(self, layers: int) -> MatryoshkaEncoder:
-        """A physically shallower copy holding only blocks ``1..layers``; its config says the new depth."""
+        """A physically shallower copy holding only blocks ``1..layers``; its config says the new depth.
+
+        The copy keeps the exit heads of layers ``1..layers``, so its last exit is this model's exit ``layers``.
+        """
         n = self.check_layer(layers)
         with architectures.running_blocks(self.backbone, n):
             backbone = copy.deepcopy(self.backbone)
@@ -250,9 +266,48 @@ class MatryoshkaEncoder(nn.Module):
             meta["default_layer"] = n
         if meta.get("trained_layers"):
             meta["trained_layers"] = [m for m in meta["trained_layers"] if m <= n]
-        return MatryoshkaEncoder(
+        out = MatryoshkaEncoder(
             backbone, self.tokenizer, pooling=self.pooling, max_seq_length=self.max_seq_length, metadata=meta
         )
+        kept = {key: copy.deepcopy(head) for key, head in self.exit_heads.items() if int(key) <= n}
+        if kept:
+            out.exit_heads.update(kept)
+            out.exit_head_kind = self.exit_head_kind
+            out.train(self.training)
+        return out
+
+    def add_exit_heads(self, kind: ExitHeadKind = "linear", layers: Sequence[int] | None = None) -> list[int]:
+        """Give exits a head (see :mod:`matryoshka2d.heads`); new heads start as the identity.
+
+        Layers that already have a head keep it (and its trained weights).
+
+        Args:
+            kind: the head type: ``"linear"`` (square ``D x D`` with bias).
+            layers: exits to give a head; ``None`` means ``1..N-1`` (the last exit stays the backbone's
+                plain output, so the full model's embedding is unchanged).
+
+        Returns:
+            The layers that got a new head.
+
+        Raises:
+            ValueError: an unknown kind, a layer outside ``1..N``, or heads of another kind already present.
+        """
+        kind = heads.check_kind(kind)
+        chosen = heads.check_layers(self, layers)
+        if self.exit_head_kind is not None and self.exit_head_kind != kind:
+            raise ValueError(f"this model already has {self.exit_head_kind} exit heads (layers "
+                             f"{self.exit_head_layers}); one model holds one kind of head, so add {kind!r} "
+                             "heads to a model without heads")
+        added = [n for n in chosen if str(n) not in self.exit_heads]
+        if not added:
+            return []
+        device = next(self.backbone.parameters()).device
+        new = {str(n): heads.build_head(kind, self.hidden_size).to(device) for n in added}
+        merged = {**dict(self.exit_heads.items()), **new}
+        self.exit_heads = nn.ModuleDict({key: merged[key] for key in sorted(merged, key=int)})
+        self.exit_head_kind = kind
+        self.exit_heads.train(self.training)
+        return added
 
     # ----------------------------------------------------------------------------------- persistence
     @classmethod
@@ -299,19 +354,29 @@ class MatryoshkaEncoder(nn.Module):
         return export_model(self, path, layer=layer, dim=dim, format=format, overwrite=overwrite, **kwargs)
 
     def describe(self) -> dict[str, Any]:
-        """Architecture facts and parameters per exit (what ``m2d info`` prints)."""
+        """Architecture facts and parameters per exit (what ``m2d info`` prints).
+
+        ``parameters_per_exit[n]`` is what exit ``n`` runs: embeddings, blocks ``1..n`` and head ``n``.
+        """
         blocks = architectures.get_blocks(self.backbone)
         block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
-        total = sum(p.numel() for p in self.backbone.parameters())
-        rest = total - sum(block_params)
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        rest = backbone - sum(block_params)
+        head_params = {int(key): sum(p.numel() for p in h.parameters()) for key, h in self.exit_heads.items()}
+        exit_heads = None if not head_params else {
+            "kind": self.exit_head_kind, "layers": self.exit_head_layers,
+            "parameters_per_head": max(head_params.values()), "parameters": sum(head_params.values()),
+        }
         return {
             "architecture": self.backbone.config.model_type,
             "layers": self.num_layers,
             "hidden_size": self.hidden_size,
             "pooling": self.pooling,
             "max_seq_length": self.max_seq_length,
-            "parameters": total,
-            "parameters_per_exit": {n: rest + sum(block_params[:n]) for n in range(1, len(blocks) + 1)},
+            "parameters": backbone + sum(head_params.values()),
+            "parameters_per_exit": {n: rest + sum(block_params[:n]) + head_params.get(n, 0)
+                                    for n in range(1, len(blocks) + 1)},
+            "exit_heads": exit_heads,
             "metadata": self.metadata,
         }
 

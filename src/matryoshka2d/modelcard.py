@@ -4,8 +4,9 @@ The card is rendered from the folder's ``matryoshka2d.json`` content. Keys it re
 (``num_layers``, ``hidden_size``, ``pooling``, ``max_seq_length``, ``default_layer``, ``default_dim``,
 ``source``): ``training`` (dict: strategy, data, steps, ...), ``evaluation`` (an ``m2d eval`` results dict,
 ``{"results": [{"set", "layer", "dim", "spearman", ...}]}``), ``benchmark`` (an ``m2d bench`` dict,
-``{"records": [{"impl", "layer", "dtype", "batch_size", "sentences_per_s"}]}``), ``exported_from`` and
-``export`` (written by :func:`matryoshka2d.export.export_model`).
+``{"records": [{"impl", "layer", "dtype", "batch_size", "sentences_per_s"}]}``), ``exit_heads``
+(``{"kind", "layers"}``: the snippets apply the default exit's head), ``exported_from`` and ``export``
+(written by :func:`matryoshka2d.export.export_model`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def render_model_card(meta: dict[str, Any], *, name: str = "model") -> str:
         "pooling": f"`{meta.get('pooling')}`",
         "max sequence length": meta.get("max_seq_length"),
         "default exit": f"layer {layer}, dim {dim}",
+        "exit heads": _heads_fact(meta),
     }
     lines += [f"| {k} | {v} |" for k, v in facts.items() if v is not None]
     training = meta.get("training")
@@ -213,7 +215,7 @@ def _summary(meta: dict[str, Any], export: dict[str, Any], origin: dict[str, Any
 
 def _export_lines(export: dict[str, Any]) -> list[str]:
     lines = [f"- format: `{export.get('format')}`"]
-    for key in ("exporter", "opset", "files"):
+    for key in ("exporter", "opset", "exit_head", "files"):
         if export.get(key) is not None:
             lines.append(f"- {key}: `{export[key]}`")
     for key, value in (export.get("verification") or {}).items():
@@ -221,6 +223,19 @@ def _export_lines(export: dict[str, Any]) -> list[str]:
     for key, value in (export.get("quantization") or {}).items():
         lines.append(f"- int8 quantisation, {key}: `{value}`")
     return lines
+
+
+def _heads_fact(meta: dict[str, Any]) -> str | None:
+    heads = meta.get("exit_heads")
+    if not isinstance(heads, dict):
+        return None
+    return f"`{heads.get('kind')}` on layers {heads.get('layers')} (`exit_heads.safetensors`, before truncation)"
+
+
+def _head_layer(meta: dict[str, Any]) -> int | None:
+    """The default exit's layer when it has an exit head (its snippets must apply it), else ``None``."""
+    heads, layer = meta.get("exit_heads"), meta.get("default_layer")
+    return layer if isinstance(heads, dict) and layer in (heads.get("layers") or []) else None
 
 
 def _is_hub_id(source: Any) -> bool:
@@ -311,7 +326,7 @@ def _st_usage(meta: dict[str, Any], name: str) -> list[str]:
         return out + ["```python", "from sentence_transformers import SentenceTransformer", "", _EXAMPLE,
                       f'model = SentenceTransformer("{name}")',
                       "embeddings = model.encode(sentences)  # L2-normalised", _shape_line(meta), "```", ""]
-    if layer == meta.get("num_layers") and pooling in _ST_POOLING:
+    if layer == meta.get("num_layers") and pooling in _ST_POOLING and _head_layer(meta) is None:
         return out + [
             "```python", "from sentence_transformers import SentenceTransformer, models", "", _EXAMPLE,
             f'transformer = models.Transformer("{name}", max_seq_length={meta.get("max_seq_length")})',
@@ -319,7 +334,8 @@ def _st_usage(meta: dict[str, Any], name: str) -> list[str]:
             f"model = SentenceTransformer(modules=[transformer, pooling], truncate_dim={dim})",
             "# sentence-transformers truncates after its modules: normalise afterwards",
             "embeddings = model.encode(sentences, normalize_embeddings=True)", _shape_line(meta), "```", ""]
-    why = "pool with cls_avg" if pooling == "cls_avg" else f"stop at layer {layer} of this folder"
+    why = ("pool with cls_avg" if pooling == "cls_avg" else f"apply the exit head of layer {layer}"
+           if _head_layer(meta) is not None else f"stop at layer {layer} of this folder")
     return out + [f"sentence-transformers cannot {why} by itself; export the exit:", "", "```bash",
                   f"m2d export {name} --layer {layer} --dim {dim} --format sentence-transformers "
                   f"--output {name}-st", "```", ""]
@@ -336,11 +352,18 @@ def _hf_usage(meta: dict[str, Any], name: str) -> list[str]:
         forward = f"    hidden = model(**batch, output_hidden_states=True).hidden_states[{layer}]"
         note = (f"Plain transformers runs all {depth} blocks here; for a real early exit use matryoshka2d "
                 "or export the exit (`m2d export`).")
+    head, head_import = [], []
+    if _head_layer(meta) is not None:
+        note = (note + " " if note else "") + (f"Layer {layer} has a linear exit head (in "
+                                               "`exit_heads.safetensors`), applied before truncation.")
+        head_import = ["from safetensors.torch import load_file"]
+        head = [f'head = load_file("{name}/exit_heads.safetensors")',
+                f'pooled = pooled.float() @ head["{layer}.weight"].T + head["{layer}.bias"]']
     return ["### transformers", "", *([note, ""] if note else []),
-            "```python", "import torch", "import torch.nn.functional as F",
+            "```python", "import torch", "import torch.nn.functional as F", *head_import,
             "from transformers import AutoModel, AutoTokenizer", "", _EXAMPLE,
             f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
             f'model = AutoModel.from_pretrained("{name}"{kwargs}).eval()', _tokenize_line(meta, "pt"),
-            "with torch.no_grad():", forward, *_POOLING_CODE[str(meta.get("pooling", "mean"))],
+            "with torch.no_grad():", forward, *_POOLING_CODE[str(meta.get("pooling", "mean"))], *head,
             f"embeddings = F.normalize(pooled[:, :{meta.get('default_dim')}], dim=-1)", _shape_line(meta),
             "```"]

@@ -28,6 +28,8 @@ Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DepthWeighting = Literal["none", "linear", "log"]
 DEPTH_WEIGHTINGS: tuple[str, ...] = get_args(DepthWeighting)
+KLSpace = Literal["coordinates", "batch"]
+KL_SPACES: tuple[str, ...] = get_args(KLSpace)
 STARBUCKS_MAX_PAIRS = 6
 _SAMPLES_LAYERS = ("layers", "2dmse")
 _SAMPLES_DIMS = ("mrl", "2dmse")
@@ -98,6 +100,10 @@ class TwoDMatryoshkaLoss(nn.Module):
         n_dims_per_step: dims below D per step (an int, or ``"all"``/-1).
         last_weight, prior_weight, kl_weight: weights of the last-layer, shallow-layer and KL terms.
         kl_temperature: T in ``KL(softmax(t/T) || softmax(s/T))``.
+        kl_space: what the KL aligns: ``coordinates`` (the paper: a softmax over each raw pooled vector's
+            coordinates) or ``batch`` (each row's softmax over its cosine similarities to every other row of
+            the batch, all columns together: the last exit's in-batch similarity distribution is distilled
+            into the shallow exit; use a small T such as 0.05, cosines lie in [-1, 1]).
         depth_weighting: lambda(n) on the shallow terms.
         detach_teacher: stop the KL gradient through the last layer.
         starbucks_pairs: the fixed (layer, dim) pairs of ``starbucks``.
@@ -121,6 +127,7 @@ class TwoDMatryoshkaLoss(nn.Module):
         prior_weight: float = 1.0,
         kl_weight: float = 1.0,
         kl_temperature: float = 1.0,
+        kl_space: KLSpace = "coordinates",
         depth_weighting: DepthWeighting = "none",
         detach_teacher: bool = True,
         starbucks_pairs: Sequence[Sequence[int]] | None = None,
@@ -150,6 +157,9 @@ class TwoDMatryoshkaLoss(nn.Module):
         self.kl_weight = check_weight("kl_weight", kl_weight)
         self.kl_temperature = check_positive("kl_temperature", kl_temperature, 1.0)
         self.depth_weighting: DepthWeighting = depth_weighting
+        if kl_space not in KL_SPACES:
+            raise ValueError(f"kl_space {kl_space!r} is unknown; choose one of {', '.join(KL_SPACES)}")
+        self.kl_space: KLSpace = kl_space
         if not isinstance(detach_teacher, bool):
             raise ValueError(f"detach_teacher must be True or False, got {detach_teacher!r}")
         self.detach_teacher = detach_teacher
@@ -266,6 +276,7 @@ class TwoDMatryoshkaLoss(nn.Module):
             "prior_weight": self.prior_weight,
             "kl_weight": self.kl_weight,
             "kl_temperature": self.kl_temperature,
+            "kl_space": self.kl_space,
             "depth_weighting": self.depth_weighting,
             "detach_teacher": self.detach_teacher,
             "starbucks_pairs": [list(p) for p in self.starbucks_pairs],
@@ -343,6 +354,19 @@ class TwoDMatryoshkaLoss(nn.Module):
             log_target=True,
         )
 
+    def _kl_batch(self, teacher: Tensor, student: Tensor) -> Tensor:
+        """KL between each row's softmax over its cosines to the other rows (teacher: last exit), batchmean."""
+        if self.detach_teacher:
+            teacher = teacher.detach()
+
+        def log_probs(x: Tensor) -> Tensor:
+            x = F.normalize(x.float(), dim=-1)
+            sims = (x @ x.T) / self.kl_temperature
+            eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+            return F.log_softmax(sims.masked_fill(eye, -1e4), dim=-1)
+
+        return F.kl_div(log_probs(student), log_probs(teacher), reduction="batchmean", log_target=True)
+
     def forward(
         self, features: Sequence[dict[str, Tensor]], labels: Tensor | None = None
     ) -> dict[str, Tensor]:
@@ -374,7 +398,11 @@ class TwoDMatryoshkaLoss(nn.Module):
         for name, terms in groups.items():
             losses = [c * self.base_loss([p[n][:, :d] for p in pooled], labels) for n, d, c in terms]
             parts[f"loss/{name}"] = getattr(self, f"{name}_weight") * torch.stack(losses).sum()
-        if kl_layers:
+        if kl_layers and self.kl_space == "batch":
+            teacher = torch.cat([p[n_last] for p in pooled])
+            kls = [self._kl_batch(teacher, torch.cat([p[n] for p in pooled])) for n in kl_layers]
+            parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean()
+        elif kl_layers:
             kls = [self._kl(p[n_last], p[n]) for n in kl_layers for p in pooled]
             parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean()
         total = torch.stack(list(parts.values())).sum()

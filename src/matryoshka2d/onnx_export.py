@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matryoshka2d.export import ScoredPairsLike, min_cosine, quiet_logger, sts_spearman, write_tokenizer
+from matryoshka2d.heads import apply_head
 from matryoshka2d.pooling import PoolingMode, pool
 
 if TYPE_CHECKING:
@@ -44,13 +45,15 @@ def require_onnx() -> None:
 
 
 class ExitGraph(nn.Module):
-    """A truncated backbone followed by pooling, truncation to ``dim`` and L2 normalisation."""
+    """A truncated backbone followed by pooling, the exit's head (if any), truncation to ``dim`` and L2
+    normalisation."""
 
-    def __init__(self, backbone: nn.Module, pooling: PoolingMode, dim: int) -> None:
+    def __init__(self, backbone: nn.Module, pooling: PoolingMode, dim: int, head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.pooling: PoolingMode = pooling
         self.dim = dim
+        self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +61,10 @@ class ExitGraph(nn.Module):
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**inputs, return_dict=True).last_hidden_state
-        return F.normalize(pool(hidden, attention_mask, self.pooling)[:, : self.dim].float(), dim=-1)
+        pooled = pool(hidden, attention_mask, self.pooling).float()
+        if self.head is not None:
+            pooled = apply_head(self.head, pooled)
+        return F.normalize(pooled[:, : self.dim], dim=-1)
 
 
 def graph_input_names(model: MatryoshkaEncoder) -> list[str]:
@@ -123,7 +129,7 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
     """Write ``model.onnx`` (+ ``model_int8.onnx``), tokenizer and config of the truncated ``model``.
 
     Args:
-        model: the encoder already truncated to the exit's layer.
+        model: the encoder already truncated to the exit's layer (its last exit's head goes into the graph).
         folder: where to write.
         dim: the exit's width.
         opset: ONNX opset; ``None`` means :data:`DEFAULT_OPSET`.
@@ -140,7 +146,9 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
     opset = int(opset or DEFAULT_OPSET)
     names = graph_input_names(model)
     config: Any = model.backbone.config
-    graph = ExitGraph(model.backbone, model.pooling, dim).eval()
+    layer = model.num_layers
+    head = model.exit_heads[str(layer)] if layer in model.exit_head_layers else None
+    graph = ExitGraph(model.backbone, model.pooling, dim, head).eval()
     path = folder / "model.onnx"
     _trace(graph, _features(model, texts[:2], names), names, path, opset, config.model_type)
     write_tokenizer(model, folder)
@@ -156,6 +164,8 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
                          "the saved tokenizer or max_seq_length disagree with the model")
     info: dict[str, Any] = {"format": "onnx", "exporter": EXPORTER, "opset": opset, "inputs": names,
                             "output": f"{OUTPUT_NAME} (batch, {dim}), L2-normalised", "verification": check}
+    if head is not None:
+        info["exit_head"] = f"{model.exit_head_kind} head of layer {layer}, inside the graph"
     pairs = [*sts.sentences1, *sts.sentences2] if sts is not None else []
     sample = list(dict.fromkeys([*texts, *pairs]))
     fp32_emb = _Lookup(sample, fp32.encode(sample))

@@ -124,10 +124,14 @@ def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, A
     objective = TwoDMatryoshkaLoss(
         model, base, strategy=o.strategy, dims=o.dims, layer_pool=o.layer_pool,
         n_layers_per_step=o.n_layers_per_step, n_dims_per_step=o.n_dims_per_step, last_weight=o.last_weight,
-        prior_weight=o.prior_weight, kl_weight=o.kl_weight, kl_temperature=o.kl_temperature,
+        prior_weight=o.prior_weight, kl_weight=o.kl_weight, kl_temperature=o.kl_temperature, kl_space=o.kl_space,
         depth_weighting=o.depth_weighting, detach_teacher=o.detach_teacher, starbucks_pairs=o.starbucks_pairs,
         seed=t.seed if o.seed is None else o.seed,
     )
+    _add_exit_heads(model, objective, m.exit_heads, o.strategy)
+    if t.head_lr is not None and not model.exit_head_layers:
+        logger.warning("train.head_lr = %g is unused: the model has no exit heads (model.exit_heads = %r, "
+                       "strategy %r)", t.head_lr, m.exit_heads, o.strategy)
     dev = {}
     if config.run.eval_every > 0:
         pairs = load_sts(d.dev_set, d.dev_split, data_dir=d.data_dir)
@@ -169,14 +173,40 @@ def _check_loss_fits(base: Any, data: Any, batch_size: int) -> None:
         base(emb, labels)
 
 
+def _add_exit_heads(model: Any, objective: Any, kind: str, strategy: str) -> None:
+    """Give the shallow exits the objective trains a head of ``kind`` (``"none"``: add nothing).
+
+    Heads go only where a gradient reaches them: the last exit stays the plain backbone output, and
+    ``full``, ``mrl`` and ``separate`` (which train only the last exit) get none.
+    """
+    if kind == "none":
+        return
+    layers = [n for n in objective.trained_layers if n < model.num_layers]
+    if not layers:
+        logger.warning("model.exit_heads = %r adds no head: strategy %r trains only the last exit, which "
+                       "never has one", kind, strategy)
+        return
+    added = model.add_exit_heads(kind, layers=layers)  # type: ignore[arg-type]  # validated by the config
+    logger.info("added %s exit heads on layers %s", kind, added)
+
+
 def _optimizer(objective: torch.nn.Module, config: Config, total: int) -> tuple[Any, Any]:
+    """AdamW with param groups: backbone weights (decayed), biases and LayerNorms (not decayed), and, when
+    the model has exit heads, the heads at ``train.head_lr`` without decay (decay would pull them toward zero,
+    not toward their identity start); then a linear warm-up and decay of every group's lr."""
     from transformers import get_linear_schedule_with_warmup
 
     t = config.train
-    decay = [p for p in objective.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in objective.parameters() if p.requires_grad and p.ndim < 2]  # biases, LayerNorm
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+    model: Any = objective.model
+    head_ids = {id(p) for p in model.exit_heads.parameters()}
+    params = [p for p in objective.parameters() if p.requires_grad]
+    decay = [p for p in params if id(p) not in head_ids and p.ndim >= 2]
+    no_decay = [p for p in params if id(p) not in head_ids and p.ndim < 2]  # biases, LayerNorm
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    head_params = [p for p in params if id(p) in head_ids]
+    if head_params:
+        groups.append({"params": head_params, "weight_decay": 0.0, "lr": t.head_lr or t.lr})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     return optimizer, get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
 
@@ -212,6 +242,11 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     order = DataOrder(len(data), t.batch_size, t.seed)
     total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accumulation))
     optimizer, scheduler = _optimizer(objective, config, total)
+    if world > 1 and model.exit_head_layers:
+        # a step trains the heads of its sampled exits only; DDP must expect parameters without a gradient
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     objective, optimizer = accelerator.prepare(objective, optimizer)  # DDP wraps the objective (1 call/step)
     inner = accelerator.unwrap_model(objective)
     start, best = 0, {"step": None, "score": None}
@@ -256,13 +291,15 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
             max_norm = t.max_grad_norm or math.inf  # inf: measure the norm (for logs and checks), never clip
             grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), max_norm))
             _check_finite(step, record, grad_norm, fp16=t.mixed_precision == "fp16")
-            lr = scheduler.get_last_lr()[0]
+            lrs = scheduler.get_last_lr()
+            lr = lrs[0]
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - tick
-            record = {"step": step, "epoch": round(order.epochs_done, 4), "lr": lr, **record,
+            record = {"step": step, "epoch": round(order.epochs_done, 4), "lr": lr,
+                      **({"head_lr": lrs[2]} if len(lrs) > 2 else {}), **record,
                       "grad_norm": grad_norm, "layers": sorted(layers), "dims": sorted(dims),
                       "samples_per_s": round(t.batch_size * accum / seconds, 2), "step_s": round(seconds, 4)}
             if log is not None and (step % config.run.log_every == 0 or step == total):
@@ -408,6 +445,9 @@ def _save_model(inner: Any, config: Config, data: Any, path: Path, *, steps: int
         "grad_accumulation": config.train.grad_accumulation, "lr": config.train.lr, "seed": config.train.seed,
         "mixed_precision": config.train.mixed_precision, "processes": world, "best_dev": best,
     }
+    if model.exit_head_layers:
+        meta["training"].update({"exit_heads": model.exit_head_kind, "head_lr": config.train.head_lr or
+                                 config.train.lr})
     meta["trained_layers"], meta["trained_dims"] = list(inner.trained_layers), list(inner.trained_dims)
     model.save(path, overwrite=True)
 

@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"pooling:        {info['pooling']}")
     print(f"max seq length: {info['max_seq_length']}")
     print(f"parameters:     {info['parameters']:,}")
+    heads = info.get("exit_heads")
+    if heads:
+        print(f"exit heads:     {heads['kind']} on layers {heads['layers']} "
+              f"({heads['parameters_per_head']:,} parameters each)")
     print("parameters per exit (layer: params, share of full):")
     for n, count in info["parameters_per_exit"].items():
         print(f"  {n:>3}: {count:>12,}  {count / info['parameters']:6.1%}")
