@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all lint reproduce clean
+.PHONY: install demo test test-all lint reproduce research clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,19 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info src/*.egg-info
 
+# The studies: WORKERS processes share one study (each unit is locked by the worker that trains it) with
+# WORKER_THREADS torch threads each; on 2 cores two 1-thread workers finish about twice as fast as one.
+WORKERS ?= 2
+WORKER_THREADS ?= 1
+define run_study
+	@pids=""; for i in $$(seq $(WORKERS)); do \
+	  OMP_NUM_THREADS=$(WORKER_THREADS) $(VENV)/bin/m2d reproduce --config $(1) & pids="$$pids $$!"; sleep 5; \
+	done; rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
+endef
+
 reproduce: install
-	$(VENV)/bin/m2d reproduce --config configs/reproduce-stsb-minilm.toml
+	$(call run_study,configs/reproduce-stsb-minilm.toml)
+
+research: reproduce
+	$(call run_study,configs/research-exits-ablations.toml)
+	$(call run_study,configs/research-exits-minilm.toml)

@@ -22,11 +22,19 @@ from typing import Any
 import torch
 
 STRATEGIES = ("full", "mrl", "layers", "2dmse", "starbucks", "separate")
+# the research variants of issue 9 (docs/research.md): every shallow exit every step, heads, in-batch KL
+_ALL_SUM = {"strategy": "2dmse", "n_layers_per_step": "all", "prior_weight": 5.0, "kl_weight": 5.0}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "all-sum": _ALL_SUM,
+    "all-sum-bkl": {**_ALL_SUM, "kl_space": "batch", "kl_temperature": 0.05},
+    "all-sum-heads": {**_ALL_SUM, "heads": True},
+}
 REFERENCE = "sentence-transformers Matryoshka2dLoss(CoSENTLoss)"
 
 
 def ours(strategy: str, max_len: int, batches: list[tuple[list[str], list[str], torch.Tensor]]) -> Any:
-    """A step function of our objective with ``strategy`` (``separate``: a 3-layer truncated copy)."""
+    """A step function of our objective with ``strategy`` (``separate``: a 3-layer truncated copy) or one of
+    :data:`VARIANTS` (``heads``: linear heads on exits 1..N-1, trained with the rest)."""
     from matryoshka2d import MatryoshkaEncoder
     from matryoshka2d.losses import build_base_loss
     from matryoshka2d.objective import TwoDMatryoshkaLoss
@@ -34,7 +42,10 @@ def ours(strategy: str, max_len: int, batches: list[tuple[list[str], list[str], 
     model = MatryoshkaEncoder.from_pretrained("minilm", max_seq_length=max_len)
     if strategy == "separate":
         model = model.truncate(3)
-    loss = TwoDMatryoshkaLoss(model, build_base_loss("cosent"), strategy=strategy, seed=0)
+    options = dict(VARIANTS.get(strategy, {"strategy": strategy}))
+    if options.pop("heads", False):
+        model.add_exit_heads("linear")
+    loss = TwoDMatryoshkaLoss(model, build_base_loss("cosent"), seed=0, **options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     model.train()
     tokenized = [([model.tokenize(a), model.tokenize(b)], y) for a, b, y in batches]
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         batches.append(([s1[i] for i in idx], [s2[i] for i in idx],
                         torch.tensor(data.scores[idx], dtype=torch.float32)))
     torch.manual_seed(0)
-    methods = {name: ours(name, args.max_seq_length, batches) for name in STRATEGIES}
+    methods = {name: ours(name, args.max_seq_length, batches) for name in (*STRATEGIES, *VARIANTS)}
     try:
         methods[REFERENCE] = sentence_transformers_step(args.max_seq_length, batches)
     except ImportError as e:

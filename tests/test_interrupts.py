@@ -149,10 +149,24 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(reference: Path,
     assert_same_weights(reference, out / "final")
 
 
-def test_sigint_handler_is_restored_after_training(tiny_dir: Path, train_tsv: Path, tmp_path: Path) -> None:
-    before = signal.getsignal(signal.SIGINT)
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_dir: Path, train_tsv: Path, tmp_path: Path) -> None:
+    """What a scheduler sends before it kills a job: the step finishes, a checkpoint is saved, exit 143."""
+    out = tmp_path / "run"
+    proc = start(write_config(tiny_dir, train_tsv, out))
+    assert wait_for(lambda: len(logged_steps(out)) >= 3, proc), "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM: finishing the current step" in err
+    stopped = logged_steps(out)[-1]
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [stopped] and 3 <= stopped < STEPS
+    verify_manifest(ckpt.latest_checkpoint(out))
+
+
+def test_signal_handlers_are_restored_after_training(tiny_dir: Path, train_tsv: Path, tmp_path: Path) -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     train(load_config(write_config(tiny_dir, train_tsv, tmp_path / "run", **{"train.max_steps": 2})))
-    assert signal.getsignal(signal.SIGINT) is before
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 class _NanGradient(torch.autograd.Function):

@@ -325,7 +325,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
                 if main:
                     logger.warning("interrupted after step %d of %d; checkpoint saved in %s; resume with: "
                                    "m2d train --config %s --resume", step, total, folder, run_dir / CONFIG_FILE)
-                raise TrainingInterrupted(step, folder)
+                raise TrainingInterrupted(step, folder, sigint.signum)
     finally:
         sigint.restore()
         bar.close()

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
         print(f"m2d {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"m2d {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))
 
 
 def run() -> None:
