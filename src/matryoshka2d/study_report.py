@@ -51,12 +51,19 @@ class Study:
         return bool(self.runs.get(label))
 
     def values(self, label: str, set_name: str, layer: int, dim: int) -> np.ndarray:
-        return np.array([r.score(set_name, layer, dim) for r in self.runs[label]])
+        """The seeds' scores of one exit (the seeds whose result holds ``set_name``)."""
+        return np.array([r.score(set_name, layer, dim) for r in self.runs[label] if set_name in r.sets])
+
+    def seeds_with(self, set_name: str) -> int:
+        """The most seeds any strategy has results for on ``set_name``."""
+        return max((sum(set_name in r.sets for r in runs) for runs in self.runs.values()), default=0)
 
     def cell(self, label: str, set_name: str, layer: int, dim: int) -> str:
         if not self.has(label) or layer not in self.runs[label][0].layers:
             return "-"
         v = self.values(label, set_name, layer, dim)
+        if not len(v):
+            return "-"
         return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
     def own_depth(self, n: int) -> str:
@@ -278,7 +285,8 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
         md += ["## STS12-16 (not clean transfer sets)", "", OVERLAP_NOTE, ""]
         for s in other:
             if any(s in r[0].sets for r in study.runs.values()):
-                md += [f"### {s}", "", *_table(study, s, labels), ""]
+                seeds = study.seeds_with(s)
+                md += [f"### {s} ({seeds} seed{'s' if seeds > 1 else ''})", "", *_table(study, s, labels), ""]
     report = Path(study_cfg.report) if study_cfg.report else out.parent / "results.md"
     atomic_write_text(report, "\n".join(md) + "\n")
     logger.info("wrote %s", report)
