@@ -220,6 +220,24 @@ def test_kl_teacher_detached_by_default(tiny_model, batch, detach):
         assert all(g > 0 for g in grads[1:])
 
 
+@pytest.mark.parametrize("kl_space", ["coordinates", "batch"])
+def test_dense_is_2dmse_on_every_shallow_exit_with_full_weight(tiny_model, batch, kl_space):
+    """'dense' = every shallow layer every step, each weighted like 2dmse's one sampled layer: the same as
+    2dmse with n_layers_per_step='all' and the prior and KL weights multiplied by the number of layers."""
+    dense = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="dense", seed=5, kl_space=kl_space,
+                               kl_temperature=0.1)
+    same = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="2dmse", n_layers_per_step="all", prior_weight=3.0,
+                              kl_weight=3.0, seed=5, kl_space=kl_space, kl_temperature=0.1)
+    for _ in range(3):  # the same (layer, dim) draws step after step
+        a, b = dense(batch, SCORES), same(batch, SCORES)
+        assert dense.last_sample == same.last_sample and dense.last_sample["layers"] == [1, 2, 3]
+        for key in ("loss", "loss/last", "loss/prior", "loss/kl"):
+            assert a[key].item() == pytest.approx(b[key].item(), rel=1e-5), key
+    assert dense.trained_layers == (1, 2, 3, 4) and dense.config_dict()["n_layers_per_step"] == 3
+    pool = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="dense", layer_pool=[2], seed=0)
+    assert pool(batch, SCORES) and pool.last_sample["layers"] == [2]
+
+
 def test_batch_kl_distils_in_batch_similarity_distributions(tiny_model, batch):
     loss = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="layers", layer_pool=[1], last_weight=0.0,
                               prior_weight=0.0, kl_space="batch", kl_temperature=0.05)

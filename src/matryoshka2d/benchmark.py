@@ -4,6 +4,10 @@ Every configuration (implementation x dtype x layer x dim) of one batch size run
 interleaved (the order reverses every round), so load from other processes hits them alike; ratios are
 medians of per-round ratios. Wall time is the headline; process CPU time is recorded beside it (with one
 thread it barely moves when other processes share the cores).
+
+This module owns what is run (settings, dtypes the device supports, the peer, truncated copies) and the run
+itself; :mod:`matryoshka2d.benchmark_timing` measures and :mod:`matryoshka2d.benchmark_result` holds the
+records, the markdown table and the speed targets.
 """
 
 from __future__ import annotations
@@ -11,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import gc
 import logging
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 
 from matryoshka2d import architectures
+from matryoshka2d.benchmark_result import COMPILED, MAX_SPEARMAN_DROP, MIN_COSINE, OURS, PEER, BenchmarkResult
+from matryoshka2d.benchmark_timing import PeakMemory, _add_quality, _Config, _records, _time_all
 from matryoshka2d.serialization import library_versions
 
 if TYPE_CHECKING:
@@ -34,13 +38,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+__all__ = [  # the result and the measurement are defined in benchmark_result / benchmark_timing
+    "COMPILED", "DTYPES", "MAX_SPEARMAN_DROP", "MIN_COSINE", "OURS", "PEER", "PEERS", "ST_POOLING", "Attention",
+    "BenchmarkResult", "BenchmarkSettings", "PeakMemory", "Peer", "cpu_info", "dtype_problem", "fast_copy",
+    "load_peer", "require_peer", "resolve_dtypes", "run_benchmark", "truncate_peer",
+]
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Peer = Literal["sentence-transformers"]
 Attention = Literal["auto", "sdpa", "eager"]
 PEERS: tuple[str, ...] = get_args(Peer)
-OURS, COMPILED, PEER = "matryoshka2d", "matryoshka2d+compile", "sentence-transformers"
 ST_POOLING = {"cls": "cls", "mean": "mean", "max": "max", "last": "lasttoken"}
-MIN_COSINE, MAX_SPEARMAN_DROP = 0.999, 0.2  # a number-changing mode counts toward a target only within these
 
 
 @dataclass
@@ -186,145 +194,6 @@ def truncate_peer(st: Any, layers: int) -> Any:
     return out
 
 
-# ----------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak resident memory (MB) of this process inside the block (psutil polled every 2 ms; without psutil
-    the process high-water mark, ru_maxrss), and the CUDA allocator's peak on GPU."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
-        self.peak_rss_mb = self.cuda_mb = float("nan")
-        self._stop, self._peak = threading.Event(), 0
-        try:
-            import psutil
-
-            self._proc: Any = psutil.Process()
-            self.method = "psutil"
-        except ImportError:
-            self._proc, self.method = None, "ru_maxrss"
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, self._proc.memory_info().rss)
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        if self._proc is not None:
-            self._peak = self._proc.memory_info().rss
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak_rss_mb = max(self._peak, self._proc.memory_info().rss) / 2**20
-        else:
-            import resource
-
-            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        if self.cuda:
-            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
-
-
-# ----------------------------------------------------------------------------------- the run
-@dataclass
-class _Config:
-    impl: str
-    dtype: str
-    layer: int
-    dim: int
-    run: Callable[[list[str], int], np.ndarray]
-    depth: int
-    attn: str | None = None
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    output: np.ndarray | None = None
-    memory: PeakMemory | None = None
-
-
-@dataclass
-class BenchmarkResult:
-    """One record per implementation x dtype x layer x dim x batch size, and the run's facts."""
-
-    meta: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "records": self.records, "targets": self.targets()}
-
-    def find(self, **keys: Any) -> list[dict[str, Any]]:
-        """Records whose fields equal ``keys``."""
-        return [r for r in self.records if all(r.get(k) == v for k, v in keys.items())]
-
-    def to_markdown(self, metric: Literal["wall", "cpu"] = "wall") -> str:
-        """A row per (batch size, our impl, dtype, layer, dim), with the peer's throughput beside it."""
-        cpu = "_cpu" if metric == "cpu" else ""
-        unit = "sent/cpu-s" if cpu else "sent/s (min-max)"
-        head = ["batch", "impl", "dtype", "layer", "dim", f"ours {unit}", "vs full", "ideal N/n"]
-        peer = bool(self.meta.get("peer"))
-        head += [f"ST {unit}", "ours/ST", "ours/ST fp32"] * peer + ["cos to fp32", "STS-B rho (delta)", "RSS MB"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in (r for r in self.records if r["impl"] != PEER):
-            row = [r["batch_size"], r["impl"], r["dtype"], r["layer"], r["dim"], _rate(r, cpu),
-                   _x(r[f"speedup_vs_full{cpu}"]), _x(r["ideal_speedup"])]
-            if peer:
-                theirs = self.find(impl=PEER, dtype=r["dtype"], layer=r["layer"], dim=r["dim"],
-                                   batch_size=r["batch_size"])
-                row += [_rate(theirs[0], cpu) if theirs else "-", _x(r.get(f"ratio_vs_peer{cpu}")),
-                        _x(r.get(f"ratio_vs_peer_fp32{cpu}"))]
-            rho, delta = r.get("stsb_spearman"), r.get("stsb_spearman_delta")
-            row += [_num(r.get("cosine_to_fp32_mean"), 5),
-                    _num(rho, 2) + ("" if delta is None else f" ({delta:+.2f})"), _num(r.get("peak_rss_mb"), 0)]
-            lines.append("| " + " | ".join(str(c) for c in row) + " |")
-        return "\n".join(lines)
-
-    def targets(self, metric: Literal["wall", "cpu"] = "wall") -> list[dict[str, Any]]:
-        """The issue's speed targets at each batch size: the measured median ratio and whether it is met."""
-        cpu = "_cpu" if metric == "cpu" else ""
-        n_full, width, out = self.meta["num_layers"], self.meta["hidden_size"], []
-        for bs in self.meta["batch_sizes"]:
-            full = {(r["impl"], r["dtype"]): r for r in self.find(layer=n_full, dim=width, batch_size=bs)}
-            checks = [("full depth fp32: ours / ST fp32", full.get((OURS, "fp32"), {}).get(f"ratio_vs_peer{cpu}"),
-                       1.0, "")]
-            modes = [r for (impl, dtype), r in full.items() if impl != PEER and (impl, dtype) != (OURS, "fp32")
-                     and (dtype == "fp32" or self._quality_ok(impl, dtype, bs))]
-            best = max(modes, key=lambda r: r.get(f"ratio_vs_peer_fp32{cpu}") or 0.0, default=None)
-            if best is not None:
-                checks.append((f"best mode ({best['impl']} {best['dtype']}): ours / ST fp32",
-                               best.get(f"ratio_vs_peer_fp32{cpu}"), 2.5, ""))
-            for (impl, dtype) in (k for k in full if k[0] == OURS):
-                for layer, goal in ((max(1, n_full // 2), 1.9), (1, 0.8 * n_full)):
-                    rec = self.find(impl=impl, dtype=dtype, layer=layer, dim=width, batch_size=bs)
-                    if rec and layer < n_full:
-                        checks.append((f"early exit n={layer} ({dtype}): speedup vs full",
-                                       rec[0][f"speedup_vs_full{cpu}"], round(goal, 2), ""))
-            out += [{"target": name, "batch_size": bs, "metric": metric, "value": round(value, 3), "goal": goal,
-                     "met": value >= goal} for name, value, goal, _ in checks if value is not None]
-        return out
-
-    def _quality_ok(self, impl: str, dtype: str, batch_size: int) -> bool:
-        recs = self.find(impl=impl, dtype=dtype, batch_size=batch_size)
-        return bool(recs) and all(r.get("cosine_to_fp32_mean", 0.0) >= MIN_COSINE
-                                  and abs(r.get("stsb_spearman_delta") or 0.0) <= MAX_SPEARMAN_DROP for r in recs)
-
-
-def _rate(r: dict[str, Any], cpu: str) -> str:
-    if cpu:
-        return f"{r['sentences_per_cpu_s']:.0f}"
-    return f"{r['sentences_per_s']:.0f} ({r['sentences_per_s_min']:.0f}-{r['sentences_per_s_max']:.0f})"
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _num(value: float | None, digits: int) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
-
-
 def run_benchmark(
     model: MatryoshkaEncoder,
     sentences: Sequence[str],
@@ -446,102 +315,6 @@ def _peer_runner(st: Any, dim: int, width: int) -> Callable[[list[str], int], np
     return lambda texts, bs: np.asarray(st.encode(
         texts, batch_size=bs, show_progress_bar=False, convert_to_numpy=True, normalize_embeddings=True,
         truncate_dim=dim if dim < width else None), dtype=np.float32)
-
-
-def _time_all(configs: list[_Config], texts: list[str], batch_size: int, settings: BenchmarkSettings) -> None:
-    """Warm-up rounds, then timed rounds; a round runs every config once, in alternating order. The first
-    call of each config is watched for peak memory and keeps its output (for the cosine checks)."""
-    gc.collect()
-    gc.freeze()  # the models' objects leave the collector's view, so the collect before each call is cheap
-    try:
-        rounds = settings.warmup + settings.repeats
-        for r in range(rounds):
-            timed = r >= settings.warmup
-            logger.info("batch %d: %s round %d/%d", batch_size, "timed" if timed else "warm-up", r + 1, rounds)
-            for c in configs if r % 2 == 0 else reversed(configs):
-                gc.collect()
-                memory = PeakMemory(settings.device) if c.output is None else None
-                with memory or contextlib.nullcontext():
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    out = c.run(texts, batch_size)
-                    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-                if memory is not None:
-                    c.output, c.memory = out, memory
-                if timed:
-                    c.wall.append(wall)
-                    c.cpu.append(cpu)
-    finally:
-        gc.unfreeze()
-
-
-def _records(configs: list[_Config], count: int, batch_size: int, n_full: int) -> list[dict[str, Any]]:
-    """One record per config; ratios are medians of per-round ratios (configs of a round ran together)."""
-    wall = {(c.impl, c.dtype, c.layer, c.dim): count / np.asarray(c.wall) for c in configs}
-    cpu = {(c.impl, c.dtype, c.layer, c.dim): count / np.maximum(np.asarray(c.cpu), 1e-9) for c in configs}
-    out = []
-    for c in configs:
-        rate, per_cpu = wall[(c.impl, c.dtype, c.layer, c.dim)], cpu[(c.impl, c.dtype, c.layer, c.dim)]
-        full = (c.impl, c.dtype, n_full, c.dim)
-        rec: dict[str, Any] = {
-            "impl": c.impl, "layer": c.layer, "dim": c.dim, "dtype": c.dtype, "batch_size": batch_size,
-            "blocks_run": c.depth, "attn_implementation": c.attn, "sentences": count, "repeats": len(rate),
-            "sentences_per_s": float(np.median(rate)), "sentences_per_s_min": float(rate.min()),
-            "sentences_per_s_max": float(rate.max()), "speedup_vs_full": float(np.median(rate / wall[full])),
-            "ideal_speedup": n_full / c.layer, "sentences_per_cpu_s": float(np.median(per_cpu)),
-            "speedup_vs_full_cpu": float(np.median(per_cpu / cpu[full])),
-            "peak_rss_mb": round(c.memory.peak_rss_mb, 1) if c.memory else None,
-        }
-        if c.memory is not None and c.memory.cuda:
-            rec["cuda_max_allocated_mb"] = round(c.memory.cuda_mb, 1)
-        for suffix, peer_dtype in (("", c.dtype), ("_fp32", "fp32")):
-            peer = (PEER, peer_dtype, c.layer, c.dim)
-            if c.impl != PEER and peer in wall and (suffix == "" or c.dtype != "fp32" or c.impl == COMPILED):
-                rec[f"ratio_vs_peer{suffix}"] = float(np.median(rate / wall[peer]))
-                rec[f"ratio_vs_peer{suffix}_cpu"] = float(np.median(per_cpu / cpu[peer]))
-        out.append(rec)
-    return out
-
-
-def _add_quality(records: list[dict[str, Any]], configs: list[_Config], texts: list[str], batch_size: int,
-                 stsb: ScoredPairs | None) -> None:
-    """Cosine of each config's embeddings to the same impl in fp32 and to the peer; STS-B Spearman of ours."""
-    outputs = {(c.impl, c.dtype, c.layer, c.dim): c.output for c in configs}
-    for rec in records:
-        if rec["batch_size"] != batch_size:
-            continue
-        key = (rec["impl"], rec["dtype"], rec["layer"], rec["dim"])
-        emb = outputs[key]
-        if rec["dtype"] != "fp32" and (rec["impl"], "fp32", *key[2:]) in outputs:
-            ref = outputs[(rec["impl"], "fp32", *key[2:])]
-            rec["cosine_to_fp32_mean"], rec["cosine_to_fp32_min"] = _cosine(emb, ref), _cosine(emb, ref, np.min)
-        if rec["impl"] != PEER and (PEER, *key[1:]) in outputs:
-            rec["cosine_to_peer_mean"] = _cosine(emb, outputs[(PEER, *key[1:])])
-        if rec["impl"] != PEER and stsb is not None:
-            rec["stsb_spearman"] = _spearman(emb, texts, stsb)
-    for rec in records:
-        ref = [r for r in records if r["batch_size"] == batch_size and r["impl"] == rec["impl"]
-               and r["dtype"] == "fp32" and r["layer"] == rec["layer"] and r["dim"] == rec["dim"]]
-        if rec["batch_size"] == batch_size and rec["dtype"] != "fp32" and rec.get("stsb_spearman") is not None \
-                and ref and ref[0].get("stsb_spearman") is not None:
-            rec["stsb_spearman_delta"] = rec["stsb_spearman"] - ref[0]["stsb_spearman"]
-
-
-def _cosine(a: np.ndarray | None, b: np.ndarray | None, reduce: Callable[..., Any] = np.mean) -> float:
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return float(reduce((a64 * b64).sum(1) / np.maximum(den, 1e-12)))
-
-
-def _spearman(emb: np.ndarray | None, texts: list[str], pairs: ScoredPairs) -> float | None:
-    """Spearman x100 of cosine vs gold on ``pairs``, if every pair sentence is among ``texts``."""
-    from scipy.stats import spearmanr
-
-    row = {t: i for i, t in enumerate(texts)}
-    if emb is None or any(t not in row for t in (*pairs.sentences1, *pairs.sentences2)):
-        return None
-    a, b = emb[[row[t] for t in pairs.sentences1]], emb[[row[t] for t in pairs.sentences2]]
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(spearmanr(cos, pairs.scores).statistic * 100)
 
 
 def _sentence_stats(model: MatryoshkaEncoder, texts: list[str]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from matryoshka2d.serialization import atomic_write_json
 logger = logging.getLogger(__name__)
 
 ORIGINAL = "original"
-TRAINED = ("full", "mrl", "layers", "2dmse", "starbucks", "separate")
+TRAINED = ("full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense")
 
 
 @dataclass

@@ -17,7 +17,7 @@ The ``hf`` and ``sentence-transformers`` folders also keep the heads of layers `
 
 Every export is checked before it is moved into place: the folder is loaded back the way its users will
 load it and must reproduce the source exit; the numbers are recorded in ``matryoshka2d.json`` and in the
-model card.
+model card (see :mod:`matryoshka2d.export_checks`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,22 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import numpy as np
 import torch
 
+from matryoshka2d.export_checks import (
+    RELOAD_MAX_ABS_DIFF,
+    ST_MIN_COSINE,
+    VERIFY_TEXTS,
+    ScoredPairsLike,
+    _verify_folder,
+    min_cosine,
+    require_sentence_transformers,
+    sts_spearman,
+)
 from matryoshka2d.heads import folded_dense, save_heads
 from matryoshka2d.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
 from matryoshka2d.serialization import (
@@ -54,8 +63,12 @@ FORMATS: tuple[str, ...] = get_args(ExportFormat)
 _FORMAT_ALIASES = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
 Quantization = Literal["int8"]
 
-ST_MIN_COSINE = 0.99999  # sentence-transformers folder vs the source exit
-RELOAD_MAX_ABS_DIFF = 1e-5  # our own loader on the exported folder vs the source exit
+__all__ = [  # the checks are defined in export_checks and re-exported here
+    "FORMATS", "RELOAD_MAX_ABS_DIFF", "ST_MIN_COSINE", "VERIFY_TEXTS", "ExportFormat", "Quantization",
+    "ScoredPairsLike", "check_format", "export_model", "min_cosine", "quiet_logger", "require_sentence_transformers",
+    "sts_spearman", "write_tokenizer",
+]
+
 
 # sentence-transformers pooling names for each of our modes (cls_avg = CLS and mean, averaged by 2_Dense)
 _ST_MODES: dict[str, tuple[str, ...]] = {
@@ -66,26 +79,6 @@ _ST_LEGACY_KEYS = {  # sentence-transformers' pooling flags, readable by every v
     "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
     "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
 }
-
-#: Texts every export is checked on: several lengths in one padded batch, an empty string, a long text.
-VERIFY_TEXTS: tuple[str, ...] = (
-    "A man is playing a guitar.",
-    "The quick brown fox jumps over the lazy dog near the river bank on a sunny afternoon.",
-    "",
-    "cat",
-    "Two children are eating food in the park while their parents read books under an old tree.",
-    "Ünïcödé text, digits 12345 and punctuation!?",
-    " ".join(["a very long sentence that will be truncated at the maximum sequence length"] * 60),
-)
-
-
-class ScoredPairsLike(Protocol):
-    """An STS set: what :class:`matryoshka2d.data.ScoredPairs` provides."""
-
-    name: str
-    sentences1: list[str]
-    sentences2: list[str]
-    scores: np.ndarray
 
 
 def check_format(fmt: str) -> ExportFormat:
@@ -382,79 +375,3 @@ def _write_dense(folder: Path, modules: list[dict[str, Any]], weight: torch.Tens
 def _json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------- checks
-def require_sentence_transformers() -> None:
-    """Raises: ImportError naming the ``st`` extra when sentence-transformers is missing."""
-    try:
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "checking a sentence-transformers export needs sentence-transformers: "
-            'pip install "matryoshka2d[st]" (or skip the check with --no-verify / verify=False)'
-        ) from None
-
-
-def _verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarray,
-                   pairs: ScoredPairsLike | None, model: MatryoshkaEncoder, n: int, d: int) -> dict[str, Any]:
-    """Load ``folder`` back (ours, and sentence-transformers for that format); compare with ``reference``."""
-    from matryoshka2d.loading import load_encoder
-
-    report: dict[str, Any] = {}
-    loaded = load_encoder(folder)
-    if loaded.num_layers != n or loaded.default_layer != n or loaded.default_dim != d:
-        raise RuntimeError(f"the exported folder loads with {loaded.num_layers} layers and default exit "
-                           f"({loaded.default_layer}, {loaded.default_dim}), expected ({n}, {d}); "
-                           "please report")
-    diff = float(np.abs(loaded.encode(texts) - reference).max())
-    if diff > RELOAD_MAX_ABS_DIFF:
-        raise RuntimeError(f"the exported folder differs from the source exit by {diff:.2e} "
-                           f"(limit {RELOAD_MAX_ABS_DIFF:.0e}); please report")
-    report["matryoshka2d_max_abs_diff"] = diff
-    encoders: dict[str, Callable[[Sequence[str]], np.ndarray]] = {
-        "source": lambda t: model.encode(t, layer=n, dim=d)}
-    if fmt == "sentence-transformers":
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
-        got = st.encode(texts, convert_to_numpy=True)
-        if got.shape != reference.shape:
-            raise RuntimeError(f"SentenceTransformer returns {got.shape[1]}-dim embeddings, expected {d}")
-        cosine = float(min_cosine(got, reference))
-        report.update({"sentence_transformers_min_cosine": round(cosine, 7),
-                       "sentence_transformers_max_abs_diff": float(np.abs(got - reference).max()),
-                       "sentence_transformers_dim": int(got.shape[1])})
-        if cosine < ST_MIN_COSINE:
-            raise ValueError(f"SentenceTransformer on the export agrees with the source exit only to "
-                             f"cosine {cosine:.6f} (< {ST_MIN_COSINE}); this sentence-transformers version "
-                             "reads the folder differently: export --format hf and build the pipeline "
-                             "by hand")
-        encoders["sentence_transformers"] = lambda t: st.encode(list(t), convert_to_numpy=True)
-    else:
-        encoders["exported"] = loaded.encode
-    if pairs is not None:
-        for key, encode in encoders.items():
-            report[f"{pairs.name}_spearman_{key}"] = round(sts_spearman(encode, pairs), 4)
-    return report
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine between two embedding matrices."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    num = (a64 * b64).sum(1)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return float((num / np.maximum(den, 1e-12)).min())
-
-
-def sts_spearman(encode: Callable[[Sequence[str]], np.ndarray], pairs: ScoredPairsLike) -> float:
-    """Spearman x100 between the cosine of each pair's embeddings and its gold score."""
-    from scipy.stats import spearmanr
-
-    unique = list(dict.fromkeys([*pairs.sentences1, *pairs.sentences2]))
-    index = {t: i for i, t in enumerate(unique)}
-    emb = encode(unique).astype(np.float64)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    a = emb[[index[t] for t in pairs.sentences1]]
-    b = emb[[index[t] for t in pairs.sentences2]]
-    return float(spearmanr((a * b).sum(1), pairs.scores).statistic * 100)

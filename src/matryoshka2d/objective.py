@@ -1,13 +1,13 @@
 """The 2D Matryoshka objective (method.md section 3) and its baselines, from one code path.
 
 Per step, each input column goes through the backbone ONCE, asking for the sampled shallow layer(s) and
-the last layer together; every (layer, dim) exit is then a pooled vector or a slice of one.
+the last layer together; every (layer, dim) exit is then a pooled vector or a slice of one. The option
+defaults (dims, Starbucks pairs, lambda(n)) and checks are in :mod:`matryoshka2d.objective_options`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -18,72 +18,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from matryoshka2d.losses import BaseLoss, check_positive, check_weight
+from matryoshka2d.objective_options import (
+    STARBUCKS_MAX_PAIRS,
+    _check_pairs,
+    _int_list,
+    _per_step,
+    default_dims,
+    default_starbucks_pairs,
+    depth_weight,
+)
 
 if TYPE_CHECKING:
     from matryoshka2d.model import MatryoshkaEncoder
 
 logger = logging.getLogger(__name__)
 
-Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate"]
+Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DepthWeighting = Literal["none", "linear", "log"]
 DEPTH_WEIGHTINGS: tuple[str, ...] = get_args(DepthWeighting)
 KLSpace = Literal["coordinates", "batch"]
 KL_SPACES: tuple[str, ...] = get_args(KLSpace)
-STARBUCKS_MAX_PAIRS = 6
-_SAMPLES_LAYERS = ("layers", "2dmse")
-_SAMPLES_DIMS = ("mrl", "2dmse")
+_SAMPLES_LAYERS = ("layers", "2dmse", "dense")  # "dense" takes every layer of the pool, every step
+_SAMPLES_DIMS = ("mrl", "2dmse", "dense")
 
-
-def default_dims(hidden_size: int) -> tuple[int, ...]:
-    """Matryoshka dims: 8, 16, 32, ... doubling while < ``hidden_size``, plus ``hidden_size``."""
-    dims, d = [], 8
-    while d < hidden_size:
-        dims.append(d)
-        d *= 2
-    return (*dims, hidden_size)
-
-
-def default_starbucks_pairs(
-    num_layers: int, hidden_size: int, dims: Sequence[int] | None = None
-) -> tuple[tuple[int, int], ...]:
-    """Fixed (layer, dim) pairs: the K largest ``dims`` matched in order with K layers spread over 1..N.
-
-    ``K = min(6, N, len(dims))``; pair ``i`` (1-based) has layer ``ceil(i * N / K)``, so the last pair is
-    always ``(N, D)``. N=12, D=768 gives (2,32) (4,64) (6,128) (8,256) (10,512) (12,768).
-    """
-    pool = sorted({int(d) for d in (dims or default_dims(hidden_size))} | {hidden_size})
-    k = min(STARBUCKS_MAX_PAIRS, num_layers, len(pool))
-    return tuple((-(-i * num_layers // k), d) for i, d in zip(range(1, k + 1), pool[-k:], strict=True))
-
-
-def depth_weight(layer: int, mode: DepthWeighting) -> float:
-    """lambda(n): 1 (``none``), ``1/n`` (``linear``) or ``1/(1 + ln n)`` (``log``)."""
-    if mode == "linear":
-        return 1.0 / layer
-    if mode == "log":
-        return 1.0 / (1.0 + math.log(layer))
-    return 1.0
-
-
-def _int_list(name: str, values: Any, lo: int, hi: int, fix: str) -> list[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty list of integers in {lo}..{hi}, got {values!r}; {fix}")
-    bad = [
-        v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi
-    ]
-    if bad:
-        raise ValueError(f"{name} has {bad} outside the allowed range {lo}..{hi} (got {list(values)}); {fix}")
-    return sorted({int(v) for v in values})
-
-
-def _per_step(name: str, value: Any, available: int) -> int:
-    """``value`` (an int, ``"all"`` or -1 for all) checked against ``available`` choices."""
-    if value == "all" or (not isinstance(value, bool) and value == -1):
-        return available
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= available:
-        raise ValueError(f"{name} must be 1..{available} or 'all', got {value!r}")
-    return int(value)
+__all__ = [  # the option defaults and checks are defined in objective_options and re-exported here
+    "DEPTH_WEIGHTINGS", "KL_SPACES", "STARBUCKS_MAX_PAIRS", "STRATEGIES", "DepthWeighting", "KLSpace", "Strategy",
+    "TwoDMatryoshkaLoss", "default_dims", "default_starbucks_pairs", "depth_weight",
+]
 
 
 class TwoDMatryoshkaLoss(nn.Module):
@@ -93,7 +55,8 @@ class TwoDMatryoshkaLoss(nn.Module):
         model: the encoder; called as ``model(features, layers=...)`` once per column per step. Under DDP,
             assign the wrapped model to ``.model`` (depth and width are read here, once).
         base_loss: applied to a batch of exits (one tensor per column).
-        strategy: ``full``, ``mrl``, ``layers``, ``2dmse``, ``starbucks`` or ``separate``.
+        strategy: ``full``, ``mrl``, ``layers``, ``2dmse``, ``starbucks``, ``separate`` or ``dense`` (every
+            shallow exit every step, each with 2dmse's per-exit weight; see docs/research.md).
         dims: Matryoshka dims (``d`` is sampled from those below D; D is always included).
         layer_pool: shallow layers to sample from, within ``1..N-1``.
         n_layers_per_step: shallow layers per step (an int, or ``"all"``/-1).
@@ -185,8 +148,12 @@ class TwoDMatryoshkaLoss(nn.Module):
         checked = samples_layers and layer_pool is not None
         self.layer_pool = tuple(_int_list("layer_pool", layer_pool, 1, n_layers - 1, fix) if checked else ())
         self.layer_pool = self.layer_pool or tuple(range(1, n_layers))
+        if strategy == "dense" and n_layers_per_step not in (1, "all", -1, len(self.layer_pool)):
+            logger.warning("n_layers_per_step=%r is ignored by strategy 'dense' (every shallow exit, every step)",
+                           n_layers_per_step)
         self.n_layers_per_step = (
-            _per_step("n_layers_per_step", n_layers_per_step, len(self.layer_pool)) if samples_layers else 0
+            len(self.layer_pool) if strategy == "dense"
+            else _per_step("n_layers_per_step", n_layers_per_step, len(self.layer_pool)) if samples_layers else 0
         )
         self.n_dims_per_step = (
             _per_step("n_dims_per_step", n_dims_per_step, len(self.small_dims)) if samples_dims else 0
@@ -194,7 +161,7 @@ class TwoDMatryoshkaLoss(nn.Module):
 
         if strategy == "starbucks":
             self.starbucks_pairs = (
-                self._check_pairs(starbucks_pairs)
+                _check_pairs(starbucks_pairs, n_layers, d_full)
                 if starbucks_pairs is not None
                 else default_starbucks_pairs(n_layers, d_full, self.dims)
             )
@@ -227,28 +194,6 @@ class TwoDMatryoshkaLoss(nn.Module):
             )
 
     # ------------------------------------------------------------------------------- options
-    def _check_pairs(self, pairs: Any) -> tuple[tuple[int, int], ...]:
-        n, d = self.num_layers, self.hidden_size
-        fix = f"pass (layer, dim) pairs in 1..{n} x 1..{d}, e.g. [[{n // 2 or 1}, {d // 2}], [{n}, {d}]]"
-        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
-            raise ValueError(
-                f"starbucks_pairs must be a non-empty list of (layer, dim) pairs, got {pairs!r}; {fix}"
-            )
-        out = []
-        for p in pairs:
-            ok = (
-                isinstance(p, Sequence)
-                and not isinstance(p, str)
-                and len(p) == 2
-                and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p)
-            )
-            if not ok or not (1 <= p[0] <= n and 1 <= p[1] <= d):
-                raise ValueError(f"starbucks_pairs has {p!r}, outside layers 1..{n} x dims 1..{d}; {fix}")
-            out.append((int(p[0]), int(p[1])))
-        if len(set(out)) != len(out):
-            raise ValueError(f"starbucks_pairs has duplicates: {out}; list each (layer, dim) pair once")
-        return tuple(sorted(out))
-
     @property
     def trained_layers(self) -> tuple[int, ...]:
         """Every layer this objective trains (for the saved model's metadata)."""
@@ -401,12 +346,17 @@ class TwoDMatryoshkaLoss(nn.Module):
         if kl_layers and self.kl_space == "batch":
             teacher = torch.cat([p[n_last] for p in pooled])
             kls = [self._kl_batch(teacher, torch.cat([p[n] for p in pooled])) for n in kl_layers]
-            parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean()
+            parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean() * self._layer_scale(kl_layers)
         elif kl_layers:
             kls = [self._kl(p[n_last], p[n]) for n in kl_layers for p in pooled]
-            parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean()
+            parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean() * self._layer_scale(kl_layers)
         total = torch.stack(list(parts.values())).sum()
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
+
+    def _layer_scale(self, layers: Sequence[int]) -> float:
+        """How much heavier a step's shallow terms are than their mean: ``len(layers)`` for ``dense`` (each exit
+        gets the full weight 2dmse gives its one sampled exit), 1 otherwise (shallow layers averaged)."""
+        return float(len(layers)) if self.strategy == "dense" else 1.0
 
     def _plan(self, sample: dict[str, Any]) -> tuple[dict[str, list[tuple[int, int, float]]], list[int]]:
         """The (layer, dim, coefficient) base-loss terms of ``last`` and ``prior``, and the KL layers.
@@ -420,11 +370,12 @@ class TwoDMatryoshkaLoss(nn.Module):
             last = [(n, d, 1 / k) for n, d in self.starbucks_pairs if n == n_last]
             prior = [(n, d, lam(n) / k) for n, d in self.starbucks_pairs if n < n_last]
             kl_layers = sorted({n for n, _ in self.starbucks_pairs if n < n_last})
-        else:  # per exit layer: B(n, D) + mean over sampled d of B(n, d); shallow layers averaged
+        else:  # per exit layer: B(n, D) + mean over sampled d of B(n, d); shallow layers averaged ("dense": summed)
             layers, dims = sample["layers"], sample["dims"]
+            share = len(layers) / self._layer_scale(layers)
             last = [(n_last, d_full, 1.0)] + [(n_last, d, 1 / len(dims)) for d in dims]
-            prior = [(n, d_full, lam(n) / len(layers)) for n in layers]
-            prior += [(n, d, lam(n) / len(layers) / len(dims)) for n in layers for d in dims]
+            prior = [(n, d_full, lam(n) / share) for n in layers]
+            prior += [(n, d, lam(n) / share / len(dims)) for n in layers for d in dims]
             kl_layers = list(layers)
         groups = {"last": last, "prior": prior}
         groups = {k: v for k, v in groups.items() if v and getattr(self, f"{k}_weight") > 0}

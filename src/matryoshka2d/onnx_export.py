@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matryoshka2d.export import ScoredPairsLike, min_cosine, quiet_logger, sts_spearman, write_tokenizer
+from matryoshka2d.export import quiet_logger, write_tokenizer
+from matryoshka2d.export_checks import ScoredPairsLike, min_cosine, sts_spearman
 from matryoshka2d.heads import apply_head
 from matryoshka2d.pooling import PoolingMode, pool
 
