@@ -242,13 +242,19 @@ def select_lr(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
     if not study.lr_grid:
         return None, {}
     from matryoshka2d.data import load_sts
-    from matryoshka2d.evaluation import GridResult
 
     dev = {study.selection_set: load_sts(study.selection_set, "dev")}
     units = {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
              for lr in study.lr_grid for strategy in study.selection_strategies}
     for_each_unit(study, list(units.values()), lambda u: evaluate_unit(study, u, train_unit(study, u), dev, tag="dev"),
                   " (learning-rate selection)")
+    return _score_selection(study, units)
+
+
+def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> tuple[float | None, dict[str, Any]]:
+    """The learning rate whose selection runs have the best mean dev score (their ``dev.json`` must exist)."""
+    from matryoshka2d.evaluation import GridResult
+
     scores: dict[str, dict[str, float]] = {}
     for (lr, strategy), unit in units.items():
         result = GridResult.load(unit.folder(Path(study.runs_dir)) / "dev.json")
@@ -271,7 +277,7 @@ def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
 
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lr, selection = select_lr(study) if not report_only else _saved_selection(out)
+    lr, selection = select_lr(study) if not report_only else _saved_selection(study, out)
     atomic_write_json(out / "selection.json", selection)
     from matryoshka2d.config import load_config
 
@@ -296,11 +302,21 @@ def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
     return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
 
 
-def _saved_selection(out: Path) -> tuple[float | None, dict[str, Any]]:
+def _saved_selection(study: StudyConfig, out: Path) -> tuple[float | None, dict[str, Any]]:
     import json
 
     path = out / "selection.json"
     if not path.is_file():
-        return None, {}
+        return _selection_from_runs(study)
     selection = json.loads(path.read_text(encoding="utf-8"))
     return (float(selection["chosen"]) if selection.get("chosen") else None), selection
+
+
+def _selection_from_runs(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
+    """The dev-set choice recomputed from the selection runs' ``dev.json`` (another study that shares
+    ``runs_dir`` made them), without training anything; ``(None, {})`` when one is missing."""
+    units = {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
+             for lr in study.lr_grid for strategy in study.selection_strategies}
+    if not study.lr_grid or not all((u.folder(Path(study.runs_dir)) / "dev.json").is_file() for u in units.values()):
+        return None, {}
+    return _score_selection(study, units)

@@ -127,9 +127,9 @@ def _ci_rows(study: Study, draws: int, sets: tuple[str, ...]) -> list[dict[str, 
                 for d in wide:
                     rows.append({"set": s, "comparison": f"2dmse - {base}", "layer": k, "dim": d,
                                  **(study.bootstrap(s, (base, k, d), ("2dmse", k, d), draws) or {})})
-        for label in ("2dmse", "starbucks", *study.variants):
+        for label in ("2dmse", "starbucks", "dense", *study.variants):
             for k in range(1, n):
-                for d in study.key_dims:
+                for d in wide:
                     rows.append({"set": s, "comparison": f"{label} - separate", "layer": k, "dim": d,
                                  **(study.bootstrap(s, (study.own_depth(k), k, d), (label, k, d), draws) or {})})
         for label in study.runs:
@@ -172,7 +172,7 @@ def _verdicts(study: Study, rows: list[dict[str, Any]]) -> list[str]:
             verdict = "loses nothing measurable" if r["low"] <= 0 <= r["high"] or r["low"] > 0 else "loses"
             out.append(f"- **Full exit of 2DMSE vs plain fine-tuning** ({where}, L{r['layer']} d{r['dim']}): "
                        f"Δ {r['delta']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]: 2DMSE {verdict}.")
-        for label in ("2dmse", "starbucks", *study.variants):
+        for label in ("2dmse", "starbucks", "dense", *study.variants):
             sel = pick(f"{label} - separate", set_name)
             if sel:
                 behind = sum(r["high"] < 0 for r in sel)
