@@ -264,7 +264,7 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
     labels = [lab for lab in ("original", "full", "mrl", "layers", "2dmse", "starbucks", "dense", *study_cfg.variants)
               if study.has(lab)]
     summary = {label: [{"set": r["set"], "layer": r["layer"], "dim": r["dim"],
-                        "spearman": [g.score(r["set"], r["layer"], r["dim"]) for g in runs]}
+                        "spearman": [g.score(r["set"], r["layer"], r["dim"]) for g in runs if r["set"] in g.sets]}
                        for r in runs[0].records] for label, runs in study.runs.items()}
     atomic_write_json(out / "summary.json", {"seeds": {k: len(v) for k, v in study.runs.items()}, "runs": summary})
     sets = tuple(s for s in PRIMARY if any(s in r[0].sets for r in study.runs.values()))
@@ -318,13 +318,14 @@ def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
     if not rows:
         return []
     n = study.num_layers
-    full_step = float(np.mean(study.step_s["full"])) if study.step_s.get("full") else None
     head = ("| strategy | " + " | ".join(f"dev L{k} d384" for k in range(1, n + 1))
-            + " | dev mean (dims ≥ 64) | step s (median) | step vs full |")
+            + " | dev mean (dims ≥ 64) | step s (median, as run) |")
     lines = [f"## {dev_set} dev (for choosing) and training cost", "",
              "Dev Spearman x100 (mean over seeds); the mean is over every exit with dim ≥ 64. Step time is the "
-             "median over a run's steps of one optimiser step (this machine, wall clock), averaged over seeds.",
-             "", head, "|---|" + "---|" * (n + 3)]
+             "median wall time of one optimiser step in each run's log, averaged over seeds; runs shared the machine "
+             "differently (one or two workers, other jobs), so it is only indicative: compare training cost with "
+             "`benchmarks/train_step.py`, which interleaves the strategies in one process.",
+             "", head, "|---|" + "---|" * (n + 2)]
     for lab in rows:
         dev = study.dev.get(lab, [])
         cells = []
@@ -333,12 +334,11 @@ def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
             cells.append(f"{np.mean(vals):.2f}" if vals else "-")
         wide = [r["spearman"] for g in dev for r in g.records if r["dim"] >= min(64, max(g.dims))]
         step = float(np.mean(study.step_s[lab])) if study.step_s.get(lab) else None
-        ratio = f"{step / full_step:.2f}x" if step and full_step else "-"
         lines.append(f"| {lab} | " + " | ".join(cells) + (f" | {np.mean(wide):.2f}" if wide else " | -")
-                     + (f" | {step:.2f} | {ratio} |" if step else " | - | - |"))
+                     + (f" | {step:.2f} |" if step else " | - |"))
     own = [study.dev.get(study.own_depth(k), []) for k in range(1, n + 1)]
     if all(own[:-1]):
         cells = [f"{np.mean([g.score(dev_set, k, max(g.dims)) for g in runs]):.2f}" if runs else "-"
                  for k, runs in enumerate(own, 1)]
-        lines.append("| separate (model of that depth) | " + " | ".join(cells) + " | - | - | - |")
+        lines.append("| separate (model of that depth) | " + " | ".join(cells) + " | - | - |")
     return [*lines, ""]
