@@ -244,11 +244,16 @@ def select_lr(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
     from matryoshka2d.data import load_sts
 
     dev = {study.selection_set: load_sts(study.selection_set, "dev")}
-    units = {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
-             for lr in study.lr_grid for strategy in study.selection_strategies}
+    units = _selection_units(study)
     for_each_unit(study, list(units.values()), lambda u: evaluate_unit(study, u, train_unit(study, u), dev, tag="dev"),
                   " (learning-rate selection)")
     return _score_selection(study, units)
+
+
+def _selection_units(study: StudyConfig) -> dict[tuple[str, str], Unit]:
+    """The runs of the learning-rate choice: ``{(lr, strategy): unit}`` at the first seed."""
+    return {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
+            for lr in study.lr_grid for strategy in study.selection_strategies}
 
 
 def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> tuple[float | None, dict[str, Any]]:
@@ -315,8 +320,7 @@ def _saved_selection(study: StudyConfig, out: Path) -> tuple[float | None, dict[
 def _selection_from_runs(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
     """The dev-set choice recomputed from the selection runs' ``dev.json`` (another study that shares
     ``runs_dir`` made them), without training anything; ``(None, {})`` when one is missing."""
-    units = {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
-             for lr in study.lr_grid for strategy in study.selection_strategies}
+    units = _selection_units(study)
     if not study.lr_grid or not all((u.folder(Path(study.runs_dir)) / "dev.json").is_file() for u in units.values()):
         return None, {}
     return _score_selection(study, units)
