@@ -59,7 +59,7 @@ def _status_kb(field: str) -> int:
 
 def _trace_progress(dim: int, every: int = 10_000) -> list[tuple[int, int, int]]:
     """Record RSS as encode's progress bar advances (wraps the bar class that model.py uses)."""
-    import matryoshka2d.model as model_module
+    import matryoshka2d.encoder.model as model_module
 
     trace: list[tuple[int, int, int]] = []
     base = model_module.tqdm
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(**spec)), flush=True)
         return 0
 
-    from matryoshka2d.serialization import atomic_write_json, library_versions
+    from matryoshka2d.io.atomic import atomic_write_json, library_versions
 
     runs = [{"layer": int(r.split(":")[0]), "n": int(r.split(":")[1])} for r in args.runs]
     results = []

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from matryoshka2d import MatryoshkaEncoder
-    from matryoshka2d.data import load_sts
+    from matryoshka2d.data.datasets import load_sts
 
     pairs = load_sts("stsb", "test")
     texts = list(dict.fromkeys([*pairs.sentences1, *pairs.sentences2]))[: args.sentences]

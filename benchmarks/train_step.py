@@ -36,8 +36,8 @@ def ours(strategy: str, max_len: int, batches: list[tuple[list[str], list[str], 
     """A step function of our objective with ``strategy`` (``separate``: a 3-layer truncated copy) or one of
     :data:`VARIANTS` (``heads``: linear heads on exits 1..N-1, trained with the rest)."""
     from matryoshka2d import MatryoshkaEncoder
-    from matryoshka2d.losses import build_base_loss
-    from matryoshka2d.objective import TwoDMatryoshkaLoss
+    from matryoshka2d.losses.base import build_base_loss
+    from matryoshka2d.losses.objective import TwoDMatryoshkaLoss
 
     model = MatryoshkaEncoder.from_pretrained("minilm", max_seq_length=max_len)
     if strategy == "separate":
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from matryoshka2d.data import load_training_data
+    from matryoshka2d.data.datasets import load_training_data
 
     data = load_training_data("stsb")
     rounds = args.warmup + args.repeats

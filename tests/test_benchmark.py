@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from conftest import SENTENCES
-from matryoshka2d import MatryoshkaEncoder, architectures, benchmark
-from matryoshka2d.benchmark import OURS, PEER, BenchmarkSettings, load_peer, run_benchmark, truncate_peer
+from matryoshka2d import MatryoshkaEncoder
+from matryoshka2d.bench import runner as benchmark
+from matryoshka2d.bench.runner import OURS, PEER, BenchmarkSettings, load_peer, run_benchmark, truncate_peer
 from matryoshka2d.cli import main
+from matryoshka2d.encoder import architectures
+from matryoshka2d.encoder.tokenization import tokenize_unpadded
 
 FIELDS = {"impl", "layer", "dim", "dtype", "batch_size", "sentences_per_s", "sentences_per_s_min",
           "sentences_per_s_max", "speedup_vs_full", "ideal_speedup", "peak_rss_mb", "blocks_run"}
@@ -105,11 +108,11 @@ def test_encode_batches_are_padded_like_tokenize(tiny_model, side):
     tiny_model.tokenizer.padding_side = side
     rows = np.array([4, 0, 5, 3])
     texts = [SENTENCES[i] for i in rows]
-    collated = tiny_model._tokenize_unpadded(SENTENCES).collate(rows)
+    collated = tokenize_unpadded(tiny_model.tokenizer, SENTENCES, tiny_model.max_seq_length).collate(rows)
     expected = tiny_model.tokenize(texts)
     assert set(collated) == set(expected) - {"num_truncated"}
     for key, value in collated.items():
-        assert torch.equal(value, expected[key]), key
+        assert torch.equal(torch.from_numpy(value), expected[key]), key
 
 
 def test_cli_writes_json_and_plot(tiny_dir, sentence_file, tmp_path, capsys):
@@ -187,7 +190,7 @@ def _rec(impl, dtype, layer, **extra):
 
 
 def test_targets_use_the_best_mode_that_keeps_quality():
-    from matryoshka2d.benchmark import COMPILED, BenchmarkResult
+    from matryoshka2d.bench.runner import COMPILED, BenchmarkResult
 
     meta = {"num_layers": 4, "hidden_size": 8, "batch_sizes": [16]}
     records = [

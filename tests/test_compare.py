@@ -11,9 +11,9 @@ import pytest
 from scipy import stats
 
 from matryoshka2d.cli import main
-from matryoshka2d.data import STS_SETS
-from matryoshka2d.evaluation import GridResult, correlations
-from matryoshka2d.reporting import PairedBootstrap, compare_results, paired_bootstrap
+from matryoshka2d.data.datasets import STS_SETS
+from matryoshka2d.evaluation.compare import PairedBootstrap, compare_results, paired_bootstrap
+from matryoshka2d.evaluation.grid import GridResult, correlations
 
 
 # ----------------------------------------------------------------------------------- bootstrap
@@ -181,7 +181,7 @@ def test_cli_compare_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_pareto_rejects_exits_missing_from_the_result(tmp_path: Path) -> None:
-    from matryoshka2d.plots import plot_pareto
+    from matryoshka2d.evaluation.plots import plot_pareto
 
     a = synthetic_result("A", 1.0)
     with pytest.raises(ValueError, match=r"benchmarked exit layer 5 dim 16 is not in the result"):

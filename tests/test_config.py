@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from matryoshka2d.config import (
+from matryoshka2d.training.config import (
     STRATEGY_NAMES,
     Config,
     ObjectiveConfig,
@@ -35,7 +35,7 @@ def test_defaults_validate_and_round_trip_through_toml(tmp_path: Path) -> None:
 
 
 def test_objective_defaults_match_the_objective_signature() -> None:
-    from matryoshka2d.objective import STRATEGIES, TwoDMatryoshkaLoss
+    from matryoshka2d.losses.objective import STRATEGIES, TwoDMatryoshkaLoss
 
     assert tuple(STRATEGY_NAMES) == tuple(STRATEGIES)
     params = inspect.signature(TwoDMatryoshkaLoss.__init__).parameters

@@ -1,4 +1,4 @@
-"""Loaders of matryoshka2d.data: real row counts, formats, and every kind of bad input."""
+"""Loaders of matryoshka2d.data.datasets: real row counts, formats, and every kind of bad input."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from matryoshka2d import data
-from matryoshka2d.data import (
+from matryoshka2d.data import datasets as data
+from matryoshka2d.data.datasets import (
     STS_SETS,
     ScoredPairs,
     TrainingData,

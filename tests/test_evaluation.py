@@ -13,8 +13,8 @@ import torch
 from scipy import stats
 
 from matryoshka2d.cli import main
-from matryoshka2d.data import STS_SETS, ScoredPairs
-from matryoshka2d.evaluation import GridResult, evaluate_grid, exit_cosines, matryoshka_dims
+from matryoshka2d.data.datasets import STS_SETS, ScoredPairs
+from matryoshka2d.evaluation.grid import GridResult, evaluate_grid, exit_cosines, matryoshka_dims
 
 WORDS = ("a man woman dog cat child is playing eating running on in the park street guitar piano ball food "
          "water tree small big red blue green happy sad fast slow book house car river").split()
@@ -99,13 +99,19 @@ def test_one_backbone_pass_per_set_and_no_sentence_twice(tiny_model) -> None:  #
     calls: list[int] = []
     tiny_model.backbone.register_forward_hook(lambda *_: calls.append(1))
     seen: list[str] = []
-    original = tiny_model.tokenize
 
-    def spy(texts):  # noqa: ANN001, ANN202
-        seen.extend(texts)
-        return original(texts)
+    class Spy:  # the tokenizer, recording every text it is given
+        def __init__(self, tokenizer):  # noqa: ANN001
+            self.tokenizer = tokenizer
 
-    tiny_model.tokenize = spy
+        def __call__(self, texts, **kwargs):  # noqa: ANN001, ANN003, ANN204
+            seen.extend(texts)
+            return self.tokenizer(texts, **kwargs)
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.tokenizer, name)
+
+    tiny_model.tokenizer = Spy(tiny_model.tokenizer)
     result = evaluate_grid(tiny_model, [pairs], layers=[1, 2, 4], dims=[8, 32], batch_size=8)
     assert len(calls) == math.ceil(len(unique) / 8)
     assert sorted(seen) == sorted(unique)  # every unique sentence exactly once
@@ -217,7 +223,7 @@ def test_load_errors(seven: GridResult, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- plots
 def test_heatmap_and_curves_write_pngs(seven: GridResult, tmp_path: Path) -> None:
-    from matryoshka2d.plots import plot_dim_curves, plot_heatmaps
+    from matryoshka2d.evaluation.plots import plot_dim_curves, plot_heatmaps
 
     for path in (plot_heatmaps(seven, tmp_path / "h.png"),
                  plot_dim_curves([seven, seven], tmp_path / "c.png", labels=["A", "B"], set_name="stsb")):
@@ -226,7 +232,7 @@ def test_heatmap_and_curves_write_pngs(seven: GridResult, tmp_path: Path) -> Non
 
 def test_plots_without_matplotlib_say_how_to_install(seven: GridResult, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from matryoshka2d.plots import plot_heatmaps
+    from matryoshka2d.evaluation.plots import plot_heatmaps
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -288,7 +294,7 @@ def test_cli_eval_errors(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.slow
 def test_real_minilm_stsb_full_exit(shared_data: Path) -> None:
     from matryoshka2d import MatryoshkaEncoder
-    from matryoshka2d.data import load_sts
+    from matryoshka2d.data.datasets import load_sts
 
     model = MatryoshkaEncoder.from_pretrained("minilm")
     result = evaluate_grid(model, {"stsb": load_sts("stsb", data_dir=shared_data)}, layers=[6], dims=[384])

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SENTENCES
-from matryoshka2d import MatryoshkaEncoder, checkpoint
-from matryoshka2d.config import Config
-from matryoshka2d.export import export_model
-from matryoshka2d.heads import HEADS_FILE
-from matryoshka2d.pooling import pool
+from matryoshka2d import MatryoshkaEncoder
+from matryoshka2d.encoder.heads import HEADS_FILE
+from matryoshka2d.encoder.pooling import pool
+from matryoshka2d.export.exporter import export_model
+from matryoshka2d.training import checkpoint
+from matryoshka2d.training.config import Config
 
 COSINE = 0.99999
 
@@ -80,7 +81,7 @@ def test_headed_exit_equals_truncated_model_and_manual_head(headed, tiny_dir, di
 
 
 def test_forward_and_evaluator_apply_the_heads(headed):
-    from matryoshka2d.evaluation import embed_layers
+    from matryoshka2d.encoder.batching import embed_layers
 
     out = headed(headed.tokenize(SENTENCES), layers=(1, 2, 4))
     assert all(v.dtype == torch.float32 for v in out.values())
@@ -90,7 +91,7 @@ def test_forward_and_evaluator_apply_the_heads(headed):
 
 
 def test_heads_compute_in_float32_in_a_bf16_copy(headed):
-    from matryoshka2d.benchmark import fast_copy
+    from matryoshka2d.bench.runner import fast_copy
 
     exact = headed.encode(SENTENCES, layer=2)
     copy32 = fast_copy(headed, 2, "fp32", "cpu")
@@ -219,7 +220,7 @@ def test_sentence_transformers_export_card_applies_the_head(headed, tmp_path, mo
 
 def test_onnx_export_holds_the_head(headed, tmp_path):
     pytest.importorskip("onnxruntime")
-    from matryoshka2d.onnx_export import OnnxEncoder
+    from matryoshka2d.export.onnx import OnnxEncoder
 
     folder = export_model(headed, tmp_path / "onnx", layer=2, dim=16, format="onnx")
     report = json.loads((folder / "matryoshka2d.json").read_text())["export"]
@@ -245,7 +246,7 @@ def test_invalid_head_settings_name_field_value_and_range(key, value, message):
 
 
 def test_head_settings_round_trip_through_toml(tmp_path):
-    from matryoshka2d.config import load_config
+    from matryoshka2d.training.config import load_config
 
     config = Config().replace({"exit_heads": "linear", "head_lr": 1})
     assert (config.model.exit_heads, config.train.head_lr) == ("linear", 1.0)
@@ -273,7 +274,7 @@ def _config(tiny_dir: Path, data_dir: Path, out: Path, **overrides: object) -> C
 
 
 def test_build_adds_heads_where_the_objective_trains_and_groups_their_lr(tiny_dir, data_dir, tmp_path, caplog):
-    from matryoshka2d.training import _optimizer, build
+    from matryoshka2d.training.loop import _optimizer, build
 
     model, _, _, objective = build(_config(tiny_dir, data_dir, tmp_path / "a", **{"objective.layer_pool": [1, 3]}))
     assert model.exit_head_layers == [1, 3]
@@ -294,7 +295,7 @@ def test_build_adds_heads_where_the_objective_trains_and_groups_their_lr(tiny_di
 
 
 def test_training_with_heads_moves_them_and_resumes_exactly(tiny_dir, data_dir, tmp_path):
-    from matryoshka2d.training import train
+    from matryoshka2d.training.loop import train
     from test_training import read_log
 
     straight = train(_config(tiny_dir, data_dir, tmp_path / "straight"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import WORDS
-from matryoshka2d.experiment import StudyConfig, Unit, load_study, plan_units, run_study
+from matryoshka2d.study.runner import StudyConfig, Unit, load_study, plan_units, run_study
 
 
 def _rows(seed: int, n: int) -> list[str]:
@@ -86,9 +86,9 @@ def test_bad_study_files(tmp_path):
 
 
 def test_results_merge_missing_sets_only(study_files, monkeypatch, tiny_dir):
-    from matryoshka2d.data import load_sts
-    from matryoshka2d.evaluation import GridResult
-    from matryoshka2d.experiment import evaluate_unit
+    from matryoshka2d.data.datasets import load_sts
+    from matryoshka2d.evaluation.grid import GridResult
+    from matryoshka2d.study.runner import evaluate_unit
 
     study_path, data = study_files
     monkeypatch.setenv("M2D_DATA_DIR", str(data))
@@ -123,7 +123,7 @@ def test_priority_sets_first_dev_eval_and_variants(study_files, monkeypatch):
     study_path.write_text(text)
     study = load_study(study_path)
     order = []
-    import matryoshka2d.experiment as experiment
+    import matryoshka2d.study.runner as experiment
 
     real = experiment.evaluate_unit
     monkeypatch.setattr(experiment, "evaluate_unit", lambda s, u, m, sets, **kw: order.append(
@@ -142,7 +142,7 @@ def test_priority_sets_first_dev_eval_and_variants(study_files, monkeypatch):
 
 
 def test_unit_lock_lets_two_workers_share_a_study(tmp_path):
-    from matryoshka2d.experiment import for_each_unit, unit_lock
+    from matryoshka2d.study.runner import for_each_unit, unit_lock
 
     study = StudyConfig(runs_dir=str(tmp_path / "runs"), seeds=[0])
     units = [Unit("full", 0), Unit("2dmse", 0), Unit("mrl", 0)]

@@ -13,10 +13,11 @@ import torch
 from safetensors import safe_open
 
 from conftest import SENTENCES
-from matryoshka2d import MatryoshkaEncoder, architectures
+from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.cli import main
-from matryoshka2d.export import VERIFY_TEXTS, export_model
-from matryoshka2d.serialization import verify_manifest
+from matryoshka2d.encoder import architectures
+from matryoshka2d.export.exporter import VERIFY_TEXTS, export_model
+from matryoshka2d.io.atomic import verify_manifest
 
 COSINE = 0.99999
 
@@ -98,7 +99,7 @@ def test_hf_export_truncates_the_tokenizer_where_the_model_does(bert, tmp_path):
 def test_default_exit_is_the_models_default(bert, tmp_path):
     bert.metadata["default_dim"] = 8
     try:
-        folder = bert.export(tmp_path / "out")
+        folder = export_model(bert, tmp_path / "out")
     finally:
         del bert.metadata["default_dim"]
     loaded = MatryoshkaEncoder.from_pretrained(folder)
@@ -143,7 +144,7 @@ def test_sentence_transformers_export_other_architectures(models, arch, tmp_path
                                               ("mpnet", ["input_ids", "attention_mask"])])
 def test_onnx_export_matches_pytorch(models, arch, inputs, tmp_path):
     pytest.importorskip("onnxruntime")
-    from matryoshka2d.onnx_export import OnnxEncoder
+    from matryoshka2d.export.onnx import OnnxEncoder
 
     folder = export_model(models[arch], tmp_path / "onnx", layer=2, dim=16, format="onnx")
     meta = json.loads((folder / "matryoshka2d.json").read_text())
@@ -170,8 +171,8 @@ def test_onnx_opset_is_applied(bert, tmp_path):
 
 def test_onnx_int8_quantization(bert, tmp_path):
     pytest.importorskip("onnxruntime")
-    from matryoshka2d.data import ScoredPairs
-    from matryoshka2d.onnx_export import OnnxEncoder
+    from matryoshka2d.data.datasets import ScoredPairs
+    from matryoshka2d.export.onnx import OnnxEncoder
 
     pairs = ScoredPairs("toy", SENTENCES[:-1], SENTENCES[1:], np.arange(len(SENTENCES) - 1, dtype=float))
     folder = export_model(bert, tmp_path / "onnx", layer=3, dim=16, format="onnx", quantize="int8", sts=pairs)
@@ -211,8 +212,8 @@ def test_untraceable_graph_is_a_clear_error_and_leaves_nothing(bert, tmp_path, m
 
 def test_a_trace_that_bakes_a_branch_is_caught(bert, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    import matryoshka2d.onnx_export as onnx_export
-    from matryoshka2d.pooling import pool
+    import matryoshka2d.export.onnx as onnx_export
+    from matryoshka2d.encoder.pooling import pool
 
     def shape_dependent_pool(hidden, mask, mode):  # Python branch on a value: tracing freezes one side
         return pool(hidden, mask, "mean" if hidden.shape[0] == 2 else "cls")
@@ -360,11 +361,11 @@ def test_cli_onnx_int8_with_sts_set(tiny_dir, tmp_path, capsys):
 # ----------------------------------------------------------------------------------- real model
 def _stsb_test(shared_data: Path):
     try:
-        from matryoshka2d.data import load_sts
+        from matryoshka2d.data.datasets import load_sts
 
         return load_sts("stsb", data_dir=shared_data)
     except ImportError:  # the data module is optional here: read the TSV directly
-        from matryoshka2d.data import ScoredPairs
+        from matryoshka2d.data.datasets import ScoredPairs
 
         lines = (shared_data / "stsb" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
         rows = [line.rstrip("\n").split("\t") for line in lines]
@@ -374,7 +375,7 @@ def _stsb_test(shared_data: Path):
 @pytest.mark.slow
 def test_real_minilm_exit_scores_the_same_in_a_fresh_sentence_transformer(shared_data, tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    from matryoshka2d.export import sts_spearman
+    from matryoshka2d.export.exporter import sts_spearman
 
     pairs = _stsb_test(shared_data)
     model = MatryoshkaEncoder.from_pretrained("minilm")

@@ -111,7 +111,7 @@ def test_encode_never_crashes_and_is_finite_unit_norm_and_padding_invariant(mode
 def test_truncation_is_reported_with_its_count(model, texts):
     lengths = [len(model.tokenizer(t)["input_ids"]) for t in texts]
     expected = sum(n > model.max_seq_length for n in lengths)
-    with _warnings_of("matryoshka2d.model") as messages:
+    with _warnings_of("matryoshka2d.encoder.batching") as messages:
         out = model.encode(texts, batch_size=2)
     assert np.isfinite(out).all()
     reports = [m for m in messages if "truncated" in m]

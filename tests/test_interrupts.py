@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import WORDS, build_tiny_model
-from matryoshka2d import checkpoint as ckpt
-from matryoshka2d.config import load_config
-from matryoshka2d.serialization import verify_manifest
-from matryoshka2d.training import LOG_FILE, TrainingDivergedError, train
+from matryoshka2d.io.atomic import verify_manifest
+from matryoshka2d.training import checkpoint as ckpt
+from matryoshka2d.training.config import load_config
+from matryoshka2d.training.loop import LOG_FILE, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # long enough that a signal sent after a few steps lands well before the end
@@ -186,7 +186,7 @@ def test_nan_gradient_with_finite_loss_stops_at_its_step(tiny_dir: Path, train_t
     """Item 5 for the gradient (tests/test_training.py covers a NaN loss part): the run stops at the step,
     names the gradient norm, keeps the last good checkpoint, restores the SIGINT handler; the CLI exits 2."""
     from matryoshka2d.cli import main
-    from matryoshka2d.objective import TwoDMatryoshkaLoss
+    from matryoshka2d.losses.objective import TwoDMatryoshkaLoss
 
     original, calls = TwoDMatryoshkaLoss.forward, {"n": 0}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matryoshka2d.losses import (
+from matryoshka2d.losses.base import (
     BASE_LOSSES,
     AnglELoss,
     AngleLoss,

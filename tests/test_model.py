@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from conftest import SENTENCES
-from matryoshka2d import MatryoshkaEncoder, architectures
-from matryoshka2d.pooling import POOLING_MODES, pool
+from matryoshka2d import MatryoshkaEncoder
+from matryoshka2d.encoder import architectures
+from matryoshka2d.encoder.pooling import POOLING_MODES, pool
 
 
 def _reference(model: MatryoshkaEncoder, texts: list[str], layer: int) -> np.ndarray:
@@ -140,7 +141,7 @@ def test_sentence_transformers_folder_pooling_is_read(tiny_dir, tmp_path):
 
 
 def test_default_model_aliases_resolve_offline():
-    from matryoshka2d.loading import resolve_model_path
+    from matryoshka2d.io.folder import resolve_model_path
 
     paths = {resolve_model_path(name) for name in (None, "minilm", "sentence-transformers/all-MiniLM-L6-v2")}
     assert len(paths) == 1 and paths.pop().endswith("model")
@@ -219,7 +220,7 @@ def test_describe_counts_parameters_per_exit(tiny_model):
 def test_real_minilm_matches_transformers_and_sentence_transformers(shared_data):
     from transformers import AutoTokenizer
 
-    from matryoshka2d.loading import resolve_model_path
+    from matryoshka2d.io.folder import resolve_model_path
 
     texts = [line.split("\t")[0] for line in (shared_data / "stsb/test.tsv").read_text().splitlines()[1:201]]
     model = MatryoshkaEncoder.from_pretrained("minilm")

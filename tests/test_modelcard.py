@@ -11,8 +11,8 @@ import pytest
 
 from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.cli import main
-from matryoshka2d.export import export_model
-from matryoshka2d.modelcard import quality_tables, read_bench_results, read_eval_results, render_model_card
+from matryoshka2d.export.exporter import export_model
+from matryoshka2d.io.modelcard import quality_tables, read_bench_results, read_eval_results, render_model_card
 
 SNIPPET_SENTENCES = ["A man is playing a guitar.", "A dog runs in the park."]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matryoshka2d import architectures
-from matryoshka2d.losses import CoSENTLoss, InBatchNegativesLoss, build_base_loss
-from matryoshka2d.objective import (
+from matryoshka2d.encoder import architectures
+from matryoshka2d.losses.base import CoSENTLoss, InBatchNegativesLoss, build_base_loss
+from matryoshka2d.losses.objective import (
     STRATEGIES,
     TwoDMatryoshkaLoss,
     default_dims,

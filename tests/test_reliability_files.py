@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import SENTENCES
-from matryoshka2d import MatryoshkaEncoder, serialization
-from matryoshka2d.serialization import (
+from matryoshka2d import MatryoshkaEncoder
+from matryoshka2d.io import atomic as serialization
+from matryoshka2d.io.atomic import (
     MANIFEST_NAME,
     atomic_dir,
     atomic_open,

@@ -67,7 +67,7 @@ def isolated_remote_code(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------- remote code
 def test_custom_code_of_a_known_architecture_is_not_run(tiny_dir, tmp_path, caplog):
     folder, marker = _with_custom_code(tiny_dir, tmp_path / "m", "bert")
-    with caplog.at_level(logging.WARNING, logger="matryoshka2d.loading"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka2d.io.folder"):
         model = MatryoshkaEncoder.from_pretrained(folder)
     assert not marker.exists()
     assert type(model.backbone).__name__ == "BertModel"  # the standard class, not evil.EvilModel

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import WORDS, build_tiny_model
-from matryoshka2d import checkpoint as ckpt
-from matryoshka2d.config import Config, load_config
-from matryoshka2d.training import CONFIG_FILE, LOG_FILE, TrainingDivergedError, train
+from matryoshka2d.training import checkpoint as ckpt
+from matryoshka2d.training.config import Config, load_config
+from matryoshka2d.training.loop import CONFIG_FILE, LOG_FILE, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,8 +119,8 @@ def test_run_folder_log_and_final_model(straight) -> None:
 
 def test_training_lowers_the_loss(tiny_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     from matryoshka2d import MatryoshkaEncoder
-    from matryoshka2d.data import load_training_data
-    from matryoshka2d.losses import CoSENTLoss
+    from matryoshka2d.data.datasets import load_training_data
+    from matryoshka2d.losses.base import CoSENTLoss
 
     data = load_training_data(data_dir / "train.tsv")
     scores = torch.tensor(data.scores)
@@ -183,7 +183,7 @@ def test_separate_trains_a_truncated_model_with_accumulation(tiny_dir: Path, dat
 
 # ----------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_is_complete_verified_and_loadable(straight) -> None:
-    from matryoshka2d.serialization import verify_manifest
+    from matryoshka2d.io.atomic import verify_manifest
 
     folder = ckpt.latest_checkpoint(straight.run_dir)
     assert folder.name == "step-00000008"
@@ -233,7 +233,7 @@ class _Payload:
 
 
 def test_loading_never_unpickles_objects_and_detects_damage(tmp_path: Path) -> None:
-    from matryoshka2d.serialization import write_manifest
+    from matryoshka2d.io.atomic import write_manifest
 
     folder = ckpt.save_checkpoint(tmp_path, 1, model={"w": torch.ones(2)}, optimizer={"state": {}},
                                   scheduler={}, rng=[ckpt.capture_rng()], state={"step": 1}, keep_last=1)
@@ -314,8 +314,8 @@ def test_existing_run_folder_and_bad_resume(straight, tiny_dir: Path, data_dir: 
 def test_nan_loss_stops_with_the_step_and_part_and_keeps_the_checkpoint(tiny_dir: Path, data_dir: Path,
                                                                         tmp_path: Path, monkeypatch) -> None:
     from matryoshka2d.cli import main
-    from matryoshka2d.objective import TwoDMatryoshkaLoss
-    from matryoshka2d.serialization import verify_manifest
+    from matryoshka2d.io.atomic import verify_manifest
+    from matryoshka2d.losses.objective import TwoDMatryoshkaLoss
 
     original = TwoDMatryoshkaLoss.forward
     calls = {"n": 0}

@@ -31,10 +31,10 @@ def side_by_side(before, after, set_name: str) -> str:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> int:
     from matryoshka2d import MatryoshkaEncoder
-    from matryoshka2d.config import Config
-    from matryoshka2d.data import load_sts
-    from matryoshka2d.evaluation import evaluate_grid
-    from matryoshka2d.training import train
+    from matryoshka2d.data.datasets import load_sts
+    from matryoshka2d.evaluation.grid import evaluate_grid
+    from matryoshka2d.training.config import Config
+    from matryoshka2d.training.loop import train
 
     parser = argparse.ArgumentParser(prog="python -m matryoshka2d.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps")

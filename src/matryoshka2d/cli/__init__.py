@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from matryoshka2d import __version__
+from matryoshka2d._version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.benchmark import BenchmarkSettings, require_peer, resolve_dtypes, run_benchmark
-    from matryoshka2d.data import load_sts, read_sentences
-    from matryoshka2d.serialization import atomic_write_json
+    from matryoshka2d.bench.runner import BenchmarkSettings, require_peer, resolve_dtypes, run_benchmark
+    from matryoshka2d.data.datasets import load_sts, read_sentences
+    from matryoshka2d.io.atomic import atomic_write_json
 
     for out in (args.output, args.plot):
         if out and Path(out).exists() and not args.overwrite:
@@ -97,8 +97,8 @@ def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN00
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matryoshka2d.benchmark import COMPILED, OURS, PEER
-    from matryoshka2d.serialization import atomic_open
+    from matryoshka2d.bench.runner import COMPILED, OURS, PEER
+    from matryoshka2d.io.atomic import atomic_open
 
     meta, sizes = result.meta, result.meta["batch_sizes"]
     dim, n_full = meta["dims"][-1], meta["num_layers"]

@@ -18,7 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -
 
 
 def load_model(args: argparse.Namespace):  # noqa: ANN201
-    from matryoshka2d.model import MatryoshkaEncoder
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
 
     return MatryoshkaEncoder.from_pretrained(
         args.model, pooling=args.pooling, trust_remote_code=args.trust_remote_code

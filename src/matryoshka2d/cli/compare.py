@@ -27,9 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.evaluation import GridResult
-    from matryoshka2d.reporting import compare_results
-    from matryoshka2d.serialization import atomic_write_text
+    from matryoshka2d.evaluation.compare import compare_results
+    from matryoshka2d.evaluation.grid import GridResult
+    from matryoshka2d.io.atomic import atomic_write_text
 
     if args.draws < 0:
         raise ValueError(f"--draws {args.draws} must be >= 0 (0 skips the bootstrap)")
@@ -55,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.output, report)
         print(f"wrote {args.output}")
     if args.plot:
-        from matryoshka2d.plots import plot_dim_curves
+        from matryoshka2d.evaluation.plots import plot_dim_curves
 
         plot_dim_curves(results, args.plot, labels=labels, set_name=args.plot_set)
         print(f"wrote {args.plot}")
     if args.pareto:
-        from matryoshka2d.plots import plot_pareto
+        from matryoshka2d.evaluation.plots import plot_pareto
 
         plot_pareto(results[0], args.benchmark, args.pareto, set_name=args.plot_set)
         print(f"wrote {args.pareto}")

@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.data import read_sentences
-    from matryoshka2d.serialization import atomic_open
+    from matryoshka2d.data.datasets import read_sentences
+    from matryoshka2d.io.atomic import atomic_open
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def parse_sets(text: str) -> list[str]:
     """``"stsb,sickr"`` or ``"all"`` -> set names (checked)."""
-    from matryoshka2d.data import STS_SETS
+    from matryoshka2d.data.datasets import STS_SETS
 
     if text.strip().lower() == "all":
         return list(STS_SETS)
@@ -49,7 +49,7 @@ def parse_sets(text: str) -> list[str]:
 
 def parse_dims(text: str, hidden_size: int) -> list[int]:
     """``"all"`` -> the Matryoshka dims of ``hidden_size``, else integers within ``1..hidden_size``."""
-    from matryoshka2d.evaluation import matryoshka_dims
+    from matryoshka2d.evaluation.grid import matryoshka_dims
 
     if text.strip().lower() == "all":
         return matryoshka_dims(hidden_size)
@@ -57,8 +57,8 @@ def parse_dims(text: str, hidden_size: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.data import load_sts
-    from matryoshka2d.evaluation import evaluate_grid
+    from matryoshka2d.data.datasets import load_sts
+    from matryoshka2d.evaluation.grid import evaluate_grid
 
     for out in (args.output, args.plot):
         if out and Path(out).exists() and not args.overwrite:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         result.save(args.output)
         print(f"wrote {args.output}")
     if args.plot:
-        from matryoshka2d.plots import plot_heatmaps
+        from matryoshka2d.evaluation.plots import plot_heatmaps
 
         plot_heatmaps(result, args.plot, metric=args.metric)
         print(f"wrote {args.plot}")

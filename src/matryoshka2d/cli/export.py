@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, load_model
-from matryoshka2d.export import FORMATS
+from matryoshka2d.export.exporter import FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.export import export_model
+    from matryoshka2d.export.exporter import export_model
 
     sts = None
     if args.sts:
-        from matryoshka2d.data import load_sts
+        from matryoshka2d.data.datasets import load_sts
 
         sts = load_sts(args.sts, data_dir=args.data_dir)
     model = load_model(args)

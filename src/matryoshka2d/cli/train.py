@@ -61,8 +61,8 @@ def resolve_config(args: argparse.Namespace):  # noqa: ANN201
     Raises:
         ValueError: ``--resume`` with neither ``--config`` nor ``--output-dir``, or an invalid value.
     """
-    from matryoshka2d.config import load_config
-    from matryoshka2d.training import CONFIG_FILE
+    from matryoshka2d.training.config import load_config
+    from matryoshka2d.training.loop import CONFIG_FILE
 
     path = args.config
     if path is None and args.resume:
@@ -77,7 +77,7 @@ def resolve_config(args: argparse.Namespace):  # noqa: ANN201
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.training import TrainingDivergedError, train
+    from matryoshka2d.training.loop import TrainingDivergedError, train
 
     config = resolve_config(args)
     if args.print_config:

@@ -1,0 +1,1 @@
+"""Benchmarks: encoding speed per physically truncated exit against peers, timed side by side."""

@@ -1,0 +1,95 @@
+"""The benchmark's result: one record per timed configuration, the run's facts, a markdown table and the
+speed targets.
+
+Records are written by :mod:`matryoshka2d.bench.timing`; :func:`matryoshka2d.bench.runner.run_benchmark`
+returns them as a :class:`BenchmarkResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# the implementation labels of the records
+OURS, COMPILED, PEER = "matryoshka2d", "matryoshka2d+compile", "sentence-transformers"
+MIN_COSINE, MAX_SPEARMAN_DROP = 0.999, 0.2  # a number-changing mode counts toward a target only within these
+
+
+@dataclass
+class BenchmarkResult:
+    """One record per implementation x dtype x layer x dim x batch size, and the run's facts."""
+
+    meta: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "records": self.records, "targets": self.targets()}
+
+    def find(self, **keys: Any) -> list[dict[str, Any]]:
+        """Records whose fields equal ``keys``."""
+        return [r for r in self.records if all(r.get(k) == v for k, v in keys.items())]
+
+    def to_markdown(self, metric: Literal["wall", "cpu"] = "wall") -> str:
+        """A row per (batch size, our impl, dtype, layer, dim), with the peer's throughput beside it."""
+        cpu = "_cpu" if metric == "cpu" else ""
+        unit = "sent/cpu-s" if cpu else "sent/s (min-max)"
+        head = ["batch", "impl", "dtype", "layer", "dim", f"ours {unit}", "vs full", "ideal N/n"]
+        peer = bool(self.meta.get("peer"))
+        head += [f"ST {unit}", "ours/ST", "ours/ST fp32"] * peer + ["cos to fp32", "STS-B rho (delta)", "RSS MB"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in (r for r in self.records if r["impl"] != PEER):
+            row = [r["batch_size"], r["impl"], r["dtype"], r["layer"], r["dim"], _rate(r, cpu),
+                   _x(r[f"speedup_vs_full{cpu}"]), _x(r["ideal_speedup"])]
+            if peer:
+                theirs = self.find(impl=PEER, dtype=r["dtype"], layer=r["layer"], dim=r["dim"],
+                                   batch_size=r["batch_size"])
+                row += [_rate(theirs[0], cpu) if theirs else "-", _x(r.get(f"ratio_vs_peer{cpu}")),
+                        _x(r.get(f"ratio_vs_peer_fp32{cpu}"))]
+            rho, delta = r.get("stsb_spearman"), r.get("stsb_spearman_delta")
+            row += [_num(r.get("cosine_to_fp32_mean"), 5),
+                    _num(rho, 2) + ("" if delta is None else f" ({delta:+.2f})"), _num(r.get("peak_rss_mb"), 0)]
+            lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        return "\n".join(lines)
+
+    def targets(self, metric: Literal["wall", "cpu"] = "wall") -> list[dict[str, Any]]:
+        """The issue's speed targets at each batch size: the measured median ratio and whether it is met."""
+        cpu = "_cpu" if metric == "cpu" else ""
+        n_full, width, out = self.meta["num_layers"], self.meta["hidden_size"], []
+        for bs in self.meta["batch_sizes"]:
+            full = {(r["impl"], r["dtype"]): r for r in self.find(layer=n_full, dim=width, batch_size=bs)}
+            checks = [("full depth fp32: ours / ST fp32", full.get((OURS, "fp32"), {}).get(f"ratio_vs_peer{cpu}"),
+                       1.0, "")]
+            modes = [r for (impl, dtype), r in full.items() if impl != PEER and (impl, dtype) != (OURS, "fp32")
+                     and (dtype == "fp32" or self._quality_ok(impl, dtype, bs))]
+            best = max(modes, key=lambda r: r.get(f"ratio_vs_peer_fp32{cpu}") or 0.0, default=None)
+            if best is not None:
+                checks.append((f"best mode ({best['impl']} {best['dtype']}): ours / ST fp32",
+                               best.get(f"ratio_vs_peer_fp32{cpu}"), 2.5, ""))
+            for (impl, dtype) in (k for k in full if k[0] == OURS):
+                for layer, goal in ((max(1, n_full // 2), 1.9), (1, 0.8 * n_full)):
+                    rec = self.find(impl=impl, dtype=dtype, layer=layer, dim=width, batch_size=bs)
+                    if rec and layer < n_full:
+                        checks.append((f"early exit n={layer} ({dtype}): speedup vs full",
+                                       rec[0][f"speedup_vs_full{cpu}"], round(goal, 2), ""))
+            out += [{"target": name, "batch_size": bs, "metric": metric, "value": round(value, 3), "goal": goal,
+                     "met": value >= goal} for name, value, goal, _ in checks if value is not None]
+        return out
+
+    def _quality_ok(self, impl: str, dtype: str, batch_size: int) -> bool:
+        recs = self.find(impl=impl, dtype=dtype, batch_size=batch_size)
+        return bool(recs) and all(r.get("cosine_to_fp32_mean", 0.0) >= MIN_COSINE
+                                  and abs(r.get("stsb_spearman_delta") or 0.0) <= MAX_SPEARMAN_DROP for r in recs)
+
+
+def _rate(r: dict[str, Any], cpu: str) -> str:
+    if cpu:
+        return f"{r['sentences_per_cpu_s']:.0f}"
+    return f"{r['sentences_per_s']:.0f} ({r['sentences_per_s_min']:.0f}-{r['sentences_per_s_max']:.0f})"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"

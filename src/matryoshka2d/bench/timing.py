@@ -1,0 +1,187 @@
+"""How the benchmark measures: interleaved timed rounds, peak memory, and the records they give.
+
+Every configuration (implementation x dtype x layer x dim) of one batch size runs once per round, all of them
+interleaved (the order reverses every round), so load from other processes hits them alike; ratios are
+medians of per-round ratios. Wall time is the headline; process CPU time is recorded beside it. The first
+call of each configuration also yields its embeddings, compared across dtypes and with the peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from matryoshka2d.bench.result import COMPILED, PEER
+
+if TYPE_CHECKING:
+    from matryoshka2d.bench.runner import BenchmarkSettings
+    from matryoshka2d.data.datasets import ScoredPairs
+
+logger = logging.getLogger("matryoshka2d.bench.runner")  # the name these messages had before the split
+
+
+# ----------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak resident memory (MB) of this process inside the block (psutil polled every 2 ms; without psutil
+    the process high-water mark, ru_maxrss), and the CUDA allocator's peak on GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak_rss_mb = self.cuda_mb = float("nan")
+        self._stop, self._peak = threading.Event(), 0
+        try:
+            import psutil
+
+            self._proc: Any = psutil.Process()
+            self.method = "psutil"
+        except ImportError:
+            self._proc, self.method = None, "ru_maxrss"
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if self._proc is not None:
+            self._peak = self._proc.memory_info().rss
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_rss_mb = max(self._peak, self._proc.memory_info().rss) / 2**20
+        else:
+            import resource
+
+            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if self.cuda:
+            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+# ----------------------------------------------------------------------------------- timed rounds
+@dataclass
+class _Config:
+    """One timed configuration: what it runs, and what its rounds measured."""
+
+    impl: str
+    dtype: str
+    layer: int
+    dim: int
+    run: Callable[[list[str], int], np.ndarray]
+    depth: int
+    attn: str | None = None
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    output: np.ndarray | None = None
+    memory: PeakMemory | None = None
+
+
+def _time_all(configs: list[_Config], texts: list[str], batch_size: int, settings: BenchmarkSettings) -> None:
+    """Warm-up rounds, then timed rounds; a round runs every config once, in alternating order. The first
+    call of each config is watched for peak memory and keeps its output (for the cosine checks)."""
+    gc.collect()
+    gc.freeze()  # the models' objects leave the collector's view, so the collect before each call is cheap
+    try:
+        rounds = settings.warmup + settings.repeats
+        for r in range(rounds):
+            timed = r >= settings.warmup
+            logger.info("batch %d: %s round %d/%d", batch_size, "timed" if timed else "warm-up", r + 1, rounds)
+            for c in configs if r % 2 == 0 else reversed(configs):
+                gc.collect()
+                memory = PeakMemory(settings.device) if c.output is None else None
+                with memory or contextlib.nullcontext():
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    out = c.run(texts, batch_size)
+                    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                if memory is not None:
+                    c.output, c.memory = out, memory
+                if timed:
+                    c.wall.append(wall)
+                    c.cpu.append(cpu)
+    finally:
+        gc.unfreeze()
+
+
+# ----------------------------------------------------------------------------------- records
+def _records(configs: list[_Config], count: int, batch_size: int, n_full: int) -> list[dict[str, Any]]:
+    """One record per config; ratios are medians of per-round ratios (configs of a round ran together)."""
+    wall = {(c.impl, c.dtype, c.layer, c.dim): count / np.asarray(c.wall) for c in configs}
+    cpu = {(c.impl, c.dtype, c.layer, c.dim): count / np.maximum(np.asarray(c.cpu), 1e-9) for c in configs}
+    out = []
+    for c in configs:
+        rate, per_cpu = wall[(c.impl, c.dtype, c.layer, c.dim)], cpu[(c.impl, c.dtype, c.layer, c.dim)]
+        full = (c.impl, c.dtype, n_full, c.dim)
+        rec: dict[str, Any] = {
+            "impl": c.impl, "layer": c.layer, "dim": c.dim, "dtype": c.dtype, "batch_size": batch_size,
+            "blocks_run": c.depth, "attn_implementation": c.attn, "sentences": count, "repeats": len(rate),
+            "sentences_per_s": float(np.median(rate)), "sentences_per_s_min": float(rate.min()),
+            "sentences_per_s_max": float(rate.max()), "speedup_vs_full": float(np.median(rate / wall[full])),
+            "ideal_speedup": n_full / c.layer, "sentences_per_cpu_s": float(np.median(per_cpu)),
+            "speedup_vs_full_cpu": float(np.median(per_cpu / cpu[full])),
+            "peak_rss_mb": round(c.memory.peak_rss_mb, 1) if c.memory else None,
+        }
+        if c.memory is not None and c.memory.cuda:
+            rec["cuda_max_allocated_mb"] = round(c.memory.cuda_mb, 1)
+        for suffix, peer_dtype in (("", c.dtype), ("_fp32", "fp32")):
+            peer = (PEER, peer_dtype, c.layer, c.dim)
+            if c.impl != PEER and peer in wall and (suffix == "" or c.dtype != "fp32" or c.impl == COMPILED):
+                rec[f"ratio_vs_peer{suffix}"] = float(np.median(rate / wall[peer]))
+                rec[f"ratio_vs_peer{suffix}_cpu"] = float(np.median(per_cpu / cpu[peer]))
+        out.append(rec)
+    return out
+
+
+def _add_quality(records: list[dict[str, Any]], configs: list[_Config], texts: list[str], batch_size: int,
+                 stsb: ScoredPairs | None) -> None:
+    """Cosine of each config's embeddings to the same impl in fp32 and to the peer; STS-B Spearman of ours."""
+    outputs = {(c.impl, c.dtype, c.layer, c.dim): c.output for c in configs}
+    for rec in records:
+        if rec["batch_size"] != batch_size:
+            continue
+        key = (rec["impl"], rec["dtype"], rec["layer"], rec["dim"])
+        emb = outputs[key]
+        if rec["dtype"] != "fp32" and (rec["impl"], "fp32", *key[2:]) in outputs:
+            ref = outputs[(rec["impl"], "fp32", *key[2:])]
+            rec["cosine_to_fp32_mean"], rec["cosine_to_fp32_min"] = _cosine(emb, ref), _cosine(emb, ref, np.min)
+        if rec["impl"] != PEER and (PEER, *key[1:]) in outputs:
+            rec["cosine_to_peer_mean"] = _cosine(emb, outputs[(PEER, *key[1:])])
+        if rec["impl"] != PEER and stsb is not None:
+            rec["stsb_spearman"] = _spearman(emb, texts, stsb)
+    for rec in records:
+        ref = [r for r in records if r["batch_size"] == batch_size and r["impl"] == rec["impl"]
+               and r["dtype"] == "fp32" and r["layer"] == rec["layer"] and r["dim"] == rec["dim"]]
+        if rec["batch_size"] == batch_size and rec["dtype"] != "fp32" and rec.get("stsb_spearman") is not None \
+                and ref and ref[0].get("stsb_spearman") is not None:
+            rec["stsb_spearman_delta"] = rec["stsb_spearman"] - ref[0]["stsb_spearman"]
+
+
+def _cosine(a: np.ndarray | None, b: np.ndarray | None, reduce: Callable[..., Any] = np.mean) -> float:
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return float(reduce((a64 * b64).sum(1) / np.maximum(den, 1e-12)))
+
+
+def _spearman(emb: np.ndarray | None, texts: list[str], pairs: ScoredPairs) -> float | None:
+    """Spearman x100 of cosine vs gold on ``pairs``, if every pair sentence is among ``texts``."""
+    from scipy.stats import spearmanr
+
+    row = {t: i for i, t in enumerate(texts)}
+    if emb is None or any(t not in row for t in (*pairs.sentences1, *pairs.sentences2)):
+        return None
+    a, b = emb[[row[t] for t in pairs.sentences1]], emb[[row[t] for t in pairs.sentences2]]
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(spearmanr(cos, pairs.scores).statistic * 100)

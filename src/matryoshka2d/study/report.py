@@ -1,0 +1,344 @@
+"""The reproduction study's report: mean +- std over seeds, paired bootstrap CIs, plots and verdicts.
+
+Everything in ``docs/results.md`` is computed here from the per-run ``eval.json`` files, so the report is
+regenerated, never edited by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from matryoshka2d.evaluation.compare import PairedBootstrap
+from matryoshka2d.evaluation.grid import GridResult
+from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from matryoshka2d.study.runner import StudyConfig, Unit
+
+logger = logging.getLogger(__name__)
+
+PRIMARY = ("stsb", "sickr")
+OVERLAP_NOTE = ("STS12-16 share sentence pairs with STS-B train (PROVENANCE.md), so they are not clean "
+                "transfer sets; STS-B test is in-domain, SICK-R test is the transfer set.")
+
+
+class Study:
+    """The loaded results: ``runs[label] = [GridResult per seed]`` with per-pair predictions."""
+
+    def __init__(self, evals: dict[Unit, Path], num_layers: int, variants: tuple[str, ...] = ()) -> None:
+        self.runs: dict[str, list[GridResult]] = defaultdict(list)
+        self.dev: dict[str, list[GridResult]] = defaultdict(list)
+        self.step_s: dict[str, list[float]] = defaultdict(list)
+        for unit, path in evals.items():
+            self.runs[unit.label].append(GridResult.load(path))
+            if (path.parent / "dev.json").is_file():
+                self.dev[unit.label].append(GridResult.load(path.parent / "dev.json"))
+            step = _median_step_s(path.parent / "log.jsonl")
+            if step is not None:
+                self.step_s[unit.label].append(step)
+        self.variants = tuple(v for v in variants if self.runs.get(v))
+        self.num_layers = num_layers
+        dims = next(iter(self.runs.values()))[0].dims if self.runs else [64]
+        self.key_dims = sorted({d for d in (64, max(dims)) if d in dims})  # a narrow and the full width
+        self._boot: dict[str, PairedBootstrap] = {}
+
+    def has(self, label: str) -> bool:
+        return bool(self.runs.get(label))
+
+    def values(self, label: str, set_name: str, layer: int, dim: int) -> np.ndarray:
+        """The seeds' scores of one exit (the seeds whose result holds ``set_name``)."""
+        return np.array([r.score(set_name, layer, dim) for r in self.runs[label] if set_name in r.sets])
+
+    def seeds_with(self, set_name: str) -> int:
+        """The most seeds any strategy has results for on ``set_name``."""
+        return max((sum(set_name in r.sets for r in runs) for runs in self.runs.values()), default=0)
+
+    def cell(self, label: str, set_name: str, layer: int, dim: int) -> str:
+        if not self.has(label) or layer not in self.runs[label][0].layers:
+            return "-"
+        v = self.values(label, set_name, layer, dim)
+        if not len(v):
+            return "-"
+        return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+    def own_depth(self, n: int) -> str:
+        """Label of the separately trained model of depth ``n`` (the full-depth one is ``full``)."""
+        return "full" if n == self.num_layers else f"separate-{n}"
+
+    def bootstrap(self, set_name: str, a: tuple[str, int, int], b: tuple[str, int, int],
+                  draws: int) -> dict[str, float] | None:
+        """CI of mean-over-seeds Spearman(b) - Spearman(a): each resample of pairs scores every seed's
+        predictions, the seeds are averaged per model, then differenced (seed spread is reported apart)."""
+        if not (self.has(a[0]) and self.has(b[0])):
+            return None
+        if set_name not in self._boot:
+            gold = self.runs[a[0]][0].gold[set_name]
+            self._boot[set_name] = PairedBootstrap(gold, draws=draws, seed=0)
+        boot = self._boot[set_name]
+
+        def mean_draws(label: str, layer: int, dim: int) -> tuple[np.ndarray, float]:
+            per_seed = []
+            for r in self.runs[label]:
+                i, j = r.layers.index(layer), r.dims.index(dim)
+                per_seed.append(boot.spearman_draws(r.predictions[set_name][i, j]))
+            return np.mean(per_seed, axis=0), float(self.values(label, set_name, layer, dim).mean())
+
+        da, ma = mean_draws(*a)
+        db, mb = mean_draws(*b)
+        low, high = np.nanpercentile(db - da, [2.5, 97.5])
+        return {"delta": mb - ma, "low": float(low), "high": float(high)}
+
+
+def _table(study: Study, set_name: str, labels: list[str]) -> list[str]:
+    n = study.num_layers
+    head = "| strategy | " + " | ".join(f"L{k} d{d}" for d in study.key_dims for k in range(1, n + 1)) + " |"
+    lines = [head, "|" + "---|" * (1 + n * len(study.key_dims))]
+    for label in labels:
+        if study.has(label):
+            cells = [study.cell(label, set_name, k, d) for d in study.key_dims for k in range(1, n + 1)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(study.has(f"separate-{k}") for k in range(1, n)):
+        cells = [study.cell(study.own_depth(k), set_name, k, d) for d in study.key_dims for k in range(1, n + 1)]
+        lines.append("| separate (model of that depth) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _grid(study: Study, label: str, set_name: str) -> list[str]:
+    first = study.runs[label][0]
+    lines = ["| layer | " + " | ".join(f"d{d}" for d in first.dims) + " |", "|" + "---|" * (1 + len(first.dims))]
+    for k in first.layers:
+        lines.append(f"| {k} | " + " | ".join(study.cell(label, set_name, k, d) for d in first.dims) + " |")
+    return lines
+
+
+def _ci_rows(study: Study, draws: int, sets: tuple[str, ...]) -> list[dict[str, Any]]:
+    n, rows = study.num_layers, []
+    full_dim = max(study.key_dims)
+    first = next(iter(study.runs.values()))[0]
+    wide = [d for d in first.dims if d >= min(64, full_dim)]  # the paper's claim: every dim >= 64
+    for s in sets:
+        for base in ("full", "mrl"):
+            for k in range(1, n):
+                for d in wide:
+                    rows.append({"set": s, "comparison": f"2dmse - {base}", "layer": k, "dim": d,
+                                 **(study.bootstrap(s, (base, k, d), ("2dmse", k, d), draws) or {})})
+        for label in ("2dmse", "starbucks", "dense", *study.variants):
+            for k in range(1, n):
+                for d in wide:
+                    rows.append({"set": s, "comparison": f"{label} - separate", "layer": k, "dim": d,
+                                 **(study.bootstrap(s, (study.own_depth(k), k, d), (label, k, d), draws) or {})})
+        for label in study.runs:
+            if label not in ("full", "original") and not label.startswith("separate"):
+                rows.append({"set": s, "comparison": f"{label} - full (full exit)", "layer": n, "dim": full_dim,
+                             **(study.bootstrap(s, ("full", n, full_dim), (label, n, full_dim), draws) or {})})
+    return [r for r in rows if "delta" in r]
+
+
+def _ci_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| set | comparison | layer | dim | Δ Spearman | 95% CI | CI excludes 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sign = "yes (+)" if r["low"] > 0 else ("yes (−)" if r["high"] < 0 else "no")
+        lines.append(f"| {r['set']} | {r['comparison']} | {r['layer']} | {r['dim']} | {r['delta']:+.2f} | "
+                     f"[{r['low']:+.2f}, {r['high']:+.2f}] | {sign} |")
+    return lines
+
+
+def _verdicts(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    names = {"stsb": "STS-B test", "sickr": "SICK-R test"}
+
+    def pick(comparison: str, set_name: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["comparison"] == comparison and r["set"] == set_name]
+
+    out = []
+    for set_name in [s for s in PRIMARY if any(r["set"] == s for r in rows)]:
+        where = names[set_name]
+        for base in ("full", "mrl"):
+            sel = pick(f"2dmse - {base}", set_name)
+            if sel:
+                wins = sum(r["low"] > 0 for r in sel)
+                losses = sum(r["high"] < 0 for r in sel)
+                dims = sorted({r["dim"] for r in sel})
+                out.append(f"- **2DMSE vs {base} at shallow exits** ({where}, layers 1..{study.num_layers - 1}, "
+                           f"dims {', '.join(map(str, dims))}): 2DMSE is better with a CI excluding 0 at "
+                           f"{wins}/{len(sel)} exits, worse at {losses}/{len(sel)}; mean Δ "
+                           f"{np.mean([r['delta'] for r in sel]):+.2f}.")
+        for r in pick("2dmse - full (full exit)", set_name):
+            verdict = "loses nothing measurable" if r["low"] <= 0 <= r["high"] or r["low"] > 0 else "loses"
+            out.append(f"- **Full exit of 2DMSE vs plain fine-tuning** ({where}, L{r['layer']} d{r['dim']}): "
+                       f"Δ {r['delta']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]: 2DMSE {verdict}.")
+        for label in ("2dmse", "starbucks", "dense", *study.variants):
+            sel = pick(f"{label} - separate", set_name)
+            if sel:
+                behind = sum(r["high"] < 0 for r in sel)
+                ahead = sum(r["low"] > 0 for r in sel)
+                within = sum(r["delta"] >= -1.0 for r in sel)
+                out.append(f"- **{label} vs separately trained models of the same depth** ({where}): behind at "
+                           f"{behind}/{len(sel)} exits, ahead at {ahead}/{len(sel)} (CI excluding 0); within 1.0 "
+                           f"at {within}/{len(sel)}; mean Δ {np.mean([r['delta'] for r in sel]):+.2f}.")
+        full_exit = [r for r in rows if r["comparison"].endswith("full (full exit)") and r["set"] == set_name]
+        if full_exit:
+            ok = [r["comparison"].split(" - ")[0] for r in full_exit if r["delta"] >= -0.5]
+            bad = [f"{r['comparison'].split(' - ')[0]} ({r['delta']:+.2f})" for r in full_exit if r["delta"] < -0.5]
+            out.append(f"- **Goal: every strategy's full exit within 0.5 of full** ({where}): met by "
+                       f"{', '.join(ok) or 'none'}; missed by {', '.join(bad) or 'none'}.")
+    return out
+
+
+def _plots(study: Study, out: Path, benchmark: str | None) -> list[str]:
+    try:
+        from matryoshka2d.evaluation.plots import plot_dim_curves
+    except ImportError:
+        return []
+    lines = []
+    labels = [lab for lab in ("full", "mrl", "layers", "2dmse", "starbucks") if study.has(lab)]
+    for set_name in PRIMARY:
+        means = []
+        for label in labels:
+            first = study.runs[label][0]
+            records = [{"set": set_name, "layer": k, "dim": d, "spearman": float(study.values(label, set_name, k,
+                        d).mean()), "pearson": float("nan"), "n": first.n_pairs(set_name)}
+                       for k in first.layers for d in first.dims]
+            means.append(GridResult(label, records))
+        if means:
+            path = plot_dim_curves(means, out / f"figure3_{set_name}.png", labels=labels, set_name=set_name)
+            lines.append(f"![Spearman vs dim, {set_name}]({out.name}/{path.name})")
+    if benchmark and Path(benchmark).is_file():
+        path = _plot_speed(study, benchmark, out / "quality_vs_speed.png")
+        if path:
+            lines.append(f"![quality vs speed]({out.name}/{path.name})")
+    return lines
+
+
+def _plot_speed(study: Study, benchmark: str, path: Path) -> Path | None:
+    """STS-B test Spearman at d=384 vs encoding throughput of a physically truncated model, per strategy."""
+    from matryoshka2d.evaluation.plots import _figure, _save, load_benchmark
+
+    recs = [r for r in load_benchmark(benchmark) if r.get("impl") == "matryoshka2d" and r.get("dtype") == "fp32"]
+    if not recs:
+        return None
+    batch = max({r["batch_size"] for r in recs})
+    speed = {int(r["layer"]): float(r["sentences_per_s"]) for r in recs if r["batch_size"] == batch}
+    fig = _figure(7.5, 5.0)
+    ax = fig.subplots()
+    n, d = study.num_layers, max(study.key_dims)
+    for label in [lab for lab in ("original", "full", "mrl", "2dmse", "starbucks") if study.has(lab)] + ["separate"]:
+        xs, ys = [], []
+        for k in sorted(speed):
+            lab = study.own_depth(k) if label == "separate" else label
+            if study.has(lab) and k <= n:
+                xs.append(speed[k])
+                ys.append(float(study.values(lab, "stsb", k, d).mean()))
+        if xs:
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"encoding throughput, sentences/s (fp32, batch {batch}, log scale)")
+    ax.set_ylabel("STS-B test Spearman x100 (d=384)")
+    ax.set_title("Quality vs speed per exit layer (truncated models)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _selection(selection: dict[str, Any]) -> list[str]:
+    if not selection:
+        return ["Hyper-parameters: the training config as is (no dev sweep)."]
+    lines = [f"Learning rate chosen on {selection['set']} (never a test set): **{selection['chosen']}**; rule: "
+             f"{selection['rule']}.", "", "| lr | " + " | ".join(next(iter(selection["scores"].values())))
+             + " | mean |", "|---|" + "---|" * (len(next(iter(selection["scores"].values()))) + 1)]
+    for lr, by in selection["scores"].items():
+        lines.append(f"| {lr} | " + " | ".join(f"{v:.2f}" for v in by.values()) + f" | {selection['mean'][lr]:.2f} |")
+    return lines
+
+
+def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dict[str, Any],
+                 num_layers: int) -> Path:
+    """Write ``<output_dir>/summary.json``, ``comparisons.json``, plots and ``docs/results.md``."""
+    out = Path(study_cfg.output_dir)
+    study = Study(evals, num_layers, tuple(study_cfg.variants))
+    labels = [lab for lab in ("original", "full", "mrl", "layers", "2dmse", "starbucks", "dense", *study_cfg.variants)
+              if study.has(lab)]
+    summary = {label: [{"set": r["set"], "layer": r["layer"], "dim": r["dim"],
+                        "spearman": [g.score(r["set"], r["layer"], r["dim"]) for g in runs if r["set"] in g.sets]}
+                       for r in runs[0].records] for label, runs in study.runs.items()}
+    atomic_write_json(out / "summary.json", {"seeds": {k: len(v) for k, v in study.runs.items()}, "runs": summary})
+    sets = tuple(s for s in PRIMARY if any(s in r[0].sets for r in study.runs.values()))
+    rows = _ci_rows(study, study_cfg.draws, sets)
+    atomic_write_json(out / "comparisons.json", rows)
+    seeds = ", ".join(map(str, study_cfg.seeds))
+    md = [f"# {study_cfg.name}", "",
+          f"Generated by `{study_cfg.command}`; do not edit by hand. Spearman x100 of cosine, mean ± std over seeds "
+          f"({seeds}); `separate (model of that depth)` is a model physically truncated to n layers and "
+          "fine-tuned alone (n = N is `full`).", "",
+          *_selection(selection), "", OVERLAP_NOTE, ""]
+    for s in sets:
+        dims = " and ".join(map(str, study.key_dims))
+        md += [f"## {s} test: every strategy at layers 1..{num_layers}, dims {dims}", "",
+               *_table(study, s, labels), ""]
+    md += [*_dev_and_cost(study, labels, study_cfg.selection_set),
+           "## Paired bootstrap 95% CIs (1,000 resamples of pairs; seed-averaged)", "", *_ci_markdown(rows), "",
+           "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows), "",
+           "## Plots", "", *_plots(study, out, study_cfg.benchmark), "",
+           "## Full grids (mean ± std over seeds)", ""]
+    for label in labels:
+        for s in sets:
+            md += [f"### {label}, {s}", "", *_grid(study, label, s), ""]
+    other = [s for s in study_cfg.eval_sets if s not in PRIMARY]
+    if other:
+        md += ["## STS12-16 (not clean transfer sets)", "", OVERLAP_NOTE, ""]
+        for s in other:
+            if any(s in r[0].sets for r in study.runs.values()):
+                seeds = study.seeds_with(s)
+                md += [f"### {s} ({seeds} seed{'s' if seeds > 1 else ''})", "", *_table(study, s, labels), ""]
+    report = Path(study_cfg.report) if study_cfg.report else out.parent / "results.md"
+    atomic_write_text(report, "\n".join(md) + "\n")
+    logger.info("wrote %s", report)
+    return report
+
+
+def _median_step_s(log: Path) -> float | None:
+    """Median seconds per optimiser step of a run's ``log.jsonl`` (first 5 steps left out: warm-up)."""
+    import json
+
+    if not log.is_file():
+        return None
+    steps = [json.loads(line).get("step_s") for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps = [float(v) for v in steps if isinstance(v, (int, float))]
+    return float(np.median(steps[5:] or steps)) if steps else None
+
+
+def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
+    """Dev-set means (what ablations are chosen on) and the training cost per step relative to ``full``."""
+    rows = [lab for lab in labels if lab != "original" and (study.dev.get(lab) or study.step_s.get(lab))]
+    if not rows:
+        return []
+    n = study.num_layers
+    head = ("| strategy | " + " | ".join(f"dev L{k} d384" for k in range(1, n + 1))
+            + " | dev mean (dims ≥ 64) | step s (median, as run) |")
+    lines = [f"## {dev_set} dev (for choosing) and training cost", "",
+             "Dev Spearman x100 (mean over seeds); the mean is over every exit with dim ≥ 64. Step time is the "
+             "median wall time of one optimiser step in each run's log, averaged over seeds; runs shared the machine "
+             "differently (one or two workers, other jobs), so it is only indicative: compare training cost with "
+             "`benchmarks/train_step.py`, which interleaves the strategies in one process.",
+             "", head, "|---|" + "---|" * (n + 2)]
+    for lab in rows:
+        dev = study.dev.get(lab, [])
+        cells = []
+        for k in range(1, n + 1):
+            vals = [g.score(dev_set, k, max(g.dims)) for g in dev if k in g.layers]
+            cells.append(f"{np.mean(vals):.2f}" if vals else "-")
+        wide = [r["spearman"] for g in dev for r in g.records if r["dim"] >= min(64, max(g.dims))]
+        step = float(np.mean(study.step_s[lab])) if study.step_s.get(lab) else None
+        lines.append(f"| {lab} | " + " | ".join(cells) + (f" | {np.mean(wide):.2f}" if wide else " | -")
+                     + (f" | {step:.2f} |" if step else " | - |"))
+    own = [study.dev.get(study.own_depth(k), []) for k in range(1, n + 1)]
+    if all(own[:-1]):
+        cells = [f"{np.mean([g.score(dev_set, k, max(g.dims)) for g in runs]):.2f}" if runs else "-"
+                 for k, runs in enumerate(own, 1)]
+        lines.append("| separate (model of that depth) | " + " | ".join(cells) + " | - | - |")
+    return [*lines, ""]

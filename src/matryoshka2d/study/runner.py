@@ -1,0 +1,326 @@
+"""The reproduction study: train every strategy x seed, evaluate the grid, resume after interruption.
+
+One TOML file drives it (``configs/reproduce-stsb-minilm.toml``); ``m2d reproduce --config FILE`` (or
+``make reproduce``) runs what is missing and then writes the report (:mod:`matryoshka2d.study.report`).
+Every unit of work leaves a file behind (``final/`` for a training run, ``eval.json`` for its grid), so a
+killed study restarts where it stopped; a training run that was cut off resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matryoshka2d.io.atomic import atomic_write_json
+from matryoshka2d.training.config import tomllib
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL = "original"
+TRAINED = ("full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense")
+
+
+@dataclass
+class StudyConfig:
+    """What the study trains and evaluates.
+
+    Attributes:
+        name: the study's name (report title).
+        train_config: the training TOML every run starts from (model, data, loss, optimiser).
+        overrides: ``{"section.field": value}`` applied to every run (same hyper-parameters everywhere).
+        strategies: ``original`` (no training) and any of the training strategies.
+        variants: extra named strategies, ``{label: {"section.field": value}}`` (e.g. an ablation).
+        separate_layers: depths trained by ``separate``; ``None`` means 1..N-1.
+        seeds: one run per strategy and seed.
+        lr_grid: learning rates tried on the dev set (seed ``seeds[0]``) before the study; empty: keep the
+            training config's.
+        selection_strategies: strategies whose dev score picks the learning rate.
+        selection_set: dev set used to choose (never a test set).
+        eval_sets: evaluation sets (test split).
+        priority_sets: the sets of ``eval_sets`` evaluated right after each run; the others are evaluated once
+            every run is trained, so an interrupted study holds the primary results of every strategy first.
+        dev_eval: also evaluate every run on the ``selection_set`` dev split (``dev.json``), for ablations
+            that are chosen on dev and reported on test.
+        report: the markdown report written from the results; ``None`` means ``results.md`` beside
+            ``output_dir`` (``docs/results`` -> ``docs/results.md``).
+        command: the command quoted in the report as the one that generates it.
+        dims: evaluated widths; ``None`` means the Matryoshka dims.
+        eval_batch_size: sentences per forward pass in evaluation.
+        runs_dir: where the runs are written.
+        output_dir: where results JSON, tables and plots go.
+        benchmark: encoding-speed JSON joined with quality (optional).
+        draws: bootstrap resamples.
+    """
+
+    name: str = "stsb-minilm"
+    train_config: str = "configs/stsb-minilm-2dmse.toml"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    strategies: list[str] = field(default_factory=lambda: [ORIGINAL, *TRAINED])
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    separate_layers: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr_grid: list[float] = field(default_factory=list)
+    selection_strategies: list[str] = field(default_factory=lambda: ["full", "2dmse"])
+    selection_set: str = "stsb"
+    eval_sets: list[str] = field(default_factory=lambda: ["stsb", "sickr", "sts12", "sts13", "sts14", "sts15",
+                                                          "sts16"])
+    priority_sets: list[str] = field(default_factory=lambda: ["stsb", "sickr"])
+    dev_eval: bool = False
+    report: str | None = None
+    command: str = "make reproduce"
+    dims: list[int] | None = None
+    eval_batch_size: int = 128
+    runs_dir: str = "runs/reproduce"
+    output_dir: str = "docs/results"
+    benchmark: str | None = None
+    draws: int = 1000
+
+    def __post_init__(self) -> None:
+        known = (ORIGINAL, *TRAINED)
+        for s in self.strategies:
+            if s not in known:
+                raise ValueError(f"study.strategies: unknown strategy {s!r}; choose from {', '.join(known)}")
+        for label, changes in self.variants.items():
+            if label in known or not isinstance(changes, dict):
+                raise ValueError(f"study.variants.{label}: expected a new label with a table of overrides")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds {self.seeds!r}: expected distinct integers, e.g. [0, 1, 2]")
+        from matryoshka2d.data.datasets import STS_SETS
+
+        for s in [*self.eval_sets, *self.priority_sets, self.selection_set]:
+            if s not in STS_SETS:
+                raise ValueError(f"study: unknown set {s!r}; known sets: {', '.join(STS_SETS)}")
+
+
+def load_study(path: str | os.PathLike[str]) -> StudyConfig:
+    """Read a study TOML (a ``[study]`` table and an optional ``[study.overrides]`` / ``[study.variants.X]``).
+
+    Raises:
+        FileNotFoundError / ValueError: missing file, bad TOML, unknown field or value.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"study file {file} does not exist; see configs/reproduce-stsb-minilm.toml")
+    data = tomllib.loads(file.read_text(encoding="utf-8")).get("study")
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a [study] table")
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{file}: unknown field(s) study.{', study.'.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    return StudyConfig(**data)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One trained (or original) model of the study."""
+
+    label: str  # strategy or variant label; separate runs are "separate-<n>"
+    seed: int | None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    lr: float | None = None
+
+    def folder(self, runs_dir: Path) -> Path:
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return runs_dir / f"{self.label}{lr}" / ("base" if self.seed is None else f"seed{self.seed}")
+
+
+def plan_units(study: StudyConfig, num_layers: int, lr: float | None) -> list[Unit]:
+    """Every model the study needs, seed by seed (an interrupted study has every strategy for its first seeds)."""
+    units: list[Unit] = [Unit(ORIGINAL, None)] if ORIGINAL in study.strategies else []
+    for seed in study.seeds:
+        for strategy in study.strategies:
+            if strategy == "separate":
+                units += [Unit(f"separate-{n}", seed, (("objective.strategy", "separate"),
+                                                       ("objective.separate_layers", n)), lr)
+                          for n in study.separate_layers or range(1, num_layers)]
+            elif strategy != ORIGINAL:
+                units.append(Unit(strategy, seed, (("objective.strategy", strategy),), lr))
+        units += [Unit(label, seed, tuple(sorted(changes.items())), lr) for label, changes in study.variants.items()]
+    return units
+
+
+@contextmanager
+def unit_lock(study: StudyConfig, unit: Unit, *, wait: bool) -> Iterator[bool]:
+    """Hold ``unit``'s lock file while it is trained and evaluated, so that several workers can run one study.
+
+    Yields ``True`` when the lock is held, ``False`` when another worker holds it and ``wait`` is false. The
+    operating system drops the lock of a killed worker, so a crash never leaves a unit locked. Without
+    ``fcntl`` (Windows) every unit is taken: run one worker there.
+    """
+    folder = unit.folder(Path(study.runs_dir))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    with open(folder.parent / f".{folder.name}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def for_each_unit(study: StudyConfig, units: list[Unit], work: Callable[[Unit], object], what: str = "") -> None:
+    """Run ``work(unit)`` for every unit under its lock: free units first, then (waiting) those another
+    worker held, so that two workers started on one study share its units and both end with all of them done."""
+    busy = []
+    for i, unit in enumerate(units, 1):
+        with unit_lock(study, unit, wait=False) as held:
+            if not held:
+                busy.append(unit)
+                continue
+            logger.info("[%d/%d] %s seed %s%s", i, len(units), unit.label, unit.seed, what)
+            work(unit)
+    for unit in busy:
+        logger.info("waiting for another worker's %s seed %s%s", unit.label, unit.seed, what)
+        with unit_lock(study, unit, wait=True):
+            work(unit)
+
+
+def train_unit(study: StudyConfig, unit: Unit) -> Path:
+    """Train ``unit`` unless its ``final/`` exists; resume a run that was cut off. Returns the model folder."""
+    from matryoshka2d.training.config import load_config
+    from matryoshka2d.training.loop import train
+
+    if unit.label == ORIGINAL:
+        return Path(load_config(study.train_config).model.name)
+    folder = unit.folder(Path(study.runs_dir))
+    final = folder / "final"
+    if final.is_dir():
+        return final
+    overrides = {**study.overrides, **dict(unit.overrides), "train.seed": unit.seed,
+                 "run.output_dir": str(folder), "run.progress_bar": False}
+    if unit.lr is not None:
+        overrides["train.lr"] = unit.lr
+    config = load_config(study.train_config, overrides=overrides)
+    resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+    logger.info("training %s seed %s -> %s%s", unit.label, unit.seed, folder, " (resuming)" if resume else "")
+    start = time.perf_counter()
+    result = train(config, resume=resume, overwrite=folder.exists() and not resume)
+    logger.info("trained %s seed %s in %.0fs", unit.label, unit.seed, time.perf_counter() - start)
+    return result.final_dir
+
+
+def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[str, Any], *,
+                  tag: str = "eval") -> Path:
+    """Evaluate the whole grid of ``unit`` on the sets of ``sets`` that ``<tag>.json`` does not hold yet (they
+    are added to it). Returns the JSON path."""
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+    from matryoshka2d.evaluation.grid import GridResult, evaluate_grid
+
+    out = unit.folder(Path(study.runs_dir)) / f"{tag}.json"
+    done = GridResult.load(out) if out.is_file() else None
+    missing = {k: v for k, v in sets.items() if done is None or k not in done.sets}
+    if not missing:
+        return out
+    model = MatryoshkaEncoder.from_pretrained(model_dir)
+    dims = [d for d in study.dims or [] if d <= model.hidden_size] or None
+    result = evaluate_grid(model, missing, dims=dims, batch_size=study.eval_batch_size,
+                           model_name=f"{unit.label}/{'base' if unit.seed is None else f'seed{unit.seed}'}")
+    (result if done is None else done.merged(result)).save(out)
+    return out
+
+
+def select_lr(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
+    """Choose the learning rate on the dev set: the best mean dev Spearman over every exit with dim >= 64,
+    averaged over ``selection_strategies`` (seed ``seeds[0]``). Test sets are never looked at."""
+    if not study.lr_grid:
+        return None, {}
+    from matryoshka2d.data.datasets import load_sts
+
+    dev = {study.selection_set: load_sts(study.selection_set, "dev")}
+    units = _selection_units(study)
+    for_each_unit(study, list(units.values()), lambda u: evaluate_unit(study, u, train_unit(study, u), dev, tag="dev"),
+                  " (learning-rate selection)")
+    return _score_selection(study, units)
+
+
+def _selection_units(study: StudyConfig) -> dict[tuple[str, str], Unit]:
+    """The runs of the learning-rate choice: ``{(lr, strategy): unit}`` at the first seed."""
+    return {(f"{lr:g}", strategy): Unit(strategy, study.seeds[0], (("objective.strategy", strategy),), lr)
+            for lr in study.lr_grid for strategy in study.selection_strategies}
+
+
+def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> tuple[float | None, dict[str, Any]]:
+    """The learning rate whose selection runs have the best mean dev score (their ``dev.json`` must exist)."""
+    from matryoshka2d.evaluation.grid import GridResult
+
+    scores: dict[str, dict[str, float]] = {}
+    for (lr, strategy), unit in units.items():
+        result = GridResult.load(unit.folder(Path(study.runs_dir)) / "dev.json")
+        floor = min(64, max(result.dims))  # narrow models: their widest dim
+        values = [r["spearman"] for r in result.records if r["dim"] >= floor]
+        scores.setdefault(lr, {})[strategy] = sum(values) / len(values)
+    mean = {lr: sum(v.values()) / len(v) for lr, v in scores.items()}
+    best = max(mean, key=mean.__getitem__)
+    logger.info("learning rate chosen on %s dev: %s (%s)", study.selection_set, best, mean)
+    return float(best), {"set": f"{study.selection_set} dev", "rule": "mean Spearman over exits with dim >= 64, "
+                         f"averaged over {', '.join(study.selection_strategies)}", "scores": scores,
+                         "mean": mean, "chosen": best}
+
+
+def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
+    """Run what is missing, then write the report. Returns the report path."""
+    from matryoshka2d.data.datasets import load_sts
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+    from matryoshka2d.study.report import write_report
+
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lr, selection = select_lr(study) if not report_only else _saved_selection(study, out)
+    atomic_write_json(out / "selection.json", selection)
+    from matryoshka2d.training.config import load_config
+
+    base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
+    units = plan_units(study, base.num_layers, lr)
+    sets = {} if report_only else {name: load_sts(name, "test") for name in study.eval_sets}
+    first = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
+    dev = {study.selection_set: load_sts(study.selection_set, "dev")} if study.dev_eval and not report_only else {}
+
+    def work(unit: Unit) -> None:
+        model_dir = train_unit(study, unit)
+        evaluate_unit(study, unit, model_dir, first)
+        if dev:
+            evaluate_unit(study, unit, model_dir, dev, tag="dev")
+
+    if not report_only:
+        for_each_unit(study, units, work)
+        if len(first) < len(sets):  # the other sets, once every run is trained
+            for_each_unit(study, units, lambda u: evaluate_unit(study, u, train_unit(study, u), sets),
+                          ": the other sets")
+    evals = {u: u.folder(Path(study.runs_dir)) / "eval.json" for u in units}
+    return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
+
+
+def _saved_selection(study: StudyConfig, out: Path) -> tuple[float | None, dict[str, Any]]:
+    import json
+
+    path = out / "selection.json"
+    if not path.is_file():
+        return _selection_from_runs(study)
+    selection = json.loads(path.read_text(encoding="utf-8"))
+    return (float(selection["chosen"]) if selection.get("chosen") else None), selection
+
+
+def _selection_from_runs(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
+    """The dev-set choice recomputed from the selection runs' ``dev.json`` (another study that shares
+    ``runs_dir`` made them), without training anything; ``(None, {})`` when one is missing."""
+    units = _selection_units(study)
+    if not study.lr_grid or not all((u.folder(Path(study.runs_dir)) / "dev.json").is_file() for u in units.values()):
+        return None, {}
+    return _score_selection(study, units)

@@ -1,0 +1,1 @@
+"""Training: the config (TOML + dataclasses), set-up, the loop, checkpoints and interrupts."""

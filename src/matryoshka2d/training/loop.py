@@ -1,0 +1,295 @@
+"""The training loop: one function, :func:`train`, on Hugging Face Accelerate.
+
+It runs as one process (CPU or GPU) or as several under ``accelerate launch`` / ``torchrun`` (DDP; gloo
+on CPU). ``train.batch_size`` is the GLOBAL micro-batch: every process draws the same seeded order and
+takes its share of each batch, so a config trains on the same examples whatever the number of processes.
+A run folder holds ``config.resolved.toml``, ``log.jsonl``, ``checkpoints/``, ``best/`` (with a dev set)
+and ``final/`` (a model folder: ``m2d eval RUN/final`` works).
+
+The run's setup (run folder checks, loading and building, the optimizer) is in
+:mod:`matryoshka2d.training.setup`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from matryoshka2d.training import checkpoint as ckpt
+from matryoshka2d.training.checkpoint import DataOrder
+from matryoshka2d.training.config import Config
+from matryoshka2d.training.interrupts import SigintFlag, TrainingInterrupted, stop_requested
+from matryoshka2d.training.setup import CONFIG_FILE, _accelerator, _optimizer, build, check_run_dir
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+StepHook = Callable[[int, dict[str, Any]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss part or the gradient became NaN/inf; the last checkpoint on disk is the last good state."""
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run lives and what it reached."""
+
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    seconds: float
+    best_step: int | None = None
+    best_score: float | None = None
+
+
+def train(config: Config, *, resume: bool = False, overwrite: bool = False,
+          on_step: StepHook | None = None) -> TrainResult:
+    """Train ``config.model`` with the 2D Matryoshka objective; see ``docs/training.md``.
+
+    Args:
+        config: the run's configuration.
+        resume: continue the run in ``config.run.output_dir`` from its latest checkpoint.
+        overwrite: replace an existing run folder.
+        on_step: called on the main process after every step with ``(step, log record)``.
+
+    Returns:
+        The run folder, the final model folder and the step count.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: bad input, before training starts.
+        TrainingDivergedError: a NaN/inf loss part or gradient (the run stops, its checkpoints stay).
+        TrainingInterrupted: Ctrl-C (SIGINT); the current step finished and was saved as a checkpoint.
+    """
+    from accelerate.utils import set_seed
+
+    run_dir = Path(config.run.output_dir)
+    accelerator = _accelerator(config.train.mixed_precision)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    resume_from = check_run_dir(config, resume=resume, overwrite=overwrite)
+    set_seed(config.train.seed)
+    model, data, dev, objective = build(config, world_size=world)
+    accelerator.wait_for_everyone()  # every process has checked everything before anything is written
+    t = config.train
+    order = DataOrder(len(data), t.batch_size, t.seed)
+    total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accumulation))
+    optimizer, scheduler = _optimizer(objective, config, total)
+    if world > 1 and model.exit_head_layers:
+        # a step trains the heads of its sampled exits only; DDP must expect parameters without a gradient
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    objective, optimizer = accelerator.prepare(objective, optimizer)  # DDP wraps the objective (1 call/step)
+    inner = accelerator.unwrap_model(objective)
+    start, best = 0, {"step": None, "score": None}
+    if resume_from is not None:
+        start, best = _restore(resume_from, accelerator, inner, optimizer, scheduler, order)
+    elif main:
+        if run_dir.exists() and overwrite:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    per_rank, accum = t.batch_size // world, t.grad_accumulation
+    truncated = 0
+    log = open(run_dir / LOG_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
+    bar = tqdm(total=total, initial=start, desc="train", unit="step",
+               disable=not (main and config.run.progress_bar))
+    began = time.perf_counter()
+    sigint = SigintFlag()
+    try:
+        for step in range(start + 1, total + 1):
+            objective.train()
+            tick = time.perf_counter()
+            parts: dict[str, torch.Tensor] = {}
+            layers, dims = set(), set()
+            for micro in range(accum):  # gradients are all-reduced only on the last micro-batch
+                rows = order.next_batch()[rank * per_rank : (rank + 1) * per_rank]
+                features, labels, cut = _collate(inner.model, data, rows, accelerator.device)
+                truncated += cut
+                with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective):
+                    out = objective(features, labels)
+                    accelerator.backward(out["loss"] / accum)
+                for key, value in out.items():
+                    parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
+                layers.update(inner.last_sample.get("layers", ()))
+                dims.update(inner.last_sample.get("dims", ()))
+            # one all-reduce per step: the logged parts are the mean over processes, and a NaN on any
+            # process is seen by all of them, so they stop together
+            names = list(parts)
+            record = dict(zip(names, accelerator.reduce(torch.stack(list(parts.values())), "mean").tolist(),
+                              strict=True))
+            max_norm = t.max_grad_norm or math.inf  # inf: measure the norm (for logs and checks), never clip
+            grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), max_norm))
+            _check_finite(step, record, grad_norm, fp16=t.mixed_precision == "fp16")
+            lrs = scheduler.get_last_lr()
+            lr = lrs[0]
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - tick
+            record = {"step": step, "epoch": round(order.epochs_done, 4), "lr": lr,
+                      **({"head_lr": lrs[2]} if len(lrs) > 2 else {}), **record,
+                      "grad_norm": grad_norm, "layers": sorted(layers), "dims": sorted(dims),
+                      "samples_per_s": round(t.batch_size * accum / seconds, 2), "step_s": round(seconds, 4)}
+            if log is not None and (step % config.run.log_every == 0 or step == total):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            shown = {k.removeprefix("loss/"): f"{v:.3f}" for k, v in record.items() if k.startswith("loss")}
+            bar.set_postfix({**shown, "L": record["layers"], "d": record["dims"],
+                             "ex/s": f"{record['samples_per_s']:.0f}"})
+            if dev and (step % config.run.eval_every == 0 or step == total):
+                best = _evaluate(accelerator, inner, dev, config, step, best, log)
+            saved = bool(config.run.save_every and step % config.run.save_every == 0) or step == total
+            if saved:
+                _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
+                            config.run.keep_last)
+            if main and on_step is not None:
+                on_step(step, record)
+            if stop_requested(accelerator, sigint.raised) and step < total:
+                if not saved:
+                    _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
+                                config.run.keep_last)
+                folder = ckpt.checkpoint_dir(run_dir, step)
+                if main:
+                    logger.warning("interrupted after step %d of %d; checkpoint saved in %s; resume with: "
+                                   "m2d train --config %s --resume", step, total, folder, run_dir / CONFIG_FILE)
+                raise TrainingInterrupted(step, folder, sigint.signum)
+    finally:
+        sigint.restore()
+        bar.close()
+        if log is not None:
+            log.close()
+    if truncated:
+        logger.warning("%d training texts were longer than max_seq_length=%d tokens and were truncated",
+                       truncated, inner.model.max_seq_length)
+    final = run_dir / "final"
+    if main:
+        _save_model(inner, config, data, final, steps=total, epochs=order.epochs_done, world=world, best=best)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - began
+    logger.info("trained %d steps in %.1fs; final model in %s", total - start, seconds, final)
+    return TrainResult(run_dir, final, total, seconds, best["step"], best["score"])
+
+
+def _check_finite(step: int, record: dict[str, float], grad_norm: float, *, fp16: bool) -> None:
+    """Stop on a NaN/inf loss part (named) or gradient norm; fp16's scaler skips inf-gradient steps itself."""
+    bad = [k for k in [*list(record)[1:], "loss"] if not math.isfinite(record[k])]
+    if bad:
+        raise TrainingDivergedError(
+            f"step {step}: {bad[0]} is {record[bad[0]]} (loss parts: {record}); the run stopped and its last "
+            "checkpoint is intact; lower train.lr, or use train.mixed_precision = 'no'")
+    if not math.isfinite(grad_norm) and not fp16:
+        raise TrainingDivergedError(
+            f"step {step}: the gradient norm is {grad_norm} (loss parts: {record}); the run stopped and its "
+            "last checkpoint is intact; lower train.lr or set train.max_grad_norm")
+
+
+def _restore(folder: Path, accelerator: Any, inner: Any, optimizer: Any, scheduler: Any,
+             order: DataOrder) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint into the live objects; the RNGs are restored last, right before the loop."""
+    state = ckpt.load_checkpoint(folder, rank=accelerator.process_index)
+    inner.model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    order.load_state_dict({**state.state["data_order"], "generator": state.rng["data_order"]})
+    inner.set_sampler_state(state.rng["sampler"])
+    if state.state["world_size"] != accelerator.num_processes:
+        logger.warning("resuming a %d-process run on %d processes: same data order, but other dropout RNG "
+                       "streams, so not bitwise identical", state.state["world_size"],
+                       accelerator.num_processes)
+    if accelerator.is_main_process:
+        ckpt.rewind_log(folder.parent.parent / LOG_FILE, state.step)
+    ckpt.restore_rng(state.rng)
+    logger.info("resuming %s from step %d", folder.parent.parent, state.step)
+    return state.step, state.state["best"]
+
+
+def _checkpoint(accelerator: Any, run_dir: Path, step: int, inner: Any, optimizer: Any, scheduler: Any,
+                order: DataOrder, best: dict[str, Any], keep_last: int) -> None:
+    """Gather every process's RNG state and write checkpoint ``step`` from the main process."""
+    from accelerate.utils import gather_object
+
+    order_state = order.state_dict()
+    rng = ckpt.capture_rng(sampler=inner.sampler_state(), data_order=order_state.pop("generator"))
+    rng_all = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": order.epochs_done, "best": best, "data_order": order_state,
+                 "world_size": accelerator.num_processes}
+        ckpt.save_checkpoint(run_dir, step, model=inner.model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), rng=rng_all, state=state, keep_last=keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _collate(model: Any, data: Any, rows: list[int], device: torch.device) -> tuple[list, Any, int]:
+    """Tokenize each text column of ``rows``; scores (raw scale) become a float tensor."""
+    features, truncated = [], 0
+    for texts in data.columns.values():
+        batch = model.tokenize([texts[i] for i in rows])
+        truncated += int(batch.pop("num_truncated", 0))
+        features.append({k: v.to(device) for k, v in batch.items()})
+    labels = None
+    if data.scores is not None:
+        labels = torch.as_tensor(data.scores[rows], dtype=torch.float32, device=device)
+    return features, labels, truncated
+
+
+def _evaluate(accelerator: Any, inner: Any, dev: dict[str, Any], config: Config, step: int,
+              best: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Dev Spearman at a few exits on the main process; a new best mean score saves ``best/``."""
+    if accelerator.is_main_process:
+        from matryoshka2d.evaluation.grid import evaluate_grid
+
+        model = inner.model
+        n, d = model.num_layers, model.hidden_size
+        layers = config.data.dev_layers or sorted({max(1, n // 2), n})
+        dims = config.data.dev_dims or sorted({min(64, d), d})
+        result = evaluate_grid(model, dev, layers=layers, dims=dims, batch_size=config.run.eval_batch_size,
+                               show_progress_bar=False)
+        scores = {f"dev/{r['set']}/L{r['layer']}/d{r['dim']}": r["spearman"] for r in result.records}
+        score = sum(scores.values()) / len(scores)
+        improved = best["score"] is None or score > best["score"]
+        logger.info("step %d: dev mean Spearman %.2f over %d exits%s", step, score, len(scores),
+                    " (new best)" if improved else "")
+        log.write(json.dumps({"step": step, "event": "eval", "dev_score": score, **scores}) + "\n")
+        log.flush()
+        if improved:
+            best = {"step": step, "score": score}
+            _save_model(inner, config, None, Path(config.run.output_dir) / "best", steps=step, epochs=None,
+                        world=accelerator.num_processes, best=best)
+    accelerator.wait_for_everyone()  # only the main process's ``best`` is ever written
+    return best
+
+
+def _save_model(inner: Any, config: Config, data: Any, path: Path, *, steps: int, epochs: float | None,
+                world: int, best: dict[str, Any]) -> None:
+    """Save the encoder in the foundation's format with the training facts in its metadata."""
+    model = inner.model
+    meta = model.metadata
+    meta["training"] = {
+        "strategy": inner.strategy, "objective": inner.config_dict(), "base_loss": config.loss.name,
+        "data": {"source": config.data.source, "split": config.data.split,
+                 **({"name": data.name, "kind": data.kind, "rows": len(data)} if data is not None else {})},
+        "steps": steps, "epochs": epochs, "batch_size": config.train.batch_size,
+        "grad_accumulation": config.train.grad_accumulation, "lr": config.train.lr, "seed": config.train.seed,
+        "mixed_precision": config.train.mixed_precision, "processes": world, "best_dev": best,
+    }
+    if model.exit_head_layers:
+        meta["training"].update({"exit_heads": model.exit_head_kind, "head_lr": config.train.head_lr or
+                                 config.train.lr})
+    meta["trained_layers"], meta["trained_dims"] = list(inner.trained_layers), list(inner.trained_dims)
+    model.save(path, overwrite=True)
