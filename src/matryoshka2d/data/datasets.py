@@ -16,7 +16,15 @@ from typing import Literal
 
 import numpy as np
 
-from matryoshka2d.data.files import TABLE_SUFFIXES, _decode, _lines, _read_table, _score, _select, _text
+from matryoshka2d.data.files import (
+    TABLE_SUFFIXES,
+    decode_text,
+    numbered_lines,
+    parse_score,
+    parse_text,
+    read_table,
+    select_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +168,7 @@ def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | Non
 
 def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
                 limit: int | None) -> TrainingData:
-    header, rows = _read_table(path, limit)
+    header, rows = read_table(path, limit)
     kind = kind or _detect_kind(path, header, columns)
     if kind not in KIND_COLUMNS:
         raise ValueError(f"kind {kind!r} is not one of {list(KIND_COLUMNS)}")
@@ -169,16 +177,16 @@ def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
     if len(wanted) != len(canonical):
         raise ValueError(f"{path}: kind {kind!r} takes {len(canonical)} columns ({list(canonical)}), "
                          f"got {len(wanted)}: {wanted}")
-    idx = _select(path, header, wanted, f"kind {kind!r}")
+    idx = select_columns(path, header, wanted, f"kind {kind!r}")
     text_names = [c for c in canonical if c != "score"]
     out: dict[str, list[str]] = {name: [] for name in text_names}
     scores: list[float] = []
     for line, fields in rows:
         for name, given, i in zip(canonical, wanted, idx, strict=True):
             if name == "score":
-                scores.append(_score(path, line, given, fields[i]))
+                scores.append(parse_score(path, line, given, fields[i]))
             else:
-                out[name].append(_text(path, line, given, fields[i]))
+                out[name].append(parse_text(path, line, given, fields[i]))
     return TrainingData(name=path.stem, kind=kind, columns=out,
                         scores=np.asarray(scores, dtype=np.float64) if kind == "scored" else None)
 
@@ -229,19 +237,19 @@ def sts_subsets(name: str, *, data_dir: str | Path | None = None) -> list[str]:
     if name not in STS_SETS:
         raise ValueError(f"unknown STS set {name!r}; known sets: {', '.join(STS_SETS)}")
     path = resolve_data_dir(data_dir) / name / "subsets.tsv"
-    return [str(fields[0]) for _, fields in _read_table(path)[1]] if path.is_file() else []
+    return [str(fields[0]) for _, fields in read_table(path)[1]] if path.is_file() else []
 
 
 def _subset_rows(root: Path, name: str, subset: str, n_rows: int) -> tuple[int, int]:
     path = root / "subsets.tsv"
     if not path.is_file():
         raise ValueError(f"{name} has no sub-corpora (no {path}); use subset=None")
-    header, rows = _read_table(path)
-    idx = _select(path, header, ["subset", "first_row", "last_row"], "a subsets file")
+    header, rows = read_table(path)
+    idx = select_columns(path, header, ["subset", "first_row", "last_row"], "a subsets file")
     known = [str(f[idx[0]]) for _, f in rows]
     for line, fields in rows:
         if fields[idx[0]] == subset:
-            first, last = (int(_score(path, line, c, fields[i]))
+            first, last = (int(parse_score(path, line, c, fields[i]))
                            for c, i in zip(("first_row", "last_row"), idx[1:], strict=True))
             if not 1 <= first <= last <= n_rows:
                 raise ValueError(f"{path}:{line}: rows {first}..{last} outside 1..{n_rows}")
@@ -321,11 +329,11 @@ def read_sentences(path: str | Path, column: str | None = None, *,
     if file.suffix.lower() == ".txt":
         if column is not None:
             raise ValueError(f"{file}: a .txt file has no columns; drop column={column!r}")
-        sentences = [line for _, line in _lines(_decode(file))]
+        sentences = [line for _, line in numbered_lines(decode_text(file))]
         if not sentences:
             raise ValueError(f"{file}:1: file is empty; expected one sentence per line")
         return sentences
-    header, rows = _read_table(file)
+    header, rows = read_table(file)
     name = column if column is not None else header[0]
-    (i,) = _select(file, header, [name], "the sentence column")
-    return [_text(file, line, name, fields[i]) for line, fields in rows]
+    (i,) = select_columns(file, header, [name], "the sentence column")
+    return [parse_text(file, line, name, fields[i]) for line, fields in rows]

@@ -20,7 +20,7 @@ from pathlib import Path
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
 
 
-def _decode(path: Path) -> str:
+def decode_text(path: Path) -> str:
     """Read ``path`` as UTF-8 text without a BOM; reject NUL bytes and invalid UTF-8 with file:line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -39,7 +39,7 @@ def _decode(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _lines(text: str) -> Iterator[tuple[int, str]]:
+def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its ``\\n`` / ``\\r\\n``); no phantom line after a final newline."""
     parts = text.split("\n")
     if parts and parts[-1] == "":
@@ -48,19 +48,19 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
         yield number, line.removesuffix("\r")
 
 
-def _read_table(path: Path, limit: int | None = None) -> tuple[list[str], list[tuple[int, list]]]:
+def read_table(path: Path, limit: int | None = None) -> tuple[list[str], list[tuple[int, list]]]:
     """Header and ``(line, fields)`` rows of a .tsv / .csv / .jsonl file (jsonl fields keep JSON types)."""
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {list(TABLE_SUFFIXES)}")
-    text = _decode(path)
+    text = decode_text(path)
     rows: list[tuple[int, list]] = []
     header: list[str] | None = None
     if suffix == ".csv":
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         records: Iterator[tuple[int, list | dict]] = _csv_records(path, reader)
     elif suffix == ".tsv":
-        records = ((n, line.split("\t")) for n, line in _lines(text) if line.strip() or "\t" in line)
+        records = ((n, line.split("\t")) for n, line in numbered_lines(text) if line.strip() or "\t" in line)
     else:
         records = _jsonl_records(path, text)
     for number, fields in records:
@@ -102,7 +102,7 @@ def _csv_records(path: Path, reader: Iterator[list[str]]) -> Iterator[tuple[int,
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, list | dict]]:
     first = True
-    for number, line in _lines(text):
+    for number, line in numbered_lines(text):
         if not line.strip():
             continue
         try:
@@ -118,7 +118,8 @@ def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, list | dict]]:
         yield number, obj
 
 
-def _text(path: Path, line: int, column: str, value: object) -> str:
+def parse_text(path: Path, line: int, column: str, value: object) -> str:
+    """The text ``value`` of ``column`` at ``path:line``; an error unless it is a non-blank string."""
     if not isinstance(value, str):
         raise ValueError(f"{path}:{line}: column {column!r} must be text, got {value!r}")
     if not value.strip():
@@ -126,7 +127,8 @@ def _text(path: Path, line: int, column: str, value: object) -> str:
     return value
 
 
-def _score(path: Path, line: int, column: str, value: object) -> float:
+def parse_score(path: Path, line: int, column: str, value: object) -> float:
+    """The finite number ``value`` of ``column`` at ``path:line``; an error names the place and the value."""
     try:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise TypeError
@@ -138,7 +140,8 @@ def _score(path: Path, line: int, column: str, value: object) -> float:
     return score
 
 
-def _select(path: Path, header: list[str], wanted: Sequence[str], expected_what: str) -> list[int]:
+def select_columns(path: Path, header: list[str], wanted: Sequence[str], expected_what: str) -> list[int]:
+    """Indices of the ``wanted`` columns in ``header``; an error names the missing ones and what they are for."""
     missing = [c for c in wanted if c not in header]
     if missing:
         raise ValueError(f"{path}:1: missing column(s) {missing}; found {header}, expected {list(wanted)} "
