@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(**spec)), flush=True)
         return 0
 
-    from matryoshka2d.io.atomic import atomic_write_json, library_versions
+    from matryoshka2d.io.atomic import atomic_write_json
+    from matryoshka2d.io.manifest import library_versions
 
     runs = [{"layer": int(r.split(":")[0]), "n": int(r.split(":")[1])} for r in args.runs]
     results = []

@@ -13,7 +13,8 @@ from scipy import stats
 from matryoshka2d.cli import main
 from matryoshka2d.data.datasets import STS_SETS
 from matryoshka2d.evaluation.compare import PairedBootstrap, compare_results, paired_bootstrap
-from matryoshka2d.evaluation.grid import GridResult, correlations
+from matryoshka2d.evaluation.grid import GridResult
+from matryoshka2d.evaluation.metrics import correlations
 
 
 # ----------------------------------------------------------------------------------- bootstrap

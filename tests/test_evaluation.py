@@ -14,7 +14,9 @@ from scipy import stats
 
 from matryoshka2d.cli import main
 from matryoshka2d.data.datasets import STS_SETS, ScoredPairs
-from matryoshka2d.evaluation.grid import GridResult, evaluate_grid, exit_cosines, matryoshka_dims
+from matryoshka2d.encoder.model import matryoshka_dims
+from matryoshka2d.evaluation.grid import GridResult, evaluate_grid
+from matryoshka2d.evaluation.metrics import exit_cosines
 
 WORDS = ("a man woman dog cat child is playing eating running on in the park street guitar piano ball food "
          "water tree small big red blue green happy sad fast slow book house car river").split()

@@ -17,7 +17,7 @@ from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.cli import main
 from matryoshka2d.encoder import architectures
 from matryoshka2d.export.exporter import VERIFY_TEXTS, export_model
-from matryoshka2d.io.atomic import verify_manifest
+from matryoshka2d.io.manifest import verify_manifest
 
 COSINE = 0.99999
 
@@ -375,7 +375,7 @@ def _stsb_test(shared_data: Path):
 @pytest.mark.slow
 def test_real_minilm_exit_scores_the_same_in_a_fresh_sentence_transformer(shared_data, tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    from matryoshka2d.export.exporter import sts_spearman
+    from matryoshka2d.evaluation.metrics import sts_spearman
 
     pairs = _stsb_test(shared_data)
     model = MatryoshkaEncoder.from_pretrained("minilm")

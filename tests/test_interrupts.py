@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import WORDS, build_tiny_model
-from matryoshka2d.io.atomic import verify_manifest
+from matryoshka2d.io.manifest import verify_manifest
 from matryoshka2d.training import checkpoint as ckpt
 from matryoshka2d.training.config import load_config
 from matryoshka2d.training.loop import LOG_FILE, TrainingDivergedError, train

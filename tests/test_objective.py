@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka2d.encoder import architectures
+from matryoshka2d.encoder.model import matryoshka_dims
 from matryoshka2d.losses.base import CoSENTLoss, InBatchNegativesLoss, build_base_loss
 from matryoshka2d.losses.objective import (
     STRATEGIES,
     TwoDMatryoshkaLoss,
-    default_dims,
     default_starbucks_pairs,
     depth_weight,
 )
@@ -189,9 +189,9 @@ def test_starbucks_default_pairs():
     assert default_starbucks_pairs(4, 32) == ((2, 8), (3, 16), (4, 32))
     assert default_starbucks_pairs(6, 384) == ((1, 16), (2, 32), (3, 64), (4, 128), (5, 256), (6, 384))
     assert default_starbucks_pairs(2, 768) == ((1, 512), (2, 768))
-    assert default_dims(768) == (8, 16, 32, 64, 128, 256, 512, 768)
-    assert default_dims(384) == (8, 16, 32, 64, 128, 256, 384)
-    assert default_dims(4) == (4,)
+    assert matryoshka_dims(768) == [8, 16, 32, 64, 128, 256, 512, 768]
+    assert matryoshka_dims(384) == [8, 16, 32, 64, 128, 256, 384]
+    assert matryoshka_dims(4) == [4]
 
 
 # ----------------------------------------------------------------------------------------- gradients

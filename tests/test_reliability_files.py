@@ -17,15 +17,8 @@ import pytest
 from conftest import SENTENCES
 from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.io import atomic as serialization
-from matryoshka2d.io.atomic import (
-    MANIFEST_NAME,
-    atomic_dir,
-    atomic_open,
-    atomic_write_json,
-    remove_stale_siblings,
-    verify_manifest,
-    write_manifest,
-)
+from matryoshka2d.io.atomic import atomic_dir, atomic_open, atomic_write_json, remove_stale_siblings
+from matryoshka2d.io.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 
 _FORK = multiprocessing.get_context("fork")  # the children only run serialization code, no torch
 

@@ -183,7 +183,7 @@ def test_separate_trains_a_truncated_model_with_accumulation(tiny_dir: Path, dat
 
 # ----------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_is_complete_verified_and_loadable(straight) -> None:
-    from matryoshka2d.io.atomic import verify_manifest
+    from matryoshka2d.io.manifest import verify_manifest
 
     folder = ckpt.latest_checkpoint(straight.run_dir)
     assert folder.name == "step-00000008"
@@ -233,7 +233,7 @@ class _Payload:
 
 
 def test_loading_never_unpickles_objects_and_detects_damage(tmp_path: Path) -> None:
-    from matryoshka2d.io.atomic import write_manifest
+    from matryoshka2d.io.manifest import write_manifest
 
     folder = ckpt.save_checkpoint(tmp_path, 1, model={"w": torch.ones(2)}, optimizer={"state": {}},
                                   scheduler={}, rng=[ckpt.capture_rng()], state={"step": 1}, keep_last=1)
@@ -314,7 +314,7 @@ def test_existing_run_folder_and_bad_resume(straight, tiny_dir: Path, data_dir: 
 def test_nan_loss_stops_with_the_step_and_part_and_keeps_the_checkpoint(tiny_dir: Path, data_dir: Path,
                                                                         tmp_path: Path, monkeypatch) -> None:
     from matryoshka2d.cli import main
-    from matryoshka2d.io.atomic import verify_manifest
+    from matryoshka2d.io.manifest import verify_manifest
     from matryoshka2d.losses.objective import TwoDMatryoshkaLoss
 
     original = TwoDMatryoshkaLoss.forward

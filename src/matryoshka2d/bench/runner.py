@@ -31,7 +31,7 @@ from matryoshka2d.bench.result import COMPILED, MAX_SPEARMAN_DROP, MIN_COSINE, O
 from matryoshka2d.bench.timing import PeakMemory, _add_quality, _Config, _records, _time_all
 from matryoshka2d.encoder import architectures
 from matryoshka2d.encoder.tokenization import tokenize_unpadded
-from matryoshka2d.io.atomic import library_versions
+from matryoshka2d.io.manifest import library_versions
 
 if TYPE_CHECKING:
     from matryoshka2d.data.datasets import ScoredPairs

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from matryoshka2d.bench.result import COMPILED, PEER
+from matryoshka2d.evaluation.metrics import correlations, pair_cosines, row_cosines
 
 if TYPE_CHECKING:
     from matryoshka2d.bench.runner import BenchmarkSettings
@@ -170,18 +171,10 @@ def _add_quality(records: list[dict[str, Any]], configs: list[_Config], texts: l
 
 
 def _cosine(a: np.ndarray | None, b: np.ndarray | None, reduce: Callable[..., Any] = np.mean) -> float:
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return float(reduce((a64 * b64).sum(1) / np.maximum(den, 1e-12)))
+    return float(reduce(row_cosines(a, b)))  # type: ignore[arg-type]
 
 
 def _spearman(emb: np.ndarray | None, texts: list[str], pairs: ScoredPairs) -> float | None:
     """Spearman x100 of cosine vs gold on ``pairs``, if every pair sentence is among ``texts``."""
-    from scipy.stats import spearmanr
-
-    row = {t: i for i, t in enumerate(texts)}
-    if emb is None or any(t not in row for t in (*pairs.sentences1, *pairs.sentences2)):
-        return None
-    a, b = emb[[row[t] for t in pairs.sentences1]], emb[[row[t] for t in pairs.sentences2]]
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(spearmanr(cos, pairs.scores).statistic * 100)
+    cosines = None if emb is None else pair_cosines(emb, texts, pairs)
+    return None if cosines is None else correlations(np.asarray(pairs.scores, dtype=np.float64), cosines)[0]

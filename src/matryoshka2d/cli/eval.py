@@ -49,7 +49,7 @@ def parse_sets(text: str) -> list[str]:
 
 def parse_dims(text: str, hidden_size: int) -> list[int]:
     """``"all"`` -> the Matryoshka dims of ``hidden_size``, else integers within ``1..hidden_size``."""
-    from matryoshka2d.evaluation.grid import matryoshka_dims
+    from matryoshka2d.encoder.model import matryoshka_dims
 
     if text.strip().lower() == "all":
         return matryoshka_dims(hidden_size)

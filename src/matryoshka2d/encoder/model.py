@@ -18,11 +18,25 @@ from torch import nn
 
 from matryoshka2d.encoder import architectures, heads
 from matryoshka2d.encoder.batching import embed_layers
-from matryoshka2d.encoder.heads import ExitHeadKind
-from matryoshka2d.encoder.pooling import PoolingMode, check_pooling, pool
+from matryoshka2d.encoder.pooling import check_pooling, pool
 from matryoshka2d.encoder.tokenization import FEATURE_KEYS, check_texts, default_max_length
+from matryoshka2d.io.folder import ExitHeadsState, read_model_folder, write_model_folder
+from matryoshka2d.vocab import ExitHeadKind, PoolingMode
 
 logger = logging.getLogger(__name__)
+
+_OWN_KEYS = ("default_layer", "default_dim", "exit_heads")  # saved from the model, not from its metadata
+
+
+def matryoshka_dims(hidden_size: int) -> list[int]:
+    """The default dims: 8, 16, 32, ... doubling while below ``hidden_size``, then ``hidden_size``."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) or hidden_size < 1:
+        raise ValueError(f"hidden_size {hidden_size!r} must be a positive integer")
+    dims, d = [], 8
+    while d < hidden_size:
+        dims.append(d)
+        d *= 2
+    return [*dims, int(hidden_size)]
 
 
 class MatryoshkaEncoder(nn.Module):
@@ -245,7 +259,14 @@ class MatryoshkaEncoder(nn.Module):
             ValueError: an unknown kind, a layer outside ``1..N``, or heads of another kind already present.
         """
         kind = heads.check_kind(kind)
-        chosen = heads.check_layers(self, layers)
+        if layers is None:
+            chosen = list(range(1, self.num_layers))
+        elif isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+            raise ValueError(f"layers must be a list of exit layers, got {layers!r}; pass e.g. [1, 2, 3] or None")
+        elif any(m is None for m in layers):
+            raise ValueError(f"layers {list(layers)} holds None; pass exit layers in 1..{self.num_layers}")
+        else:
+            chosen = sorted({self.check_layer(m) for m in layers})
         if self.exit_head_kind is not None and self.exit_head_kind != kind:
             raise ValueError(f"this model already has {self.exit_head_kind} exit heads (layers "
                              f"{self.exit_head_layers}); one model holds one kind of head, so add {kind!r} "
@@ -279,11 +300,15 @@ class MatryoshkaEncoder(nn.Module):
         Raises:
             ValueError: missing path, not a model, unsupported architecture, unknown pooling.
         """
-        from matryoshka2d.io.folder import load_encoder
-
-        model = load_encoder(
-            name_or_path, pooling=pooling, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
-        )
+        if pooling is not None:
+            check_pooling(pooling)
+        folder = read_model_folder(name_or_path, depth_of=architectures.config_depth,
+                                   trust_remote_code=trust_remote_code)
+        model = cls(folder.backbone, folder.tokenizer, pooling=pooling or folder.pooling or "mean",
+                    max_seq_length=max_seq_length or folder.max_seq_length, metadata=folder.metadata)
+        if folder.heads is not None:
+            model.add_exit_heads(folder.heads.kind, layers=folder.heads.layers)  # type: ignore[arg-type]
+            model.exit_heads.load_state_dict(folder.heads.tensors)
         return model.to(device) if device is not None else model
 
     load = from_pretrained
@@ -294,9 +319,27 @@ class MatryoshkaEncoder(nn.Module):
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is false.
         """
-        from matryoshka2d.io.folder import save_encoder
+        heads = self.exit_heads_state()
+        config = {
+            "pooling": self.pooling,
+            "max_seq_length": self.max_seq_length,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "default_layer": self.default_layer,
+            "default_dim": self.default_dim,
+            **({"exit_heads": heads.entry()} if heads else {}),
+            **{k: v for k, v in self.metadata.items() if k not in _OWN_KEYS},
+        }
+        return write_model_folder(path, backbone=self.backbone, tokenizer=self.tokenizer, config=config,
+                                  heads=heads, overwrite=overwrite)
 
-        return save_encoder(self, path, overwrite=overwrite)
+    def exit_heads_state(self) -> ExitHeadsState | None:
+        """The exit heads as a folder stores them (CPU tensors); ``None`` without heads."""
+        layers = self.exit_head_layers
+        if not layers:
+            return None
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.exit_heads.state_dict().items()}
+        return ExitHeadsState(str(self.exit_head_kind), layers, tensors)
 
     def describe(self) -> dict[str, Any]:
         """Architecture facts and parameters per exit (what ``m2d info`` prints).

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 
-PoolingMode = Literal["cls", "mean", "cls_avg", "max", "last"]
-POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
+from matryoshka2d.vocab import POOLING_MODES, PoolingMode
 
 
 def check_pooling(mode: str) -> PoolingMode:

@@ -12,55 +12,23 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
 
 from matryoshka2d.data.datasets import STS_SETS, ScoredPairs
 from matryoshka2d.encoder.batching import embed_layers
+from matryoshka2d.encoder.model import matryoshka_dims
+from matryoshka2d.evaluation.metrics import correlations, exit_cosines
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 Metric = Literal["spearman", "pearson"]
 AVG = "avg"
-
-
-def matryoshka_dims(hidden_size: int) -> list[int]:
-    """The default dims: 8, 16, 32, ... doubling while below ``hidden_size``, then ``hidden_size``."""
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) or hidden_size < 1:
-        raise ValueError(f"hidden_size {hidden_size!r} must be a positive integer")
-    dims, d = [], 8
-    while d < hidden_size:
-        dims.append(d)
-        d *= 2
-    return [*dims, int(hidden_size)]
-
-
-def exit_cosines(emb: np.ndarray, idx1: np.ndarray, idx2: np.ndarray, dims: Sequence[int]) -> np.ndarray:
-    """Cosine of each pair at every dim in ``dims`` (prefix ``[:d]``, L2-normalised), shape (len(dims), P).
-
-    Prefix dot products and squared norms come from cumulative sums, so all dims cost one pass.
-    """
-    a, b = emb[idx1].astype(np.float64), emb[idx2].astype(np.float64)
-    cols = np.asarray(dims) - 1
-    dot = np.cumsum(a * b, axis=1)[:, cols]
-    norms = np.sqrt(np.cumsum(a * a, axis=1)[:, cols] * np.cumsum(b * b, axis=1)[:, cols])
-    return (dot / np.maximum(norms, 1e-12)).T
-
-
-def correlations(gold: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
-    """(Spearman, Pearson) x100; NaN when either side is constant."""
-    if np.ptp(pred) == 0 or np.ptp(gold) == 0:
-        return math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return 100 * float(stats.spearmanr(gold, pred)[0]), 100 * float(stats.pearsonr(gold, pred)[0])
 
 
 @dataclass

@@ -8,11 +8,15 @@ ONNX graph is checked by :mod:`matryoshka2d.export.onnx` with the helpers here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -52,13 +56,13 @@ def require_sentence_transformers() -> None:
         ) from None
 
 
-def _verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarray,
+def verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarray,
                    pairs: ScoredPairsLike | None, model: MatryoshkaEncoder, n: int, d: int) -> dict[str, Any]:
     """Load ``folder`` back (ours, and sentence-transformers for that format); compare with ``reference``."""
-    from matryoshka2d.io.folder import load_encoder
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
 
     report: dict[str, Any] = {}
-    loaded = load_encoder(folder)
+    loaded = MatryoshkaEncoder.from_pretrained(folder)
     if loaded.num_layers != n or loaded.default_layer != n or loaded.default_dim != d:
         raise RuntimeError(f"the exported folder loads with {loaded.num_layers} layers and default exit "
                            f"({loaded.default_layer}, {loaded.default_dim}), expected ({n}, {d}); "
@@ -77,7 +81,7 @@ def _verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarr
         got = st.encode(texts, convert_to_numpy=True)
         if got.shape != reference.shape:
             raise RuntimeError(f"SentenceTransformer returns {got.shape[1]}-dim embeddings, expected {d}")
-        cosine = float(min_cosine(got, reference))
+        cosine = float(row_cosines(got, reference).min())
         report.update({"sentence_transformers_min_cosine": round(cosine, 7),
                        "sentence_transformers_max_abs_diff": float(np.abs(got - reference).max()),
                        "sentence_transformers_dim": int(got.shape[1])})
@@ -95,22 +99,13 @@ def _verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarr
     return report
 
 
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine between two embedding matrices."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    num = (a64 * b64).sum(1)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return float((num / np.maximum(den, 1e-12)).min())
-
-
-def sts_spearman(encode: Callable[[Sequence[str]], np.ndarray], pairs: ScoredPairsLike) -> float:
-    """Spearman x100 between the cosine of each pair's embeddings and its gold score."""
-    from scipy.stats import spearmanr
-
-    unique = list(dict.fromkeys([*pairs.sentences1, *pairs.sentences2]))
-    index = {t: i for i, t in enumerate(unique)}
-    emb = encode(unique).astype(np.float64)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    a = emb[[index[t] for t in pairs.sentences1]]
-    b = emb[[index[t] for t in pairs.sentences2]]
-    return float(spearmanr((a * b).sum(1), pairs.scores).statistic * 100)
+@contextlib.contextmanager
+def quiet_logger(name: str | None, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise logger ``name``'s level (``None``: the root logger) within the context, for expected messages."""
+    target = logging.getLogger(name)
+    old = target.level
+    target.setLevel(level)
+    try:
+        yield
+    finally:
+        target.setLevel(old)

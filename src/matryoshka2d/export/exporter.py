@@ -22,63 +22,32 @@ model card (see :mod:`matryoshka2d.export.checks`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from matryoshka2d.encoder.heads import folded_dense, save_heads
 from matryoshka2d.export.checks import (
-    RELOAD_MAX_ABS_DIFF,
-    ST_MIN_COSINE,
     VERIFY_TEXTS,
     ScoredPairsLike,
-    _verify_folder,
-    min_cosine,
+    quiet_logger,
     require_sentence_transformers,
-    sts_spearman,
+    verify_folder,
 )
-from matryoshka2d.io.atomic import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    atomic_dir,
-    library_versions,
-    write_manifest,
-)
+from matryoshka2d.export.hf import dropped_pooler, installed_version, write_backbone, write_sentence_transformers_layout
+from matryoshka2d.io.atomic import atomic_dir
+from matryoshka2d.io.folder import write_heads
+from matryoshka2d.io.manifest import CONFIG_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, write_manifest
 from matryoshka2d.io.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
+from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, ExportFormat, Quantization
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
 
 logger = logging.getLogger(__name__)
-
-ExportFormat = Literal["hf", "sentence-transformers", "onnx"]
-FORMATS: tuple[str, ...] = get_args(ExportFormat)
-_FORMAT_ALIASES = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
-Quantization = Literal["int8"]
-
-__all__ = [  # the checks are defined in export_checks and re-exported here
-    "FORMATS", "RELOAD_MAX_ABS_DIFF", "ST_MIN_COSINE", "VERIFY_TEXTS", "ExportFormat", "Quantization",
-    "ScoredPairsLike", "check_format", "export_model", "min_cosine", "quiet_logger", "require_sentence_transformers",
-    "sts_spearman", "write_tokenizer",
-]
-
-
-# sentence-transformers pooling names for each of our modes (cls_avg = CLS and mean, averaged by 2_Dense)
-_ST_MODES: dict[str, tuple[str, ...]] = {
-    "mean": ("mean",), "cls": ("cls",), "max": ("max",), "last": ("lasttoken",), "cls_avg": ("cls", "mean"),
-}
-_ST_LEGACY_KEYS = {  # sentence-transformers' pooling flags, readable by every version since 2.x
-    "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
-    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
-    "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
-}
 
 
 def check_format(fmt: str) -> ExportFormat:
@@ -87,7 +56,7 @@ def check_format(fmt: str) -> ExportFormat:
     Raises:
         ValueError: an unknown format.
     """
-    canonical = _FORMAT_ALIASES.get(fmt, fmt)
+    canonical = FORMAT_ALIASES.get(fmt, fmt)
     if canonical not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return canonical  # type: ignore[return-value]
@@ -161,7 +130,7 @@ def export_model(
     pairs = _resolve_sts(sts)
     texts = list(VERIFY_TEXTS)
     sub = model.truncate(n).eval()
-    with quiet_logger("matryoshka2d.encoder.model"):  # the long check text is truncated on purpose
+    with quiet_logger("matryoshka2d.encoder.batching"):  # the long check text is truncated on purpose
         reference = model.encode(texts, layer=n, dim=d)
     with atomic_dir(final, overwrite=overwrite) as tmp:
         if fmt == "onnx":  # traced and checked in fp32 on the CPU, where onnxruntime runs it here
@@ -170,17 +139,17 @@ def export_model(
                 reference=reference, sts=pairs,
             )
         else:
-            _write_backbone(sub, tmp)
-            heads = save_heads(sub, tmp)
+            write_backbone(sub, tmp)
+            heads = sub.exit_heads_state()
             if heads:
-                meta["exit_heads"] = heads
+                meta["exit_heads"] = write_heads(tmp, heads)
             if fmt == "sentence-transformers":
-                _write_sentence_transformers_layout(sub, tmp, d)
+                write_sentence_transformers_layout(sub, tmp, d)
             meta["export"] = {"format": fmt, "files": _list_files(tmp)}
             _write_meta(tmp, meta)
             if verify:
-                with quiet_logger("matryoshka2d.encoder.model"):
-                    meta["export"]["verification"] = _verify_folder(
+                with quiet_logger("matryoshka2d.encoder.batching"):
+                    meta["export"]["verification"] = verify_folder(
                         tmp, fmt, texts, reference, pairs, model, n, d
                     )
         if pairs is not None:
@@ -211,7 +180,7 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
     versions = library_versions()
     extras = {"sentence-transformers": ("sentence_transformers",), "onnx": ("onnx", "onnxruntime")}
     for package in extras.get(fmt, ()):
-        versions[package] = _installed_version(package) or "not installed"
+        versions[package] = installed_version(package) or "not installed"
     return {
         "format_version": FORMAT_VERSION,
         "pooling": model.pooling,
@@ -220,8 +189,8 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
         "hidden_size": model.hidden_size,
         "default_layer": n,
         "default_dim": d,
-        "architecture": _hf(model).config.model_type,
-        **({"transformers_kwargs": {"add_pooling_layer": False}} if _dropped_pooler(model) else {}),
+        "architecture": model.backbone.config.model_type,
+        **({"transformers_kwargs": {"add_pooling_layer": False}} if dropped_pooler(model) else {}),
         **inherited,
         "exported_from": {
             "source": str(model.metadata.get("source", "unknown")),
@@ -232,40 +201,6 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
         },
         "library_versions": versions,
     }
-
-
-def _hf(model: MatryoshkaEncoder) -> Any:
-    """The backbone as the transformers model it is (``nn.Module`` attribute typing hides ``config``)."""
-    return model.backbone
-
-
-def _dropped_pooler(model: MatryoshkaEncoder) -> bool:
-    """True when the backbone class builds a task pooler that our weights lack (loaders must skip it)."""
-    import inspect
-
-    init = inspect.signature(type(model.backbone).__init__).parameters
-    return "add_pooling_layer" in init and getattr(model.backbone, "pooler", None) is None
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str | None, level: int = logging.ERROR) -> Iterator[None]:
-    """Raise logger ``name``'s level (``None``: the root logger) within the context, for expected messages."""
-    target = logging.getLogger(name)
-    old = target.level
-    target.setLevel(level)
-    try:
-        yield
-    finally:
-        target.setLevel(old)
-
-
-def _installed_version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package.replace("_", "-"))
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -286,92 +221,3 @@ def _resolve_sts(sts: ScoredPairsLike | str | None) -> ScoredPairsLike | None:
     return load_sts(sts)
 
 
-# ----------------------------------------------------------------------------------- writers
-def write_tokenizer(model: MatryoshkaEncoder, folder: Path) -> None:
-    """Save the tokenizer with ``model_max_length`` set to the model's ``max_seq_length``.
-
-    Plain ``tokenizer(..., truncation=True)`` then truncates where the exported model was evaluated.
-    """
-    model.tokenizer.save_pretrained(folder)
-    cfg_path = folder / "tokenizer_config.json"
-    if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        cfg["model_max_length"] = model.max_seq_length
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _write_backbone(sub: MatryoshkaEncoder, folder: Path) -> None:
-    _hf(sub).save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(sub, folder)
-
-
-def _write_sentence_transformers_layout(sub: MatryoshkaEncoder, folder: Path, dim: int) -> None:
-    """Transformer (the root) -> Pooling -> [Dense: the exit's head] -> [Dense: keep ``dim`` coords /
-    average CLS+mean] -> Normalize.
-
-    sentence-transformers applies ``truncate_dim`` after all modules, i.e. after ``Normalize``, which would
-    leave vectors of norm < 1; the Dense module truncates before normalising instead. ``truncate_dim`` is
-    still recorded so ``get_sentence_embedding_dimension()`` and tools reading the config see ``dim``.
-    The head acts on the pooled vector before truncation, as in :meth:`MatryoshkaEncoder.forward`; with
-    ``cls_avg`` it also takes over the averaging of the concatenated CLS and mean vectors.
-    """
-    import torch
-
-    hidden = sub.hidden_size
-    modes = _ST_MODES[sub.pooling]
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    sbert: dict[str, Any] = {"max_seq_length": sub.max_seq_length, "do_lower_case": False}
-    if _dropped_pooler(sub):
-        sbert["model_args"] = {"add_pooling_layer": False}  # read by every sentence-transformers since 2.x
-    _json(folder / "sentence_bert_config.json", sbert)
-    _json(folder / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": hidden, **{key: mode in modes for mode, key in _ST_LEGACY_KEYS.items()},
-        "include_prompt": True,
-    })
-    width = hidden * len(modes)  # what Pooling returns (the modes concatenated)
-    if sub.num_layers in sub.exit_head_layers:
-        weight, bias = folded_dense(sub.exit_heads[str(sub.num_layers)], len(modes))
-        _write_dense(folder, modules, weight, bias)
-        width = hidden
-    if dim < hidden or width > hidden:
-        # row i picks coordinate i of each concatenated pooled vector, weighted 1/len(modes): exact in fp32
-        parts = width // hidden
-        weight = torch.zeros(dim, width)
-        for k in range(parts):
-            weight[:, k * hidden : k * hidden + dim] = torch.eye(dim) / parts
-        _write_dense(folder, modules, weight, None)
-    idx = len(modules)
-    _json(folder / f"{idx}_Normalize" / "config.json", {})
-    modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
-                    "type": "sentence_transformers.models.Normalize"})
-    _json(folder / "modules.json", modules)
-    versions = {"transformers": library_versions()["transformers"], "pytorch": torch.__version__}
-    st_version = _installed_version("sentence_transformers")
-    if st_version:
-        versions["sentence_transformers"] = st_version
-    _json(folder / "config_sentence_transformers.json", {
-        "__version__": versions, "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
-        "truncate_dim": dim,
-    })
-
-
-def _write_dense(folder: Path, modules: list[dict[str, Any]], weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-    """Append a sentence-transformers ``Dense`` (identity activation) computing ``x @ weight.T (+ bias)``."""
-    from safetensors.torch import save_file
-
-    idx = len(modules)
-    path = folder / f"{idx}_Dense"
-    path.mkdir()
-    tensors = {"linear.weight": weight.contiguous(), **({"linear.bias": bias.contiguous()} if bias is not None
-                                                       else {})}
-    save_file(tensors, str(path / "model.safetensors"))
-    _json(path / "config.json", {"in_features": weight.shape[1], "out_features": weight.shape[0],
-                                 "bias": bias is not None, "activation_function": "torch.nn.modules.linear.Identity"})
-    modules.append({"idx": idx, "name": str(idx), "path": path.name, "type": "sentence_transformers.models.Dense"})
-
-
-def _json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

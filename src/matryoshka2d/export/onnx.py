@@ -25,8 +25,9 @@ from torch import nn
 from matryoshka2d.encoder.heads import apply_head
 from matryoshka2d.encoder.pooling import PoolingMode, pool
 from matryoshka2d.encoder.tokenization import TokenBatches, check_texts
-from matryoshka2d.export.checks import ScoredPairsLike, min_cosine, sts_spearman
-from matryoshka2d.export.exporter import quiet_logger, write_tokenizer
+from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
+from matryoshka2d.export.checks import ScoredPairsLike, quiet_logger
+from matryoshka2d.export.hf import write_tokenizer
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -155,7 +156,7 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
     check = _check_graph(fp32, graph, model, texts, names)
     end_to_end = fp32.encode(texts)
     check.update({"onnxruntime_vs_source_max_abs_diff": float(np.abs(end_to_end - reference).max()),
-                  "onnxruntime_vs_source_min_cosine": round(min_cosine(end_to_end, reference), 7)})
+                  "onnxruntime_vs_source_min_cosine": round(float(row_cosines(end_to_end, reference).min()), 7)})
     if check["onnxruntime_vs_source_max_abs_diff"] > MAX_ABS_DIFF:
         raise ValueError(f"the ONNX folder's embeddings differ from the source exit by "
                          f"{check['onnxruntime_vs_source_max_abs_diff']:.2e} (limit {MAX_ABS_DIFF:.0e}); "

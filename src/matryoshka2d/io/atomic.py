@@ -1,9 +1,8 @@
-"""Atomic writes, manifests and the ``matryoshka2d.json`` model-folder config.
+"""Atomic writes: folders and files appear complete or not at all.
 
 Every folder the library saves (models, checkpoints, exports) is written into a temporary sibling and
 renamed into place, so a crash leaves either the old complete folder or the new complete one; single
-files (results JSON, arrays) go the same way. A manifest records each file's size and SHA-256 so that a
-truncated or altered file is named when the folder is loaded. See ``docs/reliability.md``.
+files (results JSON, arrays) go the same way. See ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -27,26 +26,6 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_NAME = "matryoshka2d.json"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape a saved model (recorded in every saved folder)."""
-    import tokenizers
-    import torch
-    import transformers
-
-    from matryoshka2d._version import __version__
-
-    return {
-        "matryoshka2d": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-    }
-
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
@@ -245,92 +224,3 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def read_model_config(folder: Path) -> dict[str, Any]:
-    """Read ``matryoshka2d.json`` from ``folder``.
-
-    Raises:
-        ValueError: unreadable JSON or a ``format_version`` newer than this library understands.
-    """
-    path = folder / CONFIG_NAME
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not readable JSON ({e}); re-save the model or remove the file") from e
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"{path}: format_version {version!r} is not a positive integer")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {version} is newer than this library supports ({FORMAT_VERSION}); "
-            "upgrade matryoshka2d (pip install -U matryoshka2d)"
-        )
-    return meta
-
-
-MANIFEST_NAME = "manifest.json"
-
-
-def write_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Record size and SHA-256 of every file under ``folder`` in ``manifest.json``.
-
-    Call it last, inside :func:`atomic_dir`, so the manifest describes exactly what is renamed into place.
-
-    Returns:
-        The manifest (``{"format_version": 1, "files": {relative path: {"size", "sha256"}}}``).
-    """
-    root = Path(folder)
-    files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        name = path.relative_to(root).as_posix()
-        if name != MANIFEST_NAME:
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "files": files}
-    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def verify_manifest(folder: str | os.PathLike[str]) -> None:
-    """Check every file listed in ``folder/manifest.json`` (size, then SHA-256).
-
-    Raises:
-        ValueError: a missing, truncated or altered file (every damaged one is named), or a missing,
-            unreadable or malformed manifest.
-    """
-    root = Path(folder)
-    path = root / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is missing or unreadable ({e}); the folder is incomplete or damaged") from e
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-        raise ValueError(f"{path} is not a matryoshka2d manifest (no 'files' table of sizes and checksums); "
-                         "the folder is damaged, or delete the file if another tool wrote it")
-    problems = []
-    for name, expected in files.items():
-        file = root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            problems.append(f"{name} (a path outside the folder)")
-        elif not file.is_file():
-            problems.append(f"{file} (missing)")
-        elif (size := file.stat().st_size) != expected.get("size"):
-            problems.append(f"{file} ({size} bytes, the manifest says {expected.get('size')}: "
-                            "truncated or altered)")
-        elif _sha256(file) != expected.get("sha256"):
-            problems.append(f"{file} (same size, different SHA-256: altered)")
-    if problems:
-        raise ValueError(
-            f"{root} is damaged: {len(problems)} of {len(files)} files differ from {MANIFEST_NAME}: "
-            + "; ".join(problems) + ". Re-save or re-copy the folder (or load an earlier checkpoint); if you "
-            f"edited these files on purpose, delete {MANIFEST_NAME}"
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,4 +1,9 @@
-"""Finding and reading model folders (ours, sentence-transformers', plain Hugging Face) and saving ours."""
+"""Model folders: finding and reading ours, sentence-transformers' and plain Hugging Face ones; writing ours.
+
+:func:`read_model_folder` returns the parts of a folder (backbone, tokenizer, facts, exit heads) checked
+against each other; :class:`~matryoshka2d.encoder.model.MatryoshkaEncoder` assembles itself from them, and
+:func:`write_model_folder` is the way back. Nothing here knows the encoder class.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,23 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from matryoshka2d.encoder import architectures
-from matryoshka2d.encoder.heads import HEADS_FILE, load_heads, save_heads
-from matryoshka2d.encoder.pooling import PoolingMode, check_pooling
-from matryoshka2d.io.atomic import (
+from matryoshka2d.io.atomic import atomic_dir
+from matryoshka2d.io.manifest import (
     CONFIG_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    atomic_dir,
     library_versions,
     read_model_config,
     verify_manifest,
     write_manifest,
 )
-
-if TYPE_CHECKING:
-    from matryoshka2d.encoder.model import MatryoshkaEncoder
+from matryoshka2d.io.modelcard import write_model_card
+from matryoshka2d.vocab import EXIT_HEAD_KINDS, ST_POOLING_FLAGS, PoolingMode, pooling_from_st
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +38,47 @@ ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2
 # the unused task pooler is dropped so every parameter gets a gradient (DDP needs that)
 _HAS_POOLER = ("bert", "roberta", "xlm-roberta", "camembert")
 
-_ST_LEGACY_POOLING = {  # sentence-transformers < 5 1_Pooling/config.json flag -> its mode name
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
+HEADS_FILE = "exit_heads.safetensors"
+
+
+@dataclass
+class ExitHeadsState:
+    """Exit heads as a folder stores them.
+
+    Attributes:
+        kind: one of :data:`~matryoshka2d.vocab.EXIT_HEAD_KINDS`.
+        layers: the exits with a head, ascending.
+        tensors: ``{"<layer>.weight": (D, D), "<layer>.bias": (D,)}`` float tensors on the CPU.
+    """
+
+    kind: str
+    layers: list[int]
+    tensors: dict[str, Any]
+
+    def entry(self) -> dict[str, Any]:
+        """The ``exit_heads`` entry of ``matryoshka2d.json``."""
+        return {"kind": self.kind, "layers": list(self.layers)}
+
+
+@dataclass
+class ModelFolder:
+    """What :func:`read_model_folder` found.
+
+    Attributes:
+        backbone: the ``transformers`` model (no task pooler).
+        tokenizer: its tokenizer.
+        pooling: the pooling the folder records (``None``: it records none).
+        max_seq_length: the token limit it records (``None``: none).
+        metadata: the rest of ``matryoshka2d.json`` (training, source, defaults...), with ``source`` set.
+        heads: the exit heads it holds, checked against the backbone's depth and width.
+    """
+
+    backbone: Any
+    tokenizer: Any
+    pooling: PoolingMode | None
+    max_seq_length: int | None
+    metadata: dict[str, Any]
+    heads: ExitHeadsState | None
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
@@ -87,9 +122,6 @@ def read_sentence_transformers_folder(folder: Path) -> tuple[Path, PoolingMode |
     return transformer_dir, pooling, max_len
 
 
-_ST_POOLING_NAMES = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last"}  # ST name -> ours
-
-
 def _st_pooling_mode(cfg: dict[str, Any]) -> PoolingMode:
     """Our mode for a ``1_Pooling/config.json`` (legacy ``pooling_mode_*`` flags or ST >= 5 ``pooling_mode``).
 
@@ -100,8 +132,8 @@ def _st_pooling_mode(cfg: dict[str, Any]) -> PoolingMode:
     if named is not None:
         names = [named] if isinstance(named, str) else list(named)
     else:
-        names = [name for key, name in _ST_LEGACY_POOLING.items() if cfg.get(key)]
-    on = [_ST_POOLING_NAMES.get(name) for name in names]
+        names = [name for name, flag in ST_POOLING_FLAGS.items() if cfg.get(flag)]
+    on = [pooling_from_st(name) for name in names]
     if len(on) != 1 or on[0] is None:
         raise ValueError(
             f"sentence-transformers pooling {names} has no matryoshka2d equivalent (several modes are "
@@ -127,14 +159,19 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_encoder(
+def read_model_folder(
     name_or_path: str | os.PathLike[str] | None,
     *,
-    pooling: PoolingMode | None = None,
-    max_seq_length: int | None = None,
+    depth_of: Callable[[Any], int],
     trust_remote_code: bool = False,
-) -> MatryoshkaEncoder:
-    """See :meth:`MatryoshkaEncoder.from_pretrained`.
+) -> ModelFolder:
+    """Read a model folder or hub id (see :meth:`MatryoshkaEncoder.from_pretrained`).
+
+    Args:
+        name_or_path: a folder, a hub id, or an alias of the offline default model (``None``, ``minilm``).
+        depth_of: the depth a ``transformers`` config gives its architecture; raises ``ValueError`` for an
+            architecture the caller does not support (checked before any weight is read).
+        trust_remote_code: allow code shipped in the folder to run.
 
     Safety: code shipped in the folder (``auto_map``) runs only with ``trust_remote_code``; weights are
     read from safetensors, or from ``.bin`` with ``weights_only=True`` (no arbitrary unpickling); a folder
@@ -142,10 +179,6 @@ def load_encoder(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from matryoshka2d.encoder.model import MatryoshkaEncoder
-
-    if pooling is not None:
-        check_pooling(pooling)
     source = resolve_model_path(name_or_path)
     folder = Path(source)
     meta: dict[str, Any] = {}
@@ -193,8 +226,8 @@ def load_encoder(
         logger.warning("%s: config.json names custom code (%s) that was NOT run; loading the standard %r "
                        "architecture (pass --trust-remote-code to run it)", weights_dir, custom_code,
                        config.model_type)
-    architectures.layout_for(config.model_type)
-    _check_weights_match_config(Path(weights_dir), config)
+    depth = depth_of(config)
+    _check_weights_match_config(Path(weights_dir), config, depth)
     extra = {"add_pooling_layer": False} if config.model_type in _HAS_POOLER else {}
     with _quiet_transformers():
         backbone = _load_backbone(weights_dir, trust_remote_code=trust_remote_code, **extra)
@@ -209,16 +242,10 @@ def load_encoder(
     heads_entry = meta.pop("exit_heads", None)
     for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
         meta.pop(key, None)
-    model = MatryoshkaEncoder(
-        backbone,
-        tokenizer,
-        pooling=pooling or found_pooling or "mean",
-        max_seq_length=max_seq_length or found_len,
-        metadata=meta,
+    heads = None if heads_entry is None else read_heads(
+        folder, heads_entry, num_layers=depth, hidden_size=int(backbone.config.hidden_size)
     )
-    if heads_entry is not None:
-        load_heads(model, folder, heads_entry)
-    return model
+    return ModelFolder(backbone, tokenizer, found_pooling, found_len, meta, heads)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -275,7 +302,7 @@ def _load_backbone(weights_dir: str, *, trust_remote_code: bool, **extra: Any) -
     return backbone
 
 
-def _check_weights_match_config(folder: Path, config: Any) -> None:
+def _check_weights_match_config(folder: Path, config: Any, expected_depth: int) -> None:
     """Refuse safetensors whose block count, width or vocabulary differ from ``config.json``."""
     from safetensors import safe_open
 
@@ -304,7 +331,7 @@ def _check_weights_match_config(folder: Path, config: Any) -> None:
                     f"{name} in config.json"
                 )
     blocks = {int(m.group(1)) for k in keys if (m := re.search(r"\.layer\.(\d+)\.", k))}
-    expected = architectures.config_depth(config)
+    expected = expected_depth
     if blocks and len(blocks) != expected:
         raise ValueError(
             f"{folder}: config.json says {expected} layers but the weights hold {len(blocks)} blocks; "
@@ -312,30 +339,77 @@ def _check_weights_match_config(folder: Path, config: Any) -> None:
         )
 
 
-_OWN_KEYS = ("default_layer", "default_dim", "exit_heads")  # written from the model, not from its metadata
+def write_heads(folder: Path, heads: ExitHeadsState) -> dict[str, Any]:
+    """Write ``exit_heads.safetensors`` into ``folder``.
+
+    Returns:
+        The ``exit_heads`` entry for ``matryoshka2d.json``.
+    """
+    from safetensors.torch import save_file
+
+    save_file(heads.tensors, str(Path(folder) / HEADS_FILE), metadata={"kind": str(heads.kind)})
+    return heads.entry()
 
 
-def save_encoder(model: MatryoshkaEncoder, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``model`` to ``path`` atomically (see :meth:`MatryoshkaEncoder.save`)."""
-    from matryoshka2d.io.modelcard import write_model_card
+def read_heads(folder: Path, entry: Any, *, num_layers: int, hidden_size: int) -> ExitHeadsState:
+    """The heads named by ``entry`` (from ``matryoshka2d.json``) with the weights in ``folder``.
 
+    Raises:
+        ValueError: a malformed entry, a missing or damaged file, or tensors that do not match the entry
+            or the model's depth and width.
+    """
+    from safetensors.torch import load_file
+
+    where = Path(folder)
+    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), list) or not entry["layers"]:
+        raise ValueError(f"{where}: matryoshka2d.json has exit_heads = {entry!r}, expected "
+                         "{'kind': 'linear', 'layers': [1, 2, ...]}; re-save the model")
+    kind, layers = entry.get("kind"), entry["layers"]
+    if kind not in EXIT_HEAD_KINDS:
+        raise ValueError(f"{where}: exit head kind {kind!r} is not known to this version of matryoshka2d "
+                         f"(it knows {', '.join(EXIT_HEAD_KINDS)}); upgrade matryoshka2d")
+    n = num_layers
+    if not all(isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= n for m in layers):
+        raise ValueError(f"{where}: exit_heads layers {layers} must be integers in 1..{n} (this model has {n} "
+                         "layers); the folder is inconsistent, re-save it")
+    path = where / HEADS_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{where}: matryoshka2d.json lists {kind} exit heads on layers {layers}, but {HEADS_FILE} is "
+            "missing, so those exits cannot be computed; copy the whole folder again or re-save the model"
+        )
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is damaged or not a safetensors file ({e}); re-save or re-copy the "
+                         "folder") from e
+    d = hidden_size
+    expected = {f"{m}.{p}": (d, d) if p == "weight" else (d,) for m in layers for p in ("weight", "bias")}
+    if set(tensors) != set(expected):
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}, but matryoshka2d.json lists heads on layers "
+                         f"{layers} (expected {sorted(expected)}); the folder is inconsistent, re-save it")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape} for a "
+                             f"model of width {d}; the heads belong to another model, re-save it")
+    return ExitHeadsState(str(kind), sorted(layers), {k: v.float() for k, v in tensors.items()})
+
+
+def write_model_folder(path: str | os.PathLike[str], *, backbone: Any, tokenizer: Any, config: dict[str, Any],
+                       heads: ExitHeadsState | None = None, overwrite: bool = False) -> Path:
+    """Write a model folder atomically: backbone (safetensors), tokenizer, heads, ``matryoshka2d.json``
+    (``config`` plus ``format_version`` and ``library_versions``), model card and manifest.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
     final = Path(path)
     with atomic_dir(final, overwrite=overwrite) as tmp:
-        model.backbone.save_pretrained(tmp, safe_serialization=True)
-        model.tokenizer.save_pretrained(tmp)
-        heads = save_heads(model, tmp)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "pooling": model.pooling,
-            "max_seq_length": model.max_seq_length,
-            "num_layers": model.num_layers,
-            "hidden_size": model.hidden_size,
-            "default_layer": model.default_layer,
-            "default_dim": model.default_dim,
-            **({"exit_heads": heads} if heads else {}),
-            **{k: v for k, v in model.metadata.items() if k not in _OWN_KEYS},
-            "library_versions": library_versions(),
-        }
+        backbone.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if heads is not None:
+            write_heads(tmp, heads)
+        meta = {"format_version": FORMAT_VERSION, **config, "library_versions": library_versions()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         write_model_card(tmp, meta)
         write_manifest(tmp)  # last: it lists every file above

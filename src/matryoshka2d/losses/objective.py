@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from matryoshka2d.encoder.model import matryoshka_dims
 from matryoshka2d.losses.base import BaseLoss, check_positive, check_weight
 from matryoshka2d.losses.options import (
     STARBUCKS_MAX_PAIRS,
     _check_pairs,
     _int_list,
     _per_step,
-    default_dims,
     default_starbucks_pairs,
     depth_weight,
 )
@@ -44,7 +44,7 @@ _SAMPLES_DIMS = ("mrl", "2dmse", "dense")
 
 __all__ = [  # the option defaults and checks are defined in objective_options and re-exported here
     "DEPTH_WEIGHTINGS", "KL_SPACES", "STARBUCKS_MAX_PAIRS", "STRATEGIES", "DepthWeighting", "KLSpace", "Strategy",
-    "TwoDMatryoshkaLoss", "default_dims", "default_starbucks_pairs", "depth_weight",
+    "TwoDMatryoshkaLoss", "default_starbucks_pairs", "depth_weight",
 ]
 
 
@@ -129,7 +129,7 @@ class TwoDMatryoshkaLoss(nn.Module):
         self.seed = int(seed)
 
         fix = f"the model's embeddings have {d_full} dims"
-        given = _int_list("dims", dims, 1, d_full, fix) if dims is not None else default_dims(d_full)
+        given = _int_list("dims", dims, 1, d_full, fix) if dims is not None else matryoshka_dims(d_full)
         self.dims = tuple(sorted({*given, d_full}))
         self.small_dims = tuple(d for d in self.dims if d < d_full)
         if strategy in _SAMPLES_DIMS and not self.small_dims:

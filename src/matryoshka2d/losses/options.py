@@ -12,19 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from matryoshka2d.encoder.model import matryoshka_dims
+
 if TYPE_CHECKING:
     from matryoshka2d.losses.objective import DepthWeighting
 
 STARBUCKS_MAX_PAIRS = 6
-
-
-def default_dims(hidden_size: int) -> tuple[int, ...]:
-    """Matryoshka dims: 8, 16, 32, ... doubling while < ``hidden_size``, plus ``hidden_size``."""
-    dims, d = [], 8
-    while d < hidden_size:
-        dims.append(d)
-        d *= 2
-    return (*dims, hidden_size)
 
 
 def default_starbucks_pairs(
@@ -35,7 +28,7 @@ def default_starbucks_pairs(
     ``K = min(6, N, len(dims))``; pair ``i`` (1-based) has layer ``ceil(i * N / K)``, so the last pair is
     always ``(N, D)``. N=12, D=768 gives (2,32) (4,64) (6,128) (8,256) (10,512) (12,768).
     """
-    pool = sorted({int(d) for d in (dims or default_dims(hidden_size))} | {hidden_size})
+    pool = sorted({int(d) for d in (dims or matryoshka_dims(hidden_size))} | {hidden_size})
     k = min(STARBUCKS_MAX_PAIRS, num_layers, len(pool))
     return tuple((-(-i * num_layers // k), d) for i, d in zip(range(1, k + 1), pool[-k:], strict=True))
 

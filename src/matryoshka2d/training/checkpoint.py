@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from matryoshka2d.io.atomic import atomic_dir, verify_manifest, write_manifest
+from matryoshka2d.io.atomic import atomic_dir
+from matryoshka2d.io.manifest import verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 

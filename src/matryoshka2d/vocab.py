@@ -1,0 +1,91 @@
+"""Every named choice of the library, once: each vocabulary is one ``Literal`` with its tuple of values.
+
+Configs, the CLI's help, the objective, export and the benchmark all read their choices from here, and
+:func:`check_choice` is the one check of a value against a vocabulary. Nothing here imports the rest of the
+package (or torch), so any layer may use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+# ----------------------------------------------------------------------------------- the encoder
+PoolingMode = Literal["cls", "mean", "cls_avg", "max", "last"]
+POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
+
+ExitHeadKind = Literal["linear"]
+EXIT_HEAD_KINDS: tuple[str, ...] = get_args(ExitHeadKind)
+
+# sentence-transformers' Pooling mode names for each of ours (cls_avg = its CLS and mean, averaged by a Dense)
+ST_POOLING_MODES: dict[str, tuple[str, ...]] = {
+    "mean": ("mean",), "cls": ("cls",), "max": ("max",), "last": ("lasttoken",), "cls_avg": ("cls", "mean"),
+}
+# sentence-transformers' legacy 1_Pooling/config.json flag of each of its mode names (readable by every version)
+ST_POOLING_FLAGS: dict[str, str] = {
+    "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
+}
+
+
+def st_pooling_name(mode: str) -> str | None:
+    """sentence-transformers' single pooling mode equal to our ``mode``; ``None`` when it takes several."""
+    modes = ST_POOLING_MODES.get(mode, ())
+    return modes[0] if len(modes) == 1 else None
+
+
+def pooling_from_st(name: str) -> PoolingMode | None:
+    """Our pooling mode for sentence-transformers' mode ``name``; ``None`` when we have no equal one."""
+    for ours, modes in ST_POOLING_MODES.items():
+        if modes == (name,):
+            return ours  # type: ignore[return-value]
+    return None
+
+
+# ----------------------------------------------------------------------------------- training
+Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+DepthWeighting = Literal["none", "linear", "log"]
+DEPTH_WEIGHTINGS: tuple[str, ...] = get_args(DepthWeighting)
+KLSpace = Literal["coordinates", "batch"]
+KL_SPACES: tuple[str, ...] = get_args(KLSpace)
+BaseLossName = Literal["cosent", "ibn", "angle", "angle-total"]
+BASE_LOSSES: tuple[str, ...] = get_args(BaseLossName)
+MixedPrecision = Literal["no", "fp16", "bf16"]
+MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
+DataKind = Literal["scored", "pairs", "triplets"]
+DATA_KINDS: tuple[str, ...] = get_args(DataKind)
+ExitHeads = Literal["none", "linear"]  # the training config's choice: no heads, or one of EXIT_HEAD_KINDS
+EXIT_HEADS: tuple[str, ...] = get_args(ExitHeads)
+
+# ----------------------------------------------------------------------------------- evaluation, export, bench
+Metric = Literal["spearman", "pearson"]
+METRICS: tuple[str, ...] = get_args(Metric)
+ExportFormat = Literal["hf", "sentence-transformers", "onnx"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
+FORMAT_ALIASES: dict[str, str] = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
+Quantization = Literal["int8"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+Dtype = Literal["fp32", "bf16", "fp16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
+Peer = Literal["sentence-transformers"]
+PEERS: tuple[str, ...] = get_args(Peer)
+Attention = Literal["auto", "sdpa", "eager"]
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...], *, fix: str = "") -> str:
+    """Return ``value`` if it is one of ``choices``.
+
+    Args:
+        name: what the value is, as the user wrote it (``strategy``, ``objective.strategy``, ``--format``).
+        value: the value given.
+        choices: the vocabulary.
+        fix: an extra hint appended to the message.
+
+    Raises:
+        ValueError: ``"{name} {value!r} is unknown; choose one of a, b, c"``.
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}{fix}")
+    return value
