@@ -11,8 +11,11 @@ import torch
 
 from conftest import SENTENCES
 from matryoshka2d import MatryoshkaEncoder
-from matryoshka2d.bench import runner as benchmark
-from matryoshka2d.bench.runner import OURS, PEER, BenchmarkSettings, load_peer, run_benchmark, truncate_peer
+from matryoshka2d.bench import settings as benchmark
+from matryoshka2d.bench.peers import load_peer, truncate_peer
+from matryoshka2d.bench.result import OURS, PEER
+from matryoshka2d.bench.runner import run_benchmark
+from matryoshka2d.bench.settings import BenchmarkSettings
 from matryoshka2d.cli import main
 from matryoshka2d.encoder import architectures
 from matryoshka2d.encoder.tokenization import tokenize_unpadded
@@ -190,7 +193,7 @@ def _rec(impl, dtype, layer, **extra):
 
 
 def test_targets_use_the_best_mode_that_keeps_quality():
-    from matryoshka2d.bench.runner import COMPILED, BenchmarkResult
+    from matryoshka2d.bench.result import COMPILED, BenchmarkResult
 
     meta = {"num_layers": 4, "hidden_size": 8, "batch_sizes": [16]}
     records = [

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from matryoshka2d.bench.result import COMPILED, PEER
+from matryoshka2d.bench.settings import BenchmarkSettings
 from matryoshka2d.evaluation.metrics import correlations, pair_cosines, row_cosines
 
 if TYPE_CHECKING:
-    from matryoshka2d.bench.runner import BenchmarkSettings
     from matryoshka2d.data.datasets import ScoredPairs
 
-logger = logging.getLogger("matryoshka2d.bench.runner")  # the name these messages had before the split
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- memory
@@ -75,7 +75,7 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------------- timed rounds
 @dataclass
-class _Config:
+class TimedConfig:
     """One timed configuration: what it runs, and what its rounds measured."""
 
     impl: str
@@ -91,7 +91,7 @@ class _Config:
     memory: PeakMemory | None = None
 
 
-def _time_all(configs: list[_Config], texts: list[str], batch_size: int, settings: BenchmarkSettings) -> None:
+def time_all(configs: list[TimedConfig], texts: list[str], batch_size: int, settings: BenchmarkSettings) -> None:
     """Warm-up rounds, then timed rounds; a round runs every config once, in alternating order. The first
     call of each config is watched for peak memory and keeps its output (for the cosine checks)."""
     gc.collect()
@@ -118,7 +118,7 @@ def _time_all(configs: list[_Config], texts: list[str], batch_size: int, setting
 
 
 # ----------------------------------------------------------------------------------- records
-def _records(configs: list[_Config], count: int, batch_size: int, n_full: int) -> list[dict[str, Any]]:
+def records_of(configs: list[TimedConfig], count: int, batch_size: int, n_full: int) -> list[dict[str, Any]]:
     """One record per config; ratios are medians of per-round ratios (configs of a round ran together)."""
     wall = {(c.impl, c.dtype, c.layer, c.dim): count / np.asarray(c.wall) for c in configs}
     cpu = {(c.impl, c.dtype, c.layer, c.dim): count / np.maximum(np.asarray(c.cpu), 1e-9) for c in configs}
@@ -146,7 +146,7 @@ def _records(configs: list[_Config], count: int, batch_size: int, n_full: int) -
     return out
 
 
-def _add_quality(records: list[dict[str, Any]], configs: list[_Config], texts: list[str], batch_size: int,
+def add_quality(records: list[dict[str, Any]], configs: list[TimedConfig], texts: list[str], batch_size: int,
                  stsb: ScoredPairs | None) -> None:
     """Cosine of each config's embeddings to the same impl in fp32 and to the peer; STS-B Spearman of ours."""
     outputs = {(c.impl, c.dtype, c.layer, c.dim): c.output for c in configs}

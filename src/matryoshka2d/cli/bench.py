@@ -42,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.bench.runner import BenchmarkSettings, require_peer, resolve_dtypes, run_benchmark
+    from matryoshka2d.bench.peers import require_peer
+    from matryoshka2d.bench.runner import run_benchmark
+    from matryoshka2d.bench.settings import BenchmarkSettings, resolve_dtypes
     from matryoshka2d.data.datasets import load_sts, read_sentences
     from matryoshka2d.io.atomic import atomic_write_json
 
@@ -97,7 +99,7 @@ def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN00
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matryoshka2d.bench.runner import COMPILED, OURS, PEER
+    from matryoshka2d.bench.result import COMPILED, OURS, PEER
     from matryoshka2d.io.atomic import atomic_open
 
     meta, sizes = result.meta, result.meta["batch_sizes"]

@@ -2,7 +2,7 @@
 
 Per step, each input column goes through the backbone ONCE, asking for the sampled shallow layer(s) and
 the last layer together; every (layer, dim) exit is then a pooled vector or a slice of one. The option
-defaults (dims, Starbucks pairs, lambda(n)) and checks are in :mod:`matryoshka2d.losses.options`.
+defaults and checks are in :mod:`matryoshka2d.losses.options`.
 """
 
 from __future__ import annotations
@@ -10,42 +10,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from matryoshka2d.encoder.model import matryoshka_dims
-from matryoshka2d.losses.base import BaseLoss, check_positive, check_weight
-from matryoshka2d.losses.options import (
-    STARBUCKS_MAX_PAIRS,
-    _check_pairs,
-    _int_list,
-    _per_step,
-    default_starbucks_pairs,
-    depth_weight,
-)
+from matryoshka2d.losses.base import BaseLoss
+from matryoshka2d.losses.options import SAMPLES_DIMS, SAMPLES_LAYERS, ObjectiveOptions, depth_weight
+from matryoshka2d.vocab import DepthWeighting, KLSpace, Strategy
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
 
 logger = logging.getLogger(__name__)
-
-Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-DepthWeighting = Literal["none", "linear", "log"]
-DEPTH_WEIGHTINGS: tuple[str, ...] = get_args(DepthWeighting)
-KLSpace = Literal["coordinates", "batch"]
-KL_SPACES: tuple[str, ...] = get_args(KLSpace)
-_SAMPLES_LAYERS = ("layers", "2dmse", "dense")  # "dense" takes every layer of the pool, every step
-_SAMPLES_DIMS = ("mrl", "2dmse", "dense")
-
-__all__ = [  # the option defaults and checks are defined in objective_options and re-exported here
-    "DEPTH_WEIGHTINGS", "KL_SPACES", "STARBUCKS_MAX_PAIRS", "STRATEGIES", "DepthWeighting", "KLSpace", "Strategy",
-    "TwoDMatryoshkaLoss", "default_starbucks_pairs", "depth_weight",
-]
 
 
 class TwoDMatryoshkaLoss(nn.Module):
@@ -55,126 +34,52 @@ class TwoDMatryoshkaLoss(nn.Module):
         model: the encoder; called as ``model(features, layers=...)`` once per column per step. Under DDP,
             assign the wrapped model to ``.model`` (depth and width are read here, once).
         base_loss: applied to a batch of exits (one tensor per column).
-        strategy: ``full``, ``mrl``, ``layers``, ``2dmse``, ``starbucks``, ``separate`` or ``dense`` (every
-            shallow exit every step, each with 2dmse's per-exit weight; see docs/research.md).
-        dims: Matryoshka dims (``d`` is sampled from those below D; D is always included).
-        layer_pool: shallow layers to sample from, within ``1..N-1``.
-        n_layers_per_step: shallow layers per step (an int, or ``"all"``/-1).
-        n_dims_per_step: dims below D per step (an int, or ``"all"``/-1).
-        last_weight, prior_weight, kl_weight: weights of the last-layer, shallow-layer and KL terms.
-        kl_temperature: T in ``KL(softmax(t/T) || softmax(s/T))``.
-        kl_space: what the KL aligns: ``coordinates`` (the paper: a softmax over each raw pooled vector's
-            coordinates) or ``batch`` (each row's softmax over its cosine similarities to every other row of
-            the batch, all columns together: the last exit's in-batch similarity distribution is distilled
-            into the shallow exit; use a small T such as 0.05, cosines lie in [-1, 1]).
-        depth_weighting: lambda(n) on the shallow terms.
-        detach_teacher: stop the KL gradient through the last layer.
-        starbucks_pairs: the fixed (layer, dim) pairs of ``starbucks``.
+        options: the objective's options (:class:`~matryoshka2d.losses.options.ObjectiveOptions`: strategy,
+            dims, layer_pool, n_layers_per_step, n_dims_per_step, last_weight, prior_weight, kl_weight,
+            kl_temperature, kl_space, depth_weighting, detach_teacher, starbucks_pairs), or pass them as
+            keyword arguments instead; unset ones keep their defaults there.
         seed: seed of the loss's own sampler.
 
     Raises:
-        ValueError: an option outside its range (the message names field, value and allowed range).
+        ValueError: an option outside its range (the message names option, value and allowed range).
     """
 
-    def __init__(
-        self,
-        model: MatryoshkaEncoder,
-        base_loss: BaseLoss,
-        *,
-        strategy: Strategy = "2dmse",
-        dims: Sequence[int] | None = None,
-        layer_pool: Sequence[int] | None = None,
-        n_layers_per_step: int | Literal["all"] = 1,
-        n_dims_per_step: int | Literal["all"] = 1,
-        last_weight: float = 1.0,
-        prior_weight: float = 1.0,
-        kl_weight: float = 1.0,
-        kl_temperature: float = 1.0,
-        kl_space: KLSpace = "coordinates",
-        depth_weighting: DepthWeighting = "none",
-        detach_teacher: bool = True,
-        starbucks_pairs: Sequence[Sequence[int]] | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, model: MatryoshkaEncoder, base_loss: BaseLoss, options: ObjectiveOptions | None = None, *,
+                 seed: int = 0, **kwargs: Any) -> None:
         super().__init__()
         if not isinstance(base_loss, BaseLoss):
             raise ValueError(
                 f"base_loss must be a matryoshka2d BaseLoss, got {type(base_loss).__name__}; "
                 "use matryoshka2d.losses.base.build_base_loss(name)"
             )
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
-        if depth_weighting not in DEPTH_WEIGHTINGS:
-            raise ValueError(
-                f"depth_weighting {depth_weighting!r} is unknown; choose one of {', '.join(DEPTH_WEIGHTINGS)}"
-            )
+        if options is not None and kwargs:
+            raise ValueError(f"pass the objective's options either as options= or as keywords, not both "
+                             f"(got options= and {', '.join(kwargs)})")
+        if options is None:
+            unknown = sorted(set(kwargs) - set(ObjectiveOptions.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown objective option(s) {unknown}; the options are "
+                                 f"{', '.join(ObjectiveOptions.__dataclass_fields__)}")
+            options = ObjectiveOptions(**kwargs)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.model: nn.Module = model
         self.base_loss = base_loss
-        self.strategy: Strategy = strategy
-        self.num_layers = n_layers = int(model.num_layers)
-        self.hidden_size = d_full = int(model.hidden_size)
-        self.last_weight = check_weight("last_weight", last_weight)
-        self.prior_weight = check_weight("prior_weight", prior_weight)
-        self.kl_weight = check_weight("kl_weight", kl_weight)
-        self.kl_temperature = check_positive("kl_temperature", kl_temperature, 1.0)
-        self.depth_weighting: DepthWeighting = depth_weighting
-        if kl_space not in KL_SPACES:
-            raise ValueError(f"kl_space {kl_space!r} is unknown; choose one of {', '.join(KL_SPACES)}")
-        self.kl_space: KLSpace = kl_space
-        if not isinstance(detach_teacher, bool):
-            raise ValueError(f"detach_teacher must be True or False, got {detach_teacher!r}")
-        self.detach_teacher = detach_teacher
+        self.num_layers = int(model.num_layers)
+        self.hidden_size = int(model.hidden_size)
+        plan = options.resolve(self.num_layers, self.hidden_size, model_metadata=getattr(model, "metadata", {}))
+        self.strategy: Strategy = options.strategy
+        self.last_weight, self.prior_weight = options.last_weight, options.prior_weight
+        self.kl_weight, self.kl_temperature = options.kl_weight, options.kl_temperature
+        self.kl_space: KLSpace = options.kl_space
+        self.depth_weighting: DepthWeighting = options.depth_weighting
+        self.detach_teacher = options.detach_teacher
         self.seed = int(seed)
-
-        fix = f"the model's embeddings have {d_full} dims"
-        given = _int_list("dims", dims, 1, d_full, fix) if dims is not None else matryoshka_dims(d_full)
-        self.dims = tuple(sorted({*given, d_full}))
-        self.small_dims = tuple(d for d in self.dims if d < d_full)
-        if strategy in _SAMPLES_DIMS and not self.small_dims:
-            raise ValueError(
-                f"dims {list(self.dims)} has no dim below D={d_full}; strategy {strategy!r} samples d "
-                f"from dims < D; pass e.g. dims=[8, 16, {d_full}]"
-            )
-
-        if strategy in _SAMPLES_LAYERS and n_layers < 2:
-            raise ValueError(
-                f"strategy {strategy!r} needs a model with at least 2 layers (shallow exits are "
-                f"1..N-1), this one has {n_layers}; use 'full' or 'mrl'"
-            )
-        samples_layers, samples_dims = strategy in _SAMPLES_LAYERS, strategy in _SAMPLES_DIMS
-        fix = f"shallow exits are layers 1..N-1 of this {n_layers}-layer model (layer 0 is never an exit)"
-        checked = samples_layers and layer_pool is not None
-        self.layer_pool = tuple(_int_list("layer_pool", layer_pool, 1, n_layers - 1, fix) if checked else ())
-        self.layer_pool = self.layer_pool or tuple(range(1, n_layers))
-        if strategy == "dense" and n_layers_per_step not in (1, "all", -1, len(self.layer_pool)):
-            logger.warning("n_layers_per_step=%r is ignored by strategy 'dense' (every shallow exit, every step)",
-                           n_layers_per_step)
-        self.n_layers_per_step = (
-            len(self.layer_pool) if strategy == "dense"
-            else _per_step("n_layers_per_step", n_layers_per_step, len(self.layer_pool)) if samples_layers else 0
-        )
-        self.n_dims_per_step = (
-            _per_step("n_dims_per_step", n_dims_per_step, len(self.small_dims)) if samples_dims else 0
-        )
-
-        if strategy == "starbucks":
-            self.starbucks_pairs = (
-                _check_pairs(starbucks_pairs, n_layers, d_full)
-                if starbucks_pairs is not None
-                else default_starbucks_pairs(n_layers, d_full, self.dims)
-            )
-        else:
-            self.starbucks_pairs = ()
-            for name, value in (("starbucks_pairs", starbucks_pairs), ("layer_pool", layer_pool)):
-                if value is not None and not (name == "layer_pool" and samples_layers):
-                    logger.warning("%s=%r is ignored by strategy %r", name, value, strategy)
-        if strategy == "separate" and "truncated_from" not in getattr(model, "metadata", {}):
-            logger.warning(
-                "strategy 'separate' expects a physically truncated model (model.truncate(n)); "
-                "on an untruncated model it is the same as 'full'"
-            )
+        self.dims, self.small_dims, self.layer_pool = plan.dims, plan.small_dims, plan.layer_pool
+        self.n_layers_per_step, self.n_dims_per_step = plan.n_layers_per_step, plan.n_dims_per_step
+        self.starbucks_pairs = plan.starbucks_pairs
+        strategy = self.strategy
+        samples_layers, samples_dims = strategy in SAMPLES_LAYERS, strategy in SAMPLES_DIMS
 
         if base_loss.requires_even_dim:
             odd = sorted({d for d in self.trained_dims if d % 2})
@@ -199,14 +104,14 @@ class TwoDMatryoshkaLoss(nn.Module):
         """Every layer this objective trains (for the saved model's metadata)."""
         if self.strategy == "starbucks":
             return tuple(sorted({n for n, _ in self.starbucks_pairs}))
-        return (*self.layer_pool, self.num_layers) if self.strategy in _SAMPLES_LAYERS else (self.num_layers,)
+        return (*self.layer_pool, self.num_layers) if self.strategy in SAMPLES_LAYERS else (self.num_layers,)
 
     @property
     def trained_dims(self) -> tuple[int, ...]:
         """Every dim this objective trains (for the saved model's metadata)."""
         if self.strategy == "starbucks":
             return tuple(sorted({d for _, d in self.starbucks_pairs}))
-        return self.dims if self.strategy in _SAMPLES_DIMS else (self.hidden_size,)
+        return self.dims if self.strategy in SAMPLES_DIMS else (self.hidden_size,)
 
     def config_dict(self) -> dict[str, Any]:
         """Resolved options (defaults filled in), for run logs and model cards."""
@@ -256,9 +161,9 @@ class TwoDMatryoshkaLoss(nn.Module):
                 "pairs": [list(p) for p in pairs],
             }
         layers = (
-            self._draw(self.layer_pool, self.n_layers_per_step) if self.strategy in _SAMPLES_LAYERS else []
+            self._draw(self.layer_pool, self.n_layers_per_step) if self.strategy in SAMPLES_LAYERS else []
         )
-        dims = self._draw(self.small_dims, self.n_dims_per_step) if self.strategy in _SAMPLES_DIMS else []
+        dims = self._draw(self.small_dims, self.n_dims_per_step) if self.strategy in SAMPLES_DIMS else []
         return {"layers": layers, "dims": dims}
 
     # ------------------------------------------------------------------------------- loss

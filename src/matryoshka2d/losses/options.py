@@ -1,23 +1,31 @@
-"""The options of :class:`matryoshka2d.losses.objective.TwoDMatryoshkaLoss`: their defaults and their checks.
+"""The options of the 2D objective: every default once, and every check once.
 
-Default Matryoshka dims and Starbucks pairs, the depth weighting lambda(n) of shallow terms, and the checks
-of list and per-step options (messages name the option, the value and the allowed range).
+:class:`ObjectiveOptions` holds the options of :class:`~matryoshka2d.losses.objective.TwoDMatryoshkaLoss`
+with their defaults and checks their values in ``__post_init__``; :meth:`ObjectiveOptions.resolve` checks
+them against a model's depth N and width D and fills in what depends on it (dims, the layer pool, the
+Starbucks pairs). The training config's ``[objective]`` section is a subclass, so a TOML file, the Python
+API and the loss share one set of defaults and one set of messages (each names the option, the value and
+the allowed range). Also here: the default Starbucks pairs and the depth weighting lambda(n).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from matryoshka2d.encoder.model import matryoshka_dims
+from matryoshka2d.vocab import DEPTH_WEIGHTINGS, KL_SPACES, STRATEGIES, DepthWeighting, KLSpace, Strategy
 
-if TYPE_CHECKING:
-    from matryoshka2d.losses.objective import DepthWeighting
+logger = logging.getLogger(__name__)
 
 STARBUCKS_MAX_PAIRS = 6
+SAMPLES_LAYERS = ("layers", "2dmse", "dense")  # strategies that train shallow layers ("dense": all, every step)
+SAMPLES_DIMS = ("mrl", "2dmse", "dense")  # strategies that train dims below D
 
 
 def default_starbucks_pairs(
@@ -42,44 +50,202 @@ def depth_weight(layer: int, mode: DepthWeighting) -> float:
     return 1.0
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ResolvedObjective:
+    """The options of one objective on one model: what it trains."""
+
+    dims: tuple[int, ...]  # every dim, D included
+    small_dims: tuple[int, ...]  # dims below D
+    layer_pool: tuple[int, ...]  # shallow layers it may train
+    n_layers_per_step: int  # 0 when the strategy trains no shallow layer
+    n_dims_per_step: int  # 0 when the strategy trains no dim below D
+    starbucks_pairs: tuple[tuple[int, int], ...]  # () unless starbucks
+
+
+@dataclass
+class ObjectiveOptions:
+    """Every option of the 2D objective, with its default (see docs/objective.md for the formulas).
+
+    Attributes:
+        strategy: ``full``, ``mrl``, ``layers``, ``2dmse``, ``starbucks``, ``separate`` or ``dense`` (every
+            shallow exit every step, each with 2dmse's per-exit weight).
+        dims: Matryoshka dims (``d`` is sampled from those below D; D is always included); ``None`` means
+            8, 16, ... < D.
+        layer_pool: shallow layers to sample from, within ``1..N-1``; ``None`` means all of them.
+        n_layers_per_step: shallow layers per step (an int, or ``"all"``/-1; ``None``: 1).
+        n_dims_per_step: dims below D per step (an int, or ``"all"``/-1; ``None``: 1).
+        last_weight: weight of the last-layer terms.
+        prior_weight: weight of the shallow-layer terms.
+        kl_weight: weight of the shallow-to-last KL alignment.
+        kl_temperature: T in ``KL(softmax(t/T) || softmax(s/T))``.
+        kl_space: what the KL aligns: ``coordinates`` (the paper: a softmax over each raw pooled vector's
+            coordinates) or ``batch`` (each row's softmax over its cosine similarities to every other row of
+            the batch: the last exit's in-batch similarity distribution is distilled into the shallow exit;
+            use a small T such as 0.05, cosines lie in [-1, 1]).
+        depth_weighting: lambda(n) on the shallow terms.
+        detach_teacher: stop the KL gradient through the last layer.
+        starbucks_pairs: the fixed ``(layer, dim)`` pairs of ``starbucks``; ``None`` derives them.
+
+    Raises:
+        ValueError: a value outside its range (the message names the option, the value and the range).
+    """
+
+    PREFIX: ClassVar[str] = ""  # how messages name an option ("objective." in the training config)
+
+    strategy: Strategy = "2dmse"
+    dims: list[int] | None = None
+    layer_pool: list[int] | None = None
+    n_layers_per_step: int | Literal["all"] | None = 1
+    n_dims_per_step: int | Literal["all"] | None = 1
+    last_weight: float = 1.0
+    prior_weight: float = 1.0
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
+    kl_space: KLSpace = "coordinates"
+    depth_weighting: DepthWeighting = "none"
+    detach_teacher: bool = True
+    starbucks_pairs: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        key = self.PREFIX
+        for name, choices in (("strategy", STRATEGIES), ("depth_weighting", DEPTH_WEIGHTINGS),
+                              ("kl_space", KL_SPACES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{key}{name} {value!r} is unknown; choose one of {', '.join(choices)}")
+        for name in ("last_weight", "prior_weight", "kl_weight"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"{key}{name} must be a finite number >= 0, got {value!r}; pass e.g. 1.0 "
+                                 "(0 = term off)")
+            setattr(self, name, float(value))
+        if not _is_real(self.kl_temperature) or self.kl_temperature <= 0:
+            raise ValueError(f"{key}kl_temperature must be a finite number > 0, got {self.kl_temperature!r}; "
+                             "pass e.g. 1")
+        self.kl_temperature = float(self.kl_temperature)
+        if not isinstance(self.detach_teacher, bool):
+            raise ValueError(f"{key}detach_teacher must be True or False, got {self.detach_teacher!r}")
+        for name, fix in (("dims", "dims are widths 1..D"),
+                          ("layer_pool", "shallow exits are layers 1..N-1; layer 0 is never an exit")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value \
+                    or not all(_is_int(v) for v in value):
+                raise ValueError(f"{key}{name} must be a non-empty list of integers, got {value!r}; pass "
+                                 f"e.g. {'[64, 128]' if name == 'dims' else '[1, 2]'}")
+            if min(value) < 1:
+                raise ValueError(f"{key}{name} has {[v for v in value if v < 1]} below 1 (got {list(value)}); {fix}")
+        for name in ("n_layers_per_step", "n_dims_per_step"):
+            value = getattr(self, name)
+            if value is not None and value != "all" and not (_is_int(value) and (value >= 1 or value == -1)):
+                raise ValueError(f"{key}{name} must be a positive integer or 'all', got {value!r}")
+        pairs = self.starbucks_pairs
+        if pairs is not None and (isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs):
+            raise ValueError(f"{key}starbucks_pairs must be a non-empty list of (layer, dim) pairs, got "
+                             f"{pairs!r}; pass e.g. [[2, 32], [6, 384]]")
+        for p in pairs or ():
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2 \
+                    or not all(_is_int(v) and v >= 1 for v in p):
+                raise ValueError(f"{key}starbucks_pairs has {p!r}, not a (layer, dim) pair of positive integers; "
+                                 "pass e.g. [[2, 32], [6, 384]]")
+
+    def options(self) -> dict[str, Any]:
+        """The options as keyword arguments of :class:`~matryoshka2d.losses.objective.TwoDMatryoshkaLoss`."""
+        return {name: getattr(self, name) for name in ObjectiveOptions.__dataclass_fields__}
+
+    def resolve(self, num_layers: int, hidden_size: int, *, model_metadata: dict[str, Any] | None = None
+                ) -> ResolvedObjective:
+        """Check the options against a model of ``num_layers`` blocks and width ``hidden_size``.
+
+        Options a strategy ignores are logged. ``model_metadata`` tells whether the model was truncated
+        (``separate`` expects it).
+
+        Raises:
+            ValueError: a dim above D, a layer outside 1..N-1, too many per step, a Starbucks pair out of
+                range, or a strategy the model is too shallow for.
+        """
+        key, strategy, n_layers, d_full = self.PREFIX, self.strategy, int(num_layers), int(hidden_size)
+        fix = f"the model's embeddings have {d_full} dims"
+        given = _int_list(f"{key}dims", self.dims, 1, d_full, fix) if self.dims is not None \
+            else matryoshka_dims(d_full)
+        dims = tuple(sorted({*given, d_full}))
+        small_dims = tuple(d for d in dims if d < d_full)
+        samples_layers, samples_dims = strategy in SAMPLES_LAYERS, strategy in SAMPLES_DIMS
+        if samples_dims and not small_dims:
+            raise ValueError(f"{key}dims {list(dims)} has no dim below D={d_full}; strategy {strategy!r} samples d "
+                             f"from dims < D; pass e.g. dims=[8, 16, {d_full}]")
+        if samples_layers and n_layers < 2:
+            raise ValueError(f"strategy {strategy!r} needs a model with at least 2 layers (shallow exits are "
+                             f"1..N-1), this one has {n_layers}; use 'full' or 'mrl'")
+        fix = f"shallow exits are layers 1..N-1 of this {n_layers}-layer model (layer 0 is never an exit)"
+        checked = samples_layers and self.layer_pool is not None
+        pool = tuple(_int_list(f"{key}layer_pool", self.layer_pool, 1, n_layers - 1, fix) if checked else ())
+        pool = pool or tuple(range(1, n_layers))
+        if strategy == "dense" and self.n_layers_per_step not in (1, "all", -1, len(pool)):
+            logger.warning("n_layers_per_step=%r is ignored by strategy 'dense' (every shallow exit, every step)",
+                           self.n_layers_per_step)
+        n_layers_per_step = (
+            len(pool) if strategy == "dense"
+            else _per_step(f"{key}n_layers_per_step", self.n_layers_per_step, len(pool)) if samples_layers else 0
+        )
+        n_dims_per_step = _per_step(f"{key}n_dims_per_step", self.n_dims_per_step, len(small_dims)) \
+            if samples_dims else 0
+        if strategy == "starbucks":
+            pairs = _check_pairs(f"{key}starbucks_pairs", self.starbucks_pairs, n_layers, d_full) \
+                if self.starbucks_pairs is not None else default_starbucks_pairs(n_layers, d_full, dims)
+        else:
+            pairs = ()
+            for name in ("starbucks_pairs", "layer_pool"):
+                value = getattr(self, name)
+                if value is not None and not (name == "layer_pool" and samples_layers):
+                    logger.warning("%s=%r is ignored by strategy %r", name, value, strategy)
+        if strategy == "separate" and model_metadata is not None and "truncated_from" not in model_metadata:
+            logger.warning("strategy 'separate' expects a physically truncated model (model.truncate(n)); "
+                           "on an untruncated model it is the same as 'full'")
+        return ResolvedObjective(dims, small_dims, pool, n_layers_per_step, n_dims_per_step, pairs)
+
+
 def _int_list(name: str, values: Any, lo: int, hi: int, fix: str) -> list[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
         raise ValueError(f"{name} must be a non-empty list of integers in {lo}..{hi}, got {values!r}; {fix}")
-    bad = [
-        v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi
-    ]
+    bad = [v for v in values if not _is_int(v) or not lo <= v <= hi]
     if bad:
         raise ValueError(f"{name} has {bad} outside the allowed range {lo}..{hi} (got {list(values)}); {fix}")
     return sorted({int(v) for v in values})
 
 
 def _per_step(name: str, value: Any, available: int) -> int:
-    """``value`` (an int, ``"all"`` or -1 for all) checked against ``available`` choices."""
+    """``value`` (an int, ``"all"`` or -1 for all, ``None`` for 1) checked against ``available`` choices."""
+    if value is None:
+        value = 1
     if value == "all" or (not isinstance(value, bool) and value == -1):
         return available
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= available:
+    if not _is_int(value) or not 1 <= value <= available:
         raise ValueError(f"{name} must be 1..{available} or 'all', got {value!r}")
     return int(value)
 
 
-def _check_pairs(pairs: Any, n: int, d: int) -> tuple[tuple[int, int], ...]:
+def _check_pairs(name: str, pairs: Any, n: int, d: int) -> tuple[tuple[int, int], ...]:
     """Starbucks ``(layer, dim)`` pairs checked against ``1..n`` x ``1..d``, sorted."""
     fix = f"pass (layer, dim) pairs in 1..{n} x 1..{d}, e.g. [[{n // 2 or 1}, {d // 2}], [{n}, {d}]]"
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
-        raise ValueError(
-            f"starbucks_pairs must be a non-empty list of (layer, dim) pairs, got {pairs!r}; {fix}"
-        )
+        raise ValueError(f"{name} must be a non-empty list of (layer, dim) pairs, got {pairs!r}; {fix}")
     out = []
     for p in pairs:
-        ok = (
-            isinstance(p, Sequence)
-            and not isinstance(p, str)
-            and len(p) == 2
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p)
-        )
+        ok = isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(_is_int(v) for v in p)
         if not ok or not (1 <= p[0] <= n and 1 <= p[1] <= d):
-            raise ValueError(f"starbucks_pairs has {p!r}, outside layers 1..{n} x dims 1..{d}; {fix}")
+            raise ValueError(f"{name} has {p!r}, outside layers 1..{n} x dims 1..{d}; {fix}")
         out.append((int(p[0]), int(p[1])))
     if len(set(out)) != len(out):
-        raise ValueError(f"starbucks_pairs has duplicates: {out}; list each (layer, dim) pair once")
+        raise ValueError(f"{name} has duplicates: {out}; list each (layer, dim) pair once")
     return tuple(sorted(out))

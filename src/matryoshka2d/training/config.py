@@ -19,33 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka2d.training.sections import (
-    STRATEGY_NAMES,
     DataConfig,
-    DataKind,
-    DepthWeighting,
-    ExitHeads,
-    KLSpace,
     LossConfig,
-    MixedPrecision,
     ModelConfig,
     ObjectiveConfig,
     RunConfig,
-    Strategy,
     TrainConfig,
-    _fail,
+    invalid,
 )
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-__all__ = [  # the sections and their types are defined in config_sections and re-exported here
-    "RESUMABLE_CHANGES", "SECTIONS", "STRATEGY_NAMES", "Config", "DataConfig", "DataKind", "DepthWeighting",
-    "ExitHeads", "KLSpace", "LossConfig", "MixedPrecision", "ModelConfig", "ObjectiveConfig", "RunConfig",
-    "Strategy", "TrainConfig", "apply_assignments", "check_against_model", "config_differences", "load_config",
-    "parse_assignment", "resolve_key", "tomllib",
-]
 
 # fields that may differ between a run and its --resume (they do not change what is computed per step);
 # max_steps / epochs may grow to extend a run: the lr schedule is then recomputed for the new total
@@ -235,28 +221,18 @@ def check_against_model(config: Config, num_layers: int, hidden_size: int) -> No
         hidden_size: D.
 
     Raises:
-        ValueError: a dim above D, a layer outside its range, or a batch that cannot be split.
+        ValueError: a dim above D, a layer outside its range (the objective's checks are
+            :meth:`~matryoshka2d.losses.options.ObjectiveOptions.resolve`).
     """
     obj, data = config.objective, config.data
-    for key, dims in (("objective.dims", obj.dims), ("data.dev_dims", data.dev_dims)):
-        for d in dims or []:
-            if d > hidden_size:
-                _fail(key, dims, f"dims must be in 1..{hidden_size} (the model's hidden size); drop {d}")
-    if obj.layer_pool is not None:
-        for n in obj.layer_pool:
-            if not 1 <= n <= num_layers - 1:
-                _fail("objective.layer_pool", obj.layer_pool,
-                      f"shallow layers must be in 1..{num_layers - 1} (layer N is always trained); drop {n}")
-        if obj.n_layers_per_step != "all" and obj.n_layers_per_step > len(obj.layer_pool):
-            _fail("objective.n_layers_per_step", obj.n_layers_per_step,
-                  f"cannot exceed the {len(obj.layer_pool)} layers of objective.layer_pool")
+    obj.resolve(num_layers, hidden_size)
+    for d in data.dev_dims or []:
+        if d > hidden_size:
+            invalid("data.dev_dims", data.dev_dims,
+                    f"dims must be in 1..{hidden_size} (the model's hidden size); drop {d}")
     for n in data.dev_layers or []:
         if n > num_layers:
-            _fail("data.dev_layers", data.dev_layers, f"layers must be in 1..{num_layers}; drop {n}")
-    for layer, dim in obj.starbucks_pairs or []:
-        if layer > num_layers or dim > hidden_size:
-            _fail("objective.starbucks_pairs", obj.starbucks_pairs,
-                  f"each pair needs layer in 1..{num_layers}, dim in 1..{hidden_size}; drop [{layer}, {dim}]")
+            invalid("data.dev_layers", data.dev_layers, f"layers must be in 1..{num_layers}; drop {n}")
 
 
 def _suggest(word: str, choices: Any) -> str:

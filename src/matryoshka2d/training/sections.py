@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, NoReturn
 
-Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense"]
-DepthWeighting = Literal["none", "linear", "log"]
-KLSpace = Literal["coordinates", "batch"]
-MixedPrecision = Literal["no", "fp16", "bf16"]
-DataKind = Literal["scored", "pairs", "triplets"]
-ExitHeads = Literal["none", "linear"]
-STRATEGY_NAMES: tuple[str, ...] = get_args(Strategy)
+from matryoshka2d.losses.options import ObjectiveOptions
+from matryoshka2d.vocab import (
+    DATA_KINDS,
+    EXIT_HEADS,
+    MIXED_PRECISIONS,
+    POOLING_MODES,
+    DataKind,
+    ExitHeads,
+    MixedPrecision,
+)
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+def invalid(key: str, value: Any, allowed: str) -> NoReturn:
+    """Raise the config's ValueError: ``"{key} = {value!r} is invalid: {allowed}"``."""
     raise ValueError(f"{key} = {value!r} is invalid: {allowed}")
 
 
@@ -30,7 +34,7 @@ def _int(key: str, value: Any, low: int = 0, high: float = math.inf, *, optional
         return
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         upper = "" if high == math.inf else f"..{int(high)}"
-        _fail(key, value, f"expected an integer in {low}{upper or ' or more'}")
+        invalid(key, value, f"expected an integer in {low}{upper or ' or more'}")
 
 
 def _float(key: str, value: Any, low: float = 0.0, high: float = math.inf, *, open_low: bool = False) -> None:
@@ -40,19 +44,19 @@ def _float(key: str, value: Any, low: float = 0.0, high: float = math.inf, *, op
     if not ok:
         bound = f"> {low}" if open_low else f">= {low}"
         upper = "" if high == math.inf else f" and <= {high}"
-        _fail(key, value, f"expected a finite number {bound}{upper}")
+        invalid(key, value, f"expected a finite number {bound}{upper}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        _fail(key, value, f"choose one of {', '.join(map(str, choices))}")
+        invalid(key, value, f"choose one of {', '.join(map(str, choices))}")
 
 
 def _int_list(key: str, value: Any, low: int = 1, *, optional: bool = True) -> None:
     if value is None and optional:
         return
     if not isinstance(value, list) or not value:
-        _fail(key, value, f"expected a non-empty list of integers >= {low}, e.g. [64, 128]")
+        invalid(key, value, f"expected a non-empty list of integers >= {low}, e.g. [64, 128]")
     for item in value:
         _int(f"{key}[]", item, low)
 
@@ -87,15 +91,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            _fail("model.name", self.name, "expected a model folder, hub id or 'minilm'")
+            invalid("model.name", self.name, "expected a model folder, hub id or 'minilm'")
         if self.pooling is not None:
-            from matryoshka2d.encoder.pooling import POOLING_MODES
-
             _choice("model.pooling", self.pooling, POOLING_MODES)
         _int("model.max_seq_length", self.max_seq_length, 1, optional=True)
-        if self.exit_heads not in get_args(ExitHeads):
-            _fail("model.exit_heads", self.exit_heads,
-                  f"choose one of {', '.join(get_args(ExitHeads))} (e.g. model.exit_heads = \"linear\")")
+        if self.exit_heads not in EXIT_HEADS:
+            invalid("model.exit_heads", self.exit_heads,
+                    f"choose one of {', '.join(EXIT_HEADS)} (e.g. model.exit_heads = \"linear\")")
 
 
 @dataclass
@@ -128,88 +130,40 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
-            _fail("data.source", self.source, "expected a named set (stsb, sickr, nli) or a file path")
+            invalid("data.source", self.source, "expected a named set (stsb, sickr, nli) or a file path")
         if self.kind is not None:
-            _choice("data.kind", self.kind, get_args(DataKind))
+            _choice("data.kind", self.kind, DATA_KINDS)
         if self.columns is not None and (
             not isinstance(self.columns, list) or not all(isinstance(c, str) and c for c in self.columns)
             or len(self.columns) not in (2, 3)
         ):
-            _fail("data.columns", self.columns, "expected 2 or 3 column names, e.g. ['s1', 's2', 'label']")
+            invalid("data.columns", self.columns, "expected 2 or 3 column names, e.g. ['s1', 's2', 'label']")
         _int("data.limit", self.limit, 1, optional=True)
         _int_list("data.dev_layers", self.dev_layers)
         _int_list("data.dev_dims", self.dev_dims)
 
 
 @dataclass
-class ObjectiveConfig:
-    """The 2D Matryoshka objective (see ``docs/method.md`` section 3); passed to ``TwoDMatryoshkaLoss``.
+class ObjectiveConfig(ObjectiveOptions):
+    """The 2D Matryoshka objective (see ``docs/method.md`` section 3): every option of
+    :class:`~matryoshka2d.losses.options.ObjectiveOptions` (with its default and its checks), plus:
 
     Attributes:
-        strategy: which exits are trained each step.
-        dims: Matryoshka dims; ``None`` means 8, 16, ... < D plus D.
-        layer_pool: shallow layers to sample from; ``None`` means 1..N-1.
-        n_layers_per_step: shallow layers sampled per step (or ``"all"``).
-        n_dims_per_step: dims below D sampled per step (or ``"all"``).
-        last_weight: weight of the last-layer terms.
-        prior_weight: weight of the shallow-layer terms.
-        kl_weight: weight of the shallow-to-last KL alignment.
-        kl_temperature: softmax temperature of the KL term.
-        kl_space: ``coordinates`` (the paper's softmax over embedding coordinates) or ``batch`` (in-batch
-            cosine-similarity distributions of the last exit distilled into the shallow ones).
-        depth_weighting: lambda(n) applied to shallow terms.
-        detach_teacher: stop the gradient through the KL teacher (the last layer).
-        starbucks_pairs: fixed ``[layer, dim]`` pairs for ``starbucks``; ``None`` derives them.
         separate_layers: depth of the physically truncated model trained by ``separate``.
         seed: seed of the objective's own (layer, dim) sampler; ``None`` uses ``train.seed``.
     """
 
-    strategy: Strategy = "2dmse"
-    dims: list[int] | None = None
-    layer_pool: list[int] | None = None
-    n_layers_per_step: int | Literal["all"] = 1
-    n_dims_per_step: int | Literal["all"] = 1
-    last_weight: float = 1.0
-    prior_weight: float = 1.0
-    kl_weight: float = 1.0
-    kl_temperature: float = 1.0
-    kl_space: KLSpace = "coordinates"
-    depth_weighting: DepthWeighting = "none"
-    detach_teacher: bool = True
-    starbucks_pairs: list[list[int]] | None = None
+    PREFIX: ClassVar[str] = "objective."
+
     separate_layers: int | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _to_float(self, "last_weight", "prior_weight", "kl_weight", "kl_temperature")
-        _choice("objective.strategy", self.strategy, STRATEGY_NAMES)
-        _choice("objective.depth_weighting", self.depth_weighting, get_args(DepthWeighting))
-        _choice("objective.kl_space", self.kl_space, get_args(KLSpace))
-        _int_list("objective.dims", self.dims)
-        if self.layer_pool is not None:
-            _int_list("objective.layer_pool", self.layer_pool)
-        for name in ("n_layers_per_step", "n_dims_per_step"):
-            if getattr(self, name) != "all":
-                _int(f"objective.{name}", getattr(self, name), 1)
-        for name in ("last_weight", "prior_weight", "kl_weight"):
-            _float(f"objective.{name}", getattr(self, name))
-        _float("objective.kl_temperature", self.kl_temperature, open_low=True)
-        if not isinstance(self.detach_teacher, bool):
-            _fail("objective.detach_teacher", self.detach_teacher, "expected true or false")
-        if self.starbucks_pairs is not None:
-            pairs = self.starbucks_pairs
-            if not isinstance(pairs, list) or not pairs or not all(
-                isinstance(p, list) and len(p) == 2 for p in pairs
-            ):
-                _fail("objective.starbucks_pairs", pairs,
-                      "expected [[layer, dim], ...], e.g. [[2, 32], [6, 384]]")
-            for p in pairs:
-                _int("objective.starbucks_pairs[] layer", p[0], 1)
-                _int("objective.starbucks_pairs[] dim", p[1], 1)
+        super().__post_init__()
         _int("objective.separate_layers", self.separate_layers, 1, optional=True)
         if self.strategy == "separate" and self.separate_layers is None:
-            _fail("objective.separate_layers", None,
-                  "strategy 'separate' trains a model truncated to this many layers; set it, e.g. 3")
+            invalid("objective.separate_layers", None,
+                    "strategy 'separate' trains a model truncated to this many layers; set it, e.g. 3")
         _int("objective.seed", self.seed, 0, optional=True)
 
 
@@ -227,9 +181,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            _fail("loss.name", self.name, "expected a base loss name such as 'cosent'")
+            invalid("loss.name", self.name, "expected a base loss name such as 'cosent'")
         if not isinstance(self.options, dict):
-            _fail("loss.options", self.options, "expected a table of keyword arguments, e.g. {scale = 30.0}")
+            invalid("loss.options", self.options, "expected a table of keyword arguments, e.g. {scale = 30.0}")
 
 
 @dataclass
@@ -275,13 +229,13 @@ class TrainConfig:
             _to_float(self, "head_lr")
             value = self.head_lr
             if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value) or value <= 0:
-                _fail("train.head_lr", value, "expected a finite number > 0 (e.g. 1e-3, often 10-100x train.lr), "
+                invalid("train.head_lr", value, "expected a finite number > 0 (e.g. 1e-3, often 10-100x train.lr), "
                       "or leave it unset to train the exit heads at train.lr")
         _float("train.weight_decay", self.weight_decay)
         _float("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _int("train.warmup_steps", self.warmup_steps, 0, optional=True)
         _float("train.max_grad_norm", self.max_grad_norm)
-        _choice("train.mixed_precision", self.mixed_precision, get_args(MixedPrecision))
+        _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _int("train.seed", self.seed, 0)
 
 
@@ -309,12 +263,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.output_dir, str) or not self.output_dir:
-            _fail("run.output_dir", self.output_dir, "expected a folder path")
+            invalid("run.output_dir", self.output_dir, "expected a folder path")
         _int("run.save_every", self.save_every, 0)
         _int("run.keep_last", self.keep_last, 1)
         _int("run.eval_every", self.eval_every, 0)
         _int("run.eval_batch_size", self.eval_batch_size, 1)
         _int("run.log_every", self.log_every, 1)
         if not isinstance(self.progress_bar, bool):
-            _fail("run.progress_bar", self.progress_bar, "expected true or false")
+            invalid("run.progress_bar", self.progress_bar, "expected true or false")
 

@@ -92,13 +92,7 @@ def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, A
                          f"{data.name!r}; lower it to at most {len(data)}")
     base = build_base_loss(config.loss.name, **config.loss.options)
     _check_loss_fits(base, data, t.batch_size)
-    objective = TwoDMatryoshkaLoss(
-        model, base, strategy=o.strategy, dims=o.dims, layer_pool=o.layer_pool,
-        n_layers_per_step=o.n_layers_per_step, n_dims_per_step=o.n_dims_per_step, last_weight=o.last_weight,
-        prior_weight=o.prior_weight, kl_weight=o.kl_weight, kl_temperature=o.kl_temperature, kl_space=o.kl_space,
-        depth_weighting=o.depth_weighting, detach_teacher=o.detach_teacher, starbucks_pairs=o.starbucks_pairs,
-        seed=t.seed if o.seed is None else o.seed,
-    )
+    objective = TwoDMatryoshkaLoss(model, base, o, seed=t.seed if o.seed is None else o.seed)
     _add_exit_heads(model, objective, m.exit_heads, o.strategy)
     if t.head_lr is not None and not model.exit_head_layers:
         logger.warning("train.head_lr = %g is unused: the model has no exit heads (model.exit_heads = %r, "
