@@ -274,11 +274,11 @@ def _config(tiny_dir: Path, data_dir: Path, out: Path, **overrides: object) -> C
 
 
 def test_build_adds_heads_where_the_objective_trains_and_groups_their_lr(tiny_dir, data_dir, tmp_path, caplog):
-    from matryoshka2d.training.loop import _optimizer, build
+    from matryoshka2d.training.setup import build, make_optimizer
 
     model, _, _, objective = build(_config(tiny_dir, data_dir, tmp_path / "a", **{"objective.layer_pool": [1, 3]}))
     assert model.exit_head_layers == [1, 3]
-    optimizer, _ = _optimizer(objective, _config(tiny_dir, data_dir, tmp_path / "a"), 10)
+    optimizer, _ = make_optimizer(objective, _config(tiny_dir, data_dir, tmp_path / "a"), 10)
     assert len(optimizer.param_groups) == 3
     group = optimizer.param_groups[2]
     assert (group["initial_lr"], group["weight_decay"]) == (1e-2, 0.0)  # lr itself starts the warm-up at 0

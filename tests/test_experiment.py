@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import WORDS
-from matryoshka2d.study.runner import StudyConfig, Unit, load_study, plan_units, run_study
+from matryoshka2d.study.config import StudyConfig, Unit, load_study, plan_units
+from matryoshka2d.study.runner import run_study
 
 
 def _rows(seed: int, n: int) -> list[str]:
@@ -138,7 +139,9 @@ def test_priority_sets_first_dev_eval_and_variants(study_files, monkeypatch):
     assert "## stsb dev (for choosing) and training cost" in md and "| all-sum |" in md
     assert "| sickr | all-sum - separate | 2 |" in md  # variants are compared with the separate models
     cfg = json.loads(next(Path(study.runs_dir).glob("all-sum*/seed0/final/matryoshka2d.json")).read_text())
-    assert "batch" in json.dumps(cfg)
+    objective = cfg["training"]["objective"]  # the variant's overrides reached its training run
+    assert (objective["kl_space"], objective["kl_temperature"], objective["prior_weight"]) == ("batch", 0.05, 3.0)
+    assert objective["n_layers_per_step"] == len(objective["layer_pool"])  # "all"
 
 
 def test_unit_lock_lets_two_workers_share_a_study(tmp_path):

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from matryoshka2d.study.runner import load_study, run_study
+    from matryoshka2d.study.config import load_study
+    from matryoshka2d.study.runner import run_study
 
     report = run_study(load_study(args.config), report_only=args.report_only)
     print(f"wrote {report}")

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 _FONT: dict[str, Any] = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "figure.titlesize": 14}
 
 
-def _styled(func: Callable[..., Path]) -> Callable[..., Path]:
-    """Run a plotting function with our font sizes, leaving the caller's matplotlib settings untouched."""
+def styled(func: Callable[..., Path]) -> Callable[..., Path]:
+    """Decorator: run a plotting function with our font sizes (caller's matplotlib settings untouched)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Path:
@@ -37,13 +37,15 @@ def _styled(func: Callable[..., Path]) -> Callable[..., Path]:
     return wrapper
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches with the constrained layout."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` atomically at 150 dpi, in the format the suffix of ``path`` names (default png)."""
     from matryoshka2d.io.atomic import atomic_open
 
     path = Path(path)
@@ -62,7 +64,7 @@ def _default_set(result: GridResult) -> str:
     return AVG if result.has_average() else result.sets[0]
 
 
-@_styled
+@styled
 def plot_heatmaps(result: GridResult, path: str | os.PathLike[str], *, sets: Sequence[str] | None = None,
                   metric: Metric = "spearman") -> Path:
     """One layer x dim heatmap per set (plus the 7-set average when defined), values written in the cells.
@@ -75,7 +77,7 @@ def plot_heatmaps(result: GridResult, path: str | os.PathLike[str], *, sets: Seq
     rows = -(-len(names) // cols)
     n_layers, n_dims = len(result.layers), len(result.dims)
     panel_w, panel_h = max(4.5, 0.75 * n_dims + 2), max(3.2, 0.42 * n_layers + 1.6)
-    fig = _figure(panel_w * cols, panel_h * rows)
+    fig = new_figure(panel_w * cols, panel_h * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, name in zip(axes, names, strict=False):
         table = result.table(name, metric)
@@ -96,10 +98,10 @@ def plot_heatmaps(result: GridResult, path: str | os.PathLike[str], *, sets: Seq
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.suptitle(f"{result.model}: {_label(metric)} per exit (layer x dim)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-@_styled
+@styled
 def plot_dim_curves(results: Sequence[GridResult], path: str | os.PathLike[str], *,
                     labels: Sequence[str] | None = None, set_name: str | None = None,
                     metric: Metric = "spearman") -> Path:
@@ -112,7 +114,7 @@ def plot_dim_curves(results: Sequence[GridResult], path: str | os.PathLike[str],
         raise ValueError("plot_dim_curves needs at least one result")
     labels = list(labels) if labels is not None else [r.model for r in results]
     set_name = set_name or _default_set(results[0])
-    fig = _figure(5.2 * len(results) + 1.2, 4.4)
+    fig = new_figure(5.2 * len(results) + 1.2, 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(results), sharey=True, squeeze=False)).ravel()
     from matplotlib import colormaps
 
@@ -134,7 +136,7 @@ def plot_dim_curves(results: Sequence[GridResult], path: str | os.PathLike[str],
     ncols = 2 if len(results[-1].layers) > 6 else 1
     axes[-1].legend(title="exit", fontsize=8, loc="lower right", ncols=ncols)
     fig.suptitle(f"{_label(metric)} vs embedding dim, one line per exit layer")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def load_benchmark(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -148,7 +150,7 @@ def load_benchmark(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[d
     else:
         where = str(source)
         if not Path(source).is_file():
-            raise FileNotFoundError(f"{where}: no such benchmark file; write one with `m2d benchmark`")
+            raise FileNotFoundError(f"{where}: no such benchmark file; write one with `m2d bench --output FILE.json`")
         try:
             obj = json.loads(Path(source).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -162,7 +164,7 @@ def load_benchmark(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[d
     return [dict(r) for r in records]
 
 
-@_styled
+@styled
 def plot_pareto(result: GridResult, benchmark: str | os.PathLike[str] | Mapping[str, Any],
                 path: str | os.PathLike[str], *, set_name: str | None = None, dim: int | None = None,
                 metric: Metric = "spearman") -> Path:
@@ -190,7 +192,7 @@ def plot_pareto(result: GridResult, benchmark: str | os.PathLike[str] | Mapping[
         label = f"L{layer}" + (f" d{d}" if d != default_dim else "")
         points.setdefault(series or "benchmark", []).append(
             (float(r["sentences_per_s"]), result.score(set_name, layer, d, metric), label))
-    fig = _figure(7.5, 5.0)
+    fig = new_figure(7.5, 5.0)
     ax = fig.subplots()
     markers = "os^Dv<>P*X"
     for k, (series, pts) in enumerate(points.items()):
@@ -214,7 +216,7 @@ def plot_pareto(result: GridResult, benchmark: str | os.PathLike[str] | Mapping[
     ax.legend(fontsize=8, title="impl / dtype / batch", title_fontsize=8)
     where = "average of 7 STS sets" if set_name == AVG else set_name
     ax.set_title(f"{result.model}: {where}, {_label(metric)} vs speed")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

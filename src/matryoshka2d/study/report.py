@@ -15,10 +15,11 @@ import numpy as np
 
 from matryoshka2d.evaluation.compare import PairedBootstrap
 from matryoshka2d.evaluation.grid import GridResult
+from matryoshka2d.evaluation.plots import load_benchmark, new_figure, plot_dim_curves, save_figure, styled
 from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from matryoshka2d.study.runner import StudyConfig, Unit
+    from matryoshka2d.study.config import StudyConfig, Unit
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _verdicts(study: Study, rows: list[dict[str, Any]]) -> list[str]:
 
 def _plots(study: Study, out: Path, benchmark: str | None) -> list[str]:
     try:
-        from matryoshka2d.evaluation.plots import plot_dim_curves
+        import matplotlib  # noqa: F401
     except ImportError:
         return []
     lines = []
@@ -215,16 +216,15 @@ def _plots(study: Study, out: Path, benchmark: str | None) -> list[str]:
     return lines
 
 
+@styled
 def _plot_speed(study: Study, benchmark: str, path: Path) -> Path | None:
-    """STS-B test Spearman at d=384 vs encoding throughput of a physically truncated model, per strategy."""
-    from matryoshka2d.evaluation.plots import _figure, _save, load_benchmark
-
+    """STS-B test Spearman at the full width vs encoding throughput of a physically truncated model, per strategy."""
     recs = [r for r in load_benchmark(benchmark) if r.get("impl") == "matryoshka2d" and r.get("dtype") == "fp32"]
     if not recs:
         return None
     batch = max({r["batch_size"] for r in recs})
     speed = {int(r["layer"]): float(r["sentences_per_s"]) for r in recs if r["batch_size"] == batch}
-    fig = _figure(7.5, 5.0)
+    fig = new_figure(7.5, 5.0)
     ax = fig.subplots()
     n, d = study.num_layers, max(study.key_dims)
     for label in [lab for lab in ("original", "full", "mrl", "2dmse", "starbucks") if study.has(lab)] + ["separate"]:
@@ -238,11 +238,11 @@ def _plot_speed(study: Study, benchmark: str, path: Path) -> Path | None:
             ax.plot(xs, ys, marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel(f"encoding throughput, sentences/s (fp32, batch {batch}, log scale)")
-    ax.set_ylabel("STS-B test Spearman x100 (d=384)")
+    ax.set_ylabel(f"STS-B test Spearman x100 (d={d})")
     ax.set_title("Quality vs speed per exit layer (truncated models)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _selection(selection: dict[str, Any]) -> list[str]:
@@ -281,7 +281,8 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
         md += [f"## {s} test: every strategy at layers 1..{num_layers}, dims {dims}", "",
                *_table(study, s, labels), ""]
     md += [*_dev_and_cost(study, labels, study_cfg.selection_set),
-           "## Paired bootstrap 95% CIs (1,000 resamples of pairs; seed-averaged)", "", *_ci_markdown(rows), "",
+           f"## Paired bootstrap 95% CIs ({study_cfg.draws:,} resamples of pairs; seed-averaged)", "",
+           *_ci_markdown(rows), "",
            "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows), "",
            "## Plots", "", *_plots(study, out, study_cfg.benchmark), "",
            "## Full grids (mean ± std over seeds)", ""]
@@ -317,8 +318,8 @@ def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
     rows = [lab for lab in labels if lab != "original" and (study.dev.get(lab) or study.step_s.get(lab))]
     if not rows:
         return []
-    n = study.num_layers
-    head = ("| strategy | " + " | ".join(f"dev L{k} d384" for k in range(1, n + 1))
+    n, width = study.num_layers, max(study.key_dims)
+    head = ("| strategy | " + " | ".join(f"dev L{k} d{width}" for k in range(1, n + 1))
             + " | dev mean (dims ≥ 64) | step s (median, as run) |")
     lines = [f"## {dev_set} dev (for choosing) and training cost", "",
              "Dev Spearman x100 (mean over seeds); the mean is over every exit with dim ≥ 64. Step time is the "

@@ -30,7 +30,7 @@ from matryoshka2d.training import checkpoint as ckpt
 from matryoshka2d.training.checkpoint import DataOrder
 from matryoshka2d.training.config import Config
 from matryoshka2d.training.interrupts import SigintFlag, TrainingInterrupted, stop_requested
-from matryoshka2d.training.setup import CONFIG_FILE, _accelerator, _optimizer, build, check_run_dir
+from matryoshka2d.training.setup import CONFIG_FILE, build, check_run_dir, make_accelerator, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     from accelerate.utils import set_seed
 
     run_dir = Path(config.run.output_dir)
-    accelerator = _accelerator(config.train.mixed_precision)
+    accelerator = make_accelerator(config.train.mixed_precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     resume_from = check_run_dir(config, resume=resume, overwrite=overwrite)
     set_seed(config.train.seed)
@@ -84,7 +84,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     t = config.train
     order = DataOrder(len(data), t.batch_size, t.seed)
     total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accumulation))
-    optimizer, scheduler = _optimizer(objective, config, total)
+    optimizer, scheduler = make_optimizer(objective, config, total)
     if world > 1 and model.exit_head_layers:
         # a step trains the heads of its sampled exits only; DDP must expect parameters without a gradient
         from accelerate.utils import DistributedDataParallelKwargs

@@ -107,7 +107,7 @@ def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, A
     return model, data, dev, objective
 
 
-def _accelerator(mixed_precision: str) -> Any:
+def make_accelerator(mixed_precision: str) -> Any:
     """An ``Accelerator``; processes come from the launcher's environment (torchrun / accelerate launch).
 
     Raises:
@@ -155,7 +155,7 @@ def _add_exit_heads(model: Any, objective: Any, kind: str, strategy: str) -> Non
     logger.info("added %s exit heads on layers %s", kind, added)
 
 
-def _optimizer(objective: torch.nn.Module, config: Config, total: int) -> tuple[Any, Any]:
+def make_optimizer(objective: torch.nn.Module, config: Config, total: int) -> tuple[Any, Any]:
     """AdamW with param groups: backbone weights (decayed), biases and LayerNorms (not decayed), and, when
     the model has exit heads, the heads at ``train.head_lr`` without decay (decay would pull them toward zero,
     not toward their identity start); then a linear warm-up and decay of every group's lr."""
