@@ -30,8 +30,10 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
+# ruff, then the layer contract of pyproject.toml [tool.importlinter] (no upward import, no circle)
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

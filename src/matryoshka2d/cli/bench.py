@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, int_list, load_model
+from matryoshka2d.vocab import ATTENTIONS, DTYPE_NAMES, PEERS
 
 logger = logging.getLogger(__name__)
 
@@ -18,12 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="all", help="exits to time, e.g. 1,3,6 or 'all' (full depth is always timed)")
     p.add_argument("--dims", default=None, help="embedding dims to time, e.g. 64,384 (default: full width)")
     p.add_argument("--batch-sizes", default="32,128", help="comma-separated batch sizes")
-    p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16, fp16 (e.g. fp32,bf16)")
+    p.add_argument("--dtype", default="fp32", help=f"comma-separated: {', '.join(DTYPE_NAMES)} (e.g. fp32,bf16)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="measure fp32 in place of a dtype the device cannot run (default: error)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd copies of our models (impl matryoshka2d+compile)")
-    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager"),
+    p.add_argument("--attention", default="auto", choices=ATTENTIONS,
                    help="our models' attention kernel (auto: eager for bf16/fp16 on CPU, the model's default "
                         "otherwise); the peer keeps its default")
     p.add_argument("--sentences", default="stsb",
@@ -34,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both implementations")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--peer", default=None, help="also time this library on the same model: sentence-transformers")
+    p.add_argument("--peer", default=None, help=f"also time this library on the same model: {', '.join(PEERS)}")
     p.add_argument("--output", default=None, help="write meta, records and targets as JSON here")
     p.add_argument("--plot", default=None, help="write a throughput-per-layer PNG here")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")

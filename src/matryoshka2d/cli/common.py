@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from matryoshka2d.vocab import POOLING_MODES
+
 
 def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
     """The MODEL positional plus the loading flags every model-taking command has."""
@@ -11,7 +13,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -
         parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: minilm)")
     else:
         parser.add_argument("model", help="model folder, hub id, or 'minilm' (the offline default)")
-    parser.add_argument("--pooling", default=None, help="override pooling: cls, mean, cls_avg, max, last")
+    parser.add_argument("--pooling", default=None, help=f"override pooling: {', '.join(POOLING_MODES)}")
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow code shipped in the model folder to run"
     )

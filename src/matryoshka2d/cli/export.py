@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, load_model
-from matryoshka2d.export.exporter import FORMATS
+from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -18,11 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="exit layer 1..N (default: the model's default)")
     p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: the model's default)")
-    p.add_argument("--format", default="hf", choices=[*FORMATS, "st"],
+    p.add_argument("--format", default="hf", choices=[*FORMATS, *FORMAT_ALIASES],
                    help="hf (transformers folder), sentence-transformers (alias st) or onnx")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quantize", choices=["int8"], default=None,
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                    help="onnx: also write model_int8.onnx (dynamic int8 weights)")
     p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from matryoshka2d.vocab import BASE_LOSSES, STRATEGIES
+
 logger = logging.getLogger(__name__)
 
 # flag dest -> config key
@@ -34,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model folder, hub id or 'minilm' (model.name)")
     p.add_argument("--data", default=None, help="stsb, sickr, nli or a .tsv/.csv/.jsonl file (data.source)")
     p.add_argument("--data-dir", default=None, help="folder of the named sets (data.data_dir)")
-    p.add_argument("--strategy", default=None, help="full, mrl, layers, 2dmse, starbucks or separate")
-    p.add_argument("--loss", default=None, help="base loss: cosent, ibn, angle, angle-total (loss.name)")
+    p.add_argument("--strategy", default=None, help=f"objective.strategy: {', '.join(STRATEGIES)}")
+    p.add_argument("--loss", default=None, help=f"base loss: {', '.join(BASE_LOSSES)} (loss.name)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (train.batch_size)")

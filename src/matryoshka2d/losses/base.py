@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from matryoshka2d.vocab import BASE_LOSSES
+
 logger = logging.getLogger(__name__)
 
-BASE_LOSSES: tuple[str, ...] = ("cosent", "ibn", "angle", "angle-total")
 _ALIASES = {"infonce": "ibn"}
 
 
