@@ -28,7 +28,7 @@ from matryoshka2d.data.files import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = [  # TABLE_SUFFIXES is defined in data_files and re-exported here
+__all__ = [  # TABLE_SUFFIXES is defined in data.files and re-exported here
     "KIND_COLUMNS", "NAMED_SETS", "NLI_FILES", "SCORE_NAMES", "STS_SETS", "STS_SPLITS", "TABLE_SUFFIXES", "Kind",
     "ScoredPairs", "TrainingData", "load_sts", "load_training_data", "read_sentences", "resolve_data_dir",
     "sts_subsets",
