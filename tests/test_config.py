@@ -110,8 +110,8 @@ def test_unknown_and_ambiguous_keys_name_the_fix(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("objective.strategy", "2d", r"objective.strategy '2d' is unknown; choose one of full, mrl, layers"),
-    ("objective.depth_weighting", "exp", "objective.depth_weighting 'exp' is unknown; choose one of none"),
+    ("objective.strategy", "2d", r"unknown objective.strategy '2d'; choose one of full, mrl, layers"),
+    ("objective.depth_weighting", "exp", "unknown objective.depth_weighting 'exp'; choose one of none"),
     ("objective.dims", [0, 8], r"objective.dims has \[0\] below 1 \(got \[0, 8\]\); dims are widths 1..D"),
     ("objective.dims", [], r"objective.dims must be a non-empty list of integers, got \[\]"),
     ("objective.layer_pool", [0], r"objective.layer_pool has \[0\] below 1 .* layer 0 is never an exit"),

@@ -304,8 +304,8 @@ def test_training_20_steps_lowers_the_loss(tiny_model):
 
 # ----------------------------------------------------------------------------------------- bad options
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"strategy": "3d"}, "strategy '3d' is unknown; choose one of full, mrl, layers, 2dmse, starbucks, separate"),
-    ({"depth_weighting": "exp"}, "depth_weighting 'exp' is unknown; choose one of none, linear, log"),
+    ({"strategy": "3d"}, "unknown strategy '3d'; choose one of full, mrl, layers, 2dmse, starbucks, separate"),
+    ({"depth_weighting": "exp"}, "unknown depth_weighting 'exp'; choose one of none, linear, log"),
     ({"dims": [8, 64]}, r"dims has \[64\] outside the allowed range 1..32 .* embeddings have 32 dims"),
     ({"dims": []}, r"dims must be a non-empty list of integers, got \[\]"),
     ({"dims": [32], "strategy": "mrl"}, r"dims \[32\] has no dim below D=32; strategy 'mrl' samples d"),
@@ -320,7 +320,7 @@ def test_training_20_steps_lowers_the_loss(tiny_model):
     ({"kl_weight": "1"}, "kl_weight must be a finite number >= 0, got '1'"),
     ({"kl_temperature": 0}, "kl_temperature must be a finite number > 0, got 0; pass e.g. 1"),
     ({"detach_teacher": "yes"}, "detach_teacher must be True or False, got 'yes'"),
-    ({"kl_space": "tokens"}, "kl_space 'tokens' is unknown; choose one of coordinates, batch"),
+    ({"kl_space": "tokens"}, "unknown kl_space 'tokens'; choose one of coordinates, batch"),
     ({"seed": 1.5}, "seed must be an integer, got 1.5"),
     ({"last_weight": 0, "strategy": "full"}, "every term of strategy 'full' has weight 0"),
     ({"last_weight": 0, "prior_weight": 0, "kl_weight": 0}, "every term of strategy '2dmse' has weight 0"),

@@ -262,7 +262,7 @@ def _write(path: Path, text: str) -> Path:
     ({"objective.dims": [8, 64]}, ValueError, r"objective.dims has \[64\] outside the allowed range 1..32"),
     ({"objective.layer_pool": [2, 4]}, ValueError, r"objective.layer_pool has \[4\] outside the "
                                                     r"allowed range 1..3"),
-    ({"objective.strategy": "matryoshka"}, ValueError, "objective.strategy 'matryoshka' is unknown; choose one"),
+    ({"objective.strategy": "matryoshka"}, ValueError, "unknown objective.strategy 'matryoshka'; choose one"),
     ({"loss.name": "triplet"}, ValueError, "unknown base loss 'triplet'; choose one of cosent, ibn"),
     ({"loss.options": {"margin": 1}}, ValueError, "base loss 'cosent' does not take margin"),
     ({"loss.name": "ibn", "data.source": "PAIRS", "train.batch_size": 1}, ValueError,

@@ -84,8 +84,8 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...], *, fix: str = 
         fix: an extra hint appended to the message.
 
     Raises:
-        ValueError: ``"{name} {value!r} is unknown; choose one of a, b, c"``.
+        ValueError: ``"unknown {name} {value!r}; choose one of a, b, c"``.
     """
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}{fix}")
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}{fix}")
     return value

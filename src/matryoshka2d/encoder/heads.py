@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matryoshka2d.vocab import EXIT_HEAD_KINDS, ExitHeadKind
+from matryoshka2d.vocab import EXIT_HEAD_KINDS, ExitHeadKind, check_choice
 
 
 def check_kind(kind: Any) -> ExitHeadKind:
@@ -33,7 +33,7 @@ def check_kind(kind: Any) -> ExitHeadKind:
         ValueError: an unknown kind.
     """
     if kind not in EXIT_HEAD_KINDS:
-        raise ValueError(f"unknown exit head kind {kind!r}; choose one of {', '.join(EXIT_HEAD_KINDS)}")
+        check_choice("exit head kind", kind, EXIT_HEAD_KINDS)
     return kind  # type: ignore[no-any-return]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from matryoshka2d.vocab import POOLING_MODES, PoolingMode
+from matryoshka2d.vocab import POOLING_MODES, PoolingMode, check_choice
 
 
 def check_pooling(mode: str) -> PoolingMode:
@@ -13,9 +13,7 @@ def check_pooling(mode: str) -> PoolingMode:
     Raises:
         ValueError: unknown mode.
     """
-    if mode not in POOLING_MODES:
-        raise ValueError(f"unknown pooling {mode!r}; choose one of {', '.join(POOLING_MODES)}")
-    return mode  # type: ignore[return-value]
+    return check_choice("pooling", mode, POOLING_MODES)  # type: ignore[return-value]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: PoolingMode) -> torch.Tensor:
@@ -41,4 +39,5 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: PoolingMode) 
         positions = torch.arange(attention_mask.shape[1], device=hidden.device)
         last = (attention_mask.bool() * positions).argmax(1)  # works for left and right padding
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {mode!r}; choose one of {', '.join(POOLING_MODES)}")
+    check_choice("pooling", mode, POOLING_MODES)
+    raise AssertionError(f"pooling {mode!r} is listed in vocab.POOLING_MODES but not implemented here")

@@ -42,7 +42,7 @@ from matryoshka2d.io.atomic import atomic_dir
 from matryoshka2d.io.folder import write_heads
 from matryoshka2d.io.manifest import CONFIG_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, write_manifest
 from matryoshka2d.io.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
-from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, ExportFormat, Quantization
+from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, ExportFormat, Quantization, check_choice
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -58,7 +58,7 @@ def check_format(fmt: str) -> ExportFormat:
     """
     canonical = FORMAT_ALIASES.get(fmt, fmt)
     if canonical not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        check_choice("export format", fmt, FORMATS)
     return canonical  # type: ignore[return-value]
 
 

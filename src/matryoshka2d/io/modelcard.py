@@ -18,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from matryoshka2d.vocab import st_pooling_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -275,7 +277,6 @@ _POOLING_CODE = {
              'last = (batch["attention_mask"] * positions).argmax(1)',
              "pooled = hidden[torch.arange(hidden.shape[0]), last]"],
 }
-_ST_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "last": "lasttoken"}
 
 
 def usage_sections(meta: dict[str, Any], name: str) -> list[str]:
@@ -326,11 +327,12 @@ def _st_usage(meta: dict[str, Any], name: str) -> list[str]:
         return out + ["```python", "from sentence_transformers import SentenceTransformer", "", _EXAMPLE,
                       f'model = SentenceTransformer("{name}")',
                       "embeddings = model.encode(sentences)  # L2-normalised", _shape_line(meta), "```", ""]
-    if layer == meta.get("num_layers") and pooling in _ST_POOLING and _head_layer(meta) is None:
+    st_pooling = st_pooling_name(pooling) if isinstance(pooling, str) else None
+    if layer == meta.get("num_layers") and st_pooling and _head_layer(meta) is None:
         return out + [
             "```python", "from sentence_transformers import SentenceTransformer, models", "", _EXAMPLE,
             f'transformer = models.Transformer("{name}", max_seq_length={meta.get("max_seq_length")})',
-            f'pooling = models.Pooling({meta.get("hidden_size")}, "{_ST_POOLING[pooling]}")',
+            f'pooling = models.Pooling({meta.get("hidden_size")}, "{st_pooling}")',
             f"model = SentenceTransformer(modules=[transformer, pooling], truncate_dim={dim})",
             "# sentence-transformers truncates after its modules: normalise afterwards",
             "embeddings = model.encode(sentences, normalize_embeddings=True)", _shape_line(meta), "```", ""]

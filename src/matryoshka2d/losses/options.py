@@ -19,7 +19,15 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from matryoshka2d.encoder.model import matryoshka_dims
-from matryoshka2d.vocab import DEPTH_WEIGHTINGS, KL_SPACES, STRATEGIES, DepthWeighting, KLSpace, Strategy
+from matryoshka2d.vocab import (
+    DEPTH_WEIGHTINGS,
+    KL_SPACES,
+    STRATEGIES,
+    DepthWeighting,
+    KLSpace,
+    Strategy,
+    check_choice,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +127,7 @@ class ObjectiveOptions:
         key = self.PREFIX
         for name, choices in (("strategy", STRATEGIES), ("depth_weighting", DEPTH_WEIGHTINGS),
                               ("kl_space", KL_SPACES)):
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"{key}{name} {value!r} is unknown; choose one of {', '.join(choices)}")
+            check_choice(f"{key}{name}", getattr(self, name), choices)
         for name in ("last_weight", "prior_weight", "kl_weight"):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
