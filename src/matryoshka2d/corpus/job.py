@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from matryoshka2d.corpus.readers import CorpusReader, resolve_inputs
@@ -79,8 +80,10 @@ def make_job(model: Any, model_name: str, inputs: Sequence[str], exits: str, *, 
         raise ValueError(f"--batch-size {batch_size!r} must be a positive integer; pass e.g. 64")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size {shard_size!r} must be a positive integer; pass e.g. 100000")
+    local = Path(model_name)
     return CorpusJob(
-        model=str(model_name), inputs=tuple(str(f.resolve()) for f in files),
+        model=str(local.resolve()) if local.exists() else str(model_name),
+        inputs=tuple(str(f.resolve()) for f in files),
         exits=tuple(parse_exits(exits, model)), format=check_format(fmt, normalize), normalize=normalize,
         id_column=id_column, text_column=text_column, skip_empty=skip_empty, shard_size=shard_size,
         batch_size=batch_size, pooling=pooling, trust_remote_code=trust_remote_code,

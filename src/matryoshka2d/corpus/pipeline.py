@@ -46,8 +46,15 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = False) -> Path:
-    """Claim ``output`` for ``job``: create it with ``run.json``, or check that it belongs to the same job.
+def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = False, claim: bool = True) -> bool:
+    """Check that ``output`` is new, empty or an output of the same ``job``; with ``claim``, take it.
+
+    Taking it writes ``run.json`` (after removing an earlier output, with ``overwrite``). Call it once with
+    ``claim=False`` before the corpus is read, so a conflict fails fast, and once with ``claim=True`` after
+    the corpus passed its checks, so a bad input never claims a folder.
+
+    Returns:
+        Whether ``output`` already holds (part of) this job's output, i.e. the run resumes.
 
     Raises:
         FileExistsError: a non-empty folder that is not a corpus output, or a file.
@@ -57,14 +64,16 @@ def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = Fals
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; --output takes a folder for the shards")
     run_file = out / RUN_NAME
+    resume = False
     if out.is_dir() and any(out.iterdir()):
         if not run_file.is_file():
             raise FileExistsError(f"{out} is not empty and holds no {RUN_NAME}, so it is not a corpus output; "
                                   "choose a new or empty --output folder")
         if overwrite:
-            shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
-            for name in (MANIFEST_NAME, RUN_NAME):
-                (out / name).unlink(missing_ok=True)
+            if claim:
+                shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+                for name in (MANIFEST_NAME, RUN_NAME):
+                    (out / name).unlink(missing_ok=True)
         else:
             try:
                 old = json.loads(run_file.read_text(encoding="utf-8"))
@@ -77,10 +86,11 @@ def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = Fals
                 raise ValueError(f"{out} holds the output of a different command (differs in: "
                                  f"{', '.join(keys) or 'format_version'}); rerun the same command to resume it, "
                                  "pick another --output, or pass --overwrite to start over")
-            return out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, _run_record(job))
-    return out
+            resume = True
+    if claim and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, _run_record(job))
+    return resume
 
 
 def _run_record(job: CorpusJob) -> dict[str, Any]:
@@ -114,11 +124,13 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local
     for name, value in (("--workers", workers), ("--threads-per-worker", threads_per_worker)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} {value!r} must be a positive integer")
-    out = prepare_output(output, job, overwrite=overwrite)
+    out = Path(output)
+    prepare_output(out, job, overwrite=overwrite, claim=False)
     start = time.perf_counter()
     reader = job.reader()
     specs, stats = plan_shards(reader, job.shard_size)
     scanned = time.perf_counter()
+    prepare_output(out, job, overwrite=overwrite, claim=True)
     todo = [s for s in specs if not shard_is_done(out, s, job.exits)]
     logger.info("%d texts in %d shards (read and checked in %.1fs); %d shards to encode, %d already done",
                 stats.rows, len(specs), scanned - start, len(todo), len(specs) - len(todo))

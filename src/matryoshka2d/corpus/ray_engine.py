@@ -79,9 +79,10 @@ def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers
     try:
         items = [{"spec": json.dumps(s.to_dict())} for s in specs]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs={"job": job.to_dict(), "output": str(output),
-                                                                  "threads": threads_per_worker},
-                            batch_size=1, concurrency=workers, num_cpus=threads_per_worker)
+        kwargs = {"job": job.to_dict(), "output": str(Path(output).resolve()), "threads": threads_per_worker}
+        ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs=kwargs,
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_cpus=threads_per_worker)
         done = {int(row["shard"]) for row in ds.iter_rows()}
     finally:
         if started:
