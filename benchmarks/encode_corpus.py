@@ -115,7 +115,8 @@ def main() -> None:
     p.add_argument("--rss-rows", default="10000,40000", help="corpus sizes of the peak-RSS comparison")
     p.add_argument("--shard-size", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="repeats of each speed run (median reported)")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of each speed run (median kept)")
+    p.add_argument("--runs", default="", help="speed runs to do, comma-separated (default: all three)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "encode_corpus.json"))
     # child-process arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -139,28 +140,36 @@ def main() -> None:
             "local_2threads_deepest_exit_only": dict(exits=EXITS_DEEP, engine="local", threads=2),
             "ray_2workers_x1thread_two_exits": dict(exits=EXITS_TWO, engine="ray", workers=2, threads_per_worker=1),
         }
-        for name, kw in runs.items():
-            reps = [measure(corpus, **kw, **common) for _ in range(args.repeats)]
-            best = sorted(reps, key=lambda r: r["seconds"])[len(reps) // 2]
-            results["speed"][name] = {**best, "seconds_all": [r["seconds"] for r in reps]}
-            print(name, json.dumps(results["speed"][name]), flush=True)
+        wanted = [r for r in args.runs.split(",") if r] or list(runs)
+        reps: dict[str, list[dict]] = {name: [] for name in wanted}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every run alike
+            for name in wanted:
+                reps[name].append(measure(corpus, **runs[name], **common))
+                print(name, json.dumps(reps[name][-1]), flush=True)
+        for name, runs_of in reps.items():
+            median = sorted(runs_of, key=lambda r: r["seconds"])[len(runs_of) // 2]
+            results["speed"][name] = {**median, "seconds_all": [r["seconds"] for r in runs_of]}
         s = results["speed"]
         results["rows"] = args.speed_rows
-        results["two_exits_over_deepest"] = (s["local_2threads_two_exits"]["seconds"]
-                                             / s["local_2threads_deepest_exit_only"]["seconds"])
-        results["ray_over_local_rows_per_s"] = (s["ray_2workers_x1thread_two_exits"]["rows_per_s"]
-                                                / s["local_2threads_two_exits"]["rows_per_s"])
-        for rows in (int(r) for r in args.rss_rows.split(",")):
+        if "local_2threads_deepest_exit_only" in s and "local_2threads_two_exits" in s:
+            results["two_exits_over_deepest"] = (s["local_2threads_two_exits"]["seconds"]
+                                                 / s["local_2threads_deepest_exit_only"]["seconds"])
+        if "ray_2workers_x1thread_two_exits" in s and "local_2threads_two_exits" in s:
+            results["ray_over_local_rows_per_s"] = (s["ray_2workers_x1thread_two_exits"]["rows_per_s"]
+                                                    / s["local_2threads_two_exits"]["rows_per_s"])
+        for rows in (int(r) for r in args.rss_rows.split(",") if r):
             corpus = write_corpus(pool, rows, Path(tmp) / f"corpus-{rows}.tsv")
             results["rss"][str(rows)] = measure(corpus, EXITS_TWO, engine="local", threads=2, **common)
             print("rss", rows, json.dumps(results["rss"][str(rows)]), flush=True)
     sizes = sorted(results["rss"], key=int)
-    results["rss_growth_mib"] = results["rss"][sizes[-1]]["peak_rss_mib"] - results["rss"][sizes[0]]["peak_rss_mib"]
-    results["median_note"] = "median of --repeats runs" if args.repeats > 1 else "one run each"
+    if sizes:
+        results["rss_growth_mib"] = (results["rss"][sizes[-1]]["peak_rss_mib"]
+                                     - results["rss"][sizes[0]]["peak_rss_mib"])
+    results["repeats"] = args.repeats
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: results[k] for k in ("two_exits_over_deepest", "ray_over_local_rows_per_s",
-                                              "rss_growth_mib")}))
+    print(json.dumps({k: results.get(k) for k in ("two_exits_over_deepest", "ray_over_local_rows_per_s",
+                                                  "rss_growth_mib")}))
 
 
 if __name__ == "__main__":
