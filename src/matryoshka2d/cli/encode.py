@@ -1,4 +1,6 @@
-"""``m2d encode MODEL --layer N --dim D --input FILE --output OUT.npy``."""
+"""``m2d encode MODEL --layer N --dim D --input FILE --output OUT.npy``, or, for a corpus at several exits,
+``m2d encode MODEL --input PATH... --exits 3:128,6:384 --output DIR`` (Parquet shards, resumable; see
+``docs/encoding.md``)."""
 
 from __future__ import annotations
 
@@ -15,16 +17,30 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("encode", help="embed sentences from a file at one exit")
+    p = sub.add_parser("encode", help="embed sentences from a file at one exit, or a corpus at several exits")
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="exit layer 1..N (default: the model's default)")
     p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: full width)")
-    p.add_argument("--input", required=True, help=".txt (one sentence per line) or .tsv/.csv/.jsonl")
+    p.add_argument("--input", required=True, nargs="+",
+                   help=".txt (one sentence per line) or .tsv/.csv/.jsonl; with --exits also .parquet, several "
+                        "files, globs or folders")
     p.add_argument("--column", default=None, help="column of a .tsv/.csv/.jsonl input (default: first)")
-    p.add_argument("--output", required=True, help="output .npy file")
+    p.add_argument("--output", required=True, help="output .npy file (with --exits: output folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c = p.add_argument_group("corpus encoding (with --exits; see docs/encoding.md)")
+    c.add_argument("--exits", default=None, help="exits LAYER:DIM,... from one pass, e.g. 3:128,6:384")
+    c.add_argument("--engine", choices=("local", "ray"), default="local", help="this process, or Ray Data")
+    c.add_argument("--format", default="float32", help="float32, float16, int8 or binary")
+    c.add_argument("--id-column", default=None, help="column of unique ids (default: line numbers)")
+    c.add_argument("--text-column", default=None, help="column of the texts (default: text, else the first)")
+    c.add_argument("--shard-size", type=int, default=100_000, help="rows per Parquet shard")
+    c.add_argument("--skip-empty", action="store_true", help="skip (and count) empty texts instead of failing")
+    c.add_argument("--threads", type=int, default=None, help="torch threads of the local engine")
+    c.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once)")
+    c.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (Ray CPUs) per actor")
+    c.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto); default: a local one")
     p.set_defaults(func=run)
 
 
@@ -32,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from matryoshka2d.data.datasets import read_sentences
     from matryoshka2d.io.atomic import atomic_open
 
+    if args.exits is not None:
+        return run_corpus(args)
+    if len(args.input) != 1:
+        raise ValueError(f"--input got {len(args.input)} paths; the .npy output takes one file, pass "
+                         "--exits L:D,... and an output folder to encode several")
+    args.input = args.input[0]
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -47,4 +69,37 @@ def run(args: argparse.Namespace) -> int:
         np.save(f, emb)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} in {seconds:.2f}s "
           f"({emb.shape[0] / seconds:.0f} sentences/s)")
+    return 0
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    """``--exits``: the corpus pipeline (:func:`matryoshka2d.corpus.pipeline.encode_corpus`)."""
+    import torch
+
+    from matryoshka2d.corpus.job import make_job
+    from matryoshka2d.corpus.pipeline import encode_corpus
+
+    if args.layer is not None or args.dim is not None:
+        raise ValueError("--layer/--dim pick the one exit of a .npy output; with --exits give LAYER:DIM pairs")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} must be a positive integer")
+        torch.set_num_threads(args.threads)
+    model = load_model(args)
+    job = make_job(model, args.model, args.input, args.exits, fmt=args.format, normalize=args.normalize,
+                   id_column=args.id_column, text_column=args.text_column or args.column, skip_empty=args.skip_empty,
+                   shard_size=args.shard_size, batch_size=args.batch_size, pooling=args.pooling,
+                   trust_remote_code=args.trust_remote_code)
+    if args.engine == "ray":
+        del model  # the actors load their own
+        model = None
+    result = encode_corpus(job, args.output, engine=args.engine, model=model, workers=args.workers,
+                           threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    run = result["run"]
+    exits = ",".join(f"{e['layer']}:{e['dim']}" for e in result["exits"])
+    rate = run["encoded_rows"] / run["seconds"] if run["seconds"] > 0 else 0.0
+    print(f"wrote {result['rows']} rows at exits {exits} ({result['format']}) in {result['num_shards']} shards "
+          f"to {args.output} ({run['resumed_shards']} shards already done, {result['skipped_empty']} empty texts "
+          f"skipped) in {run['seconds']:.1f}s ({rate:.0f} texts/s)")
     return 0

@@ -1,0 +1,91 @@
+"""The settings that decide the output of a corpus encode: :class:`CorpusJob` (recorded in ``run.json``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matryoshka2d.corpus.readers import CorpusReader, resolve_inputs
+from matryoshka2d.corpus.shards import Exit, Format, check_format, parse_exits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CorpusJob:
+    """Everything that decides the output of a corpus encode (recorded in ``run.json``).
+
+    The engine, workers and threads are not part of it: they change the speed, not the output.
+    """
+
+    model: str
+    inputs: tuple[str, ...]
+    exits: tuple[Exit, ...]
+    format: Format = "float32"
+    normalize: bool = True
+    id_column: str | None = None
+    text_column: str | None = None
+    skip_empty: bool = False
+    shard_size: int = 100_000
+    batch_size: int = 64
+    pooling: str | None = None
+    trust_remote_code: bool = False
+    input_sizes: tuple[int, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (see :meth:`from_dict`)."""
+        d = asdict(self)
+        d["inputs"] = [{"path": p, "size": s} for p, s in zip(self.inputs, self.input_sizes, strict=True)]
+        d.pop("input_sizes")
+        d["exits"] = [[e.layer, e.dim] for e in self.exits]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CorpusJob:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(data)
+        inputs = d.pop("inputs")
+        d["inputs"] = tuple(i["path"] for i in inputs)
+        d["input_sizes"] = tuple(int(i["size"]) for i in inputs)
+        d["exits"] = tuple(Exit(int(a), int(b)) for a, b in d["exits"])
+        return cls(**d)
+
+    def reader(self) -> CorpusReader:
+        """A reader of this job's inputs."""
+        return CorpusReader(self.inputs, id_column=self.id_column, text_column=self.text_column,
+                            skip_empty=self.skip_empty)
+
+    def load_model(self) -> Any:
+        """The encoder, in eval mode."""
+        from matryoshka2d.encoder.model import MatryoshkaEncoder
+
+        return MatryoshkaEncoder.from_pretrained(self.model, pooling=self.pooling,  # type: ignore[arg-type]
+                                                 trust_remote_code=self.trust_remote_code).eval()
+
+
+def make_job(model: Any, model_name: str, inputs: Sequence[str], exits: str, *, fmt: str = "float32",
+             normalize: bool = True, id_column: str | None = None, text_column: str | None = None,
+             skip_empty: bool = False, shard_size: int = 100_000, batch_size: int = 64,
+             pooling: str | None = None, trust_remote_code: bool = False) -> CorpusJob:
+    """Check the arguments of a corpus encode against the loaded ``model`` and the files; return the job.
+
+    Raises:
+        ValueError / FileNotFoundError: bad exits, format, sizes or inputs (one line naming the value).
+    """
+    files = resolve_inputs(inputs)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size!r} must be a positive integer; pass e.g. 64")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size!r} must be a positive integer; pass e.g. 100000")
+    local = Path(model_name)
+    return CorpusJob(
+        model=str(local.resolve()) if local.exists() else str(model_name),
+        inputs=tuple(str(f.resolve()) for f in files),
+        exits=tuple(parse_exits(exits, model)), format=check_format(fmt, normalize), normalize=normalize,
+        id_column=id_column, text_column=text_column, skip_empty=skip_empty, shard_size=shard_size,
+        batch_size=batch_size, pooling=pooling, trust_remote_code=trust_remote_code,
+        input_sizes=tuple(f.stat().st_size for f in files),
+    )

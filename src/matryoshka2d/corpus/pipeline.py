@@ -1,0 +1,198 @@
+"""Encode a corpus into a folder of Parquet shards: plan, resume, run an engine, write the manifest.
+
+The output folder holds ``run.json`` (the command that owns it), ``shards/part-NNNNN.parquet`` and, once
+every shard is written, ``manifest.json`` (model, exits, counts, each shard's rows, first / last id and
+SHA-256). A run first reads the whole corpus once (cheap next to encoding): every record is checked, so a
+bad line fails before any encoding, and the corpus is cut into shards of ``shard_size`` records. A shard
+file that exists was renamed into place complete; it is checked against the plan and skipped. So a killed
+run restarted with the same command finishes the remaining shards and ends with the same manifest as an
+uninterrupted one; a different command against the same folder is an error.
+
+Engines: ``local`` (this process, torch threads, a tqdm bar) and ``ray`` (:mod:`matryoshka2d.corpus.ray_engine`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from matryoshka2d.corpus.job import CorpusJob
+from matryoshka2d.corpus.shards import (
+    FORMATS,
+    INT8_SCALE,
+    SHARD_DIR,
+    ShardSpec,
+    encode_shard,
+    file_sha256,
+    list_size,
+    plan_shards,
+    shard_is_done,
+    value_type,
+)
+from matryoshka2d.io.atomic import atomic_write_json, library_versions
+
+logger = logging.getLogger(__name__)
+
+Engine = Literal["local", "ray"]
+RUN_NAME = "run.json"
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = False, claim: bool = True) -> bool:
+    """Check that ``output`` is new, empty or an output of the same ``job``; with ``claim``, take it.
+
+    Taking it writes ``run.json`` (after removing an earlier output, with ``overwrite``). Call it once with
+    ``claim=False`` before the corpus is read, so a conflict fails fast, and once with ``claim=True`` after
+    the corpus passed its checks, so a bad input never claims a folder.
+
+    Returns:
+        Whether ``output`` already holds (part of) this job's output, i.e. the run resumes.
+
+    Raises:
+        FileExistsError: a non-empty folder that is not a corpus output, or a file.
+        ValueError: a corpus output of a different command (the differing settings are named).
+    """
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; --output takes a folder for the shards")
+    run_file = out / RUN_NAME
+    resume = False
+    if out.is_dir() and any(out.iterdir()):
+        if not run_file.is_file():
+            raise FileExistsError(f"{out} is not empty and holds no {RUN_NAME}, so it is not a corpus output; "
+                                  "choose a new or empty --output folder")
+        if overwrite:
+            if claim:
+                shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+                for name in (MANIFEST_NAME, RUN_NAME):
+                    (out / name).unlink(missing_ok=True)
+        else:
+            try:
+                old = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{run_file} is unreadable ({e}); pass --overwrite to start over") from None
+            new = _run_record(job)
+            if old != new:
+                keys = sorted(k for k in set(old.get("job", {})) | set(new["job"])
+                              if old.get("job", {}).get(k) != new["job"].get(k))
+                raise ValueError(f"{out} holds the output of a different command (differs in: "
+                                 f"{', '.join(keys) or 'format_version'}); rerun the same command to resume it, "
+                                 "pick another --output, or pass --overwrite to start over")
+            resume = True
+    if claim and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, _run_record(job))
+    return resume
+
+
+def _run_record(job: CorpusJob) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "job": job.to_dict()}
+
+
+def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local", model: Any = None,
+                  workers: int = 2, threads_per_worker: int = 1, ray_address: str | None = None,
+                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Encode ``job``'s corpus into Parquet shards under ``output``; resume what a killed run left.
+
+    Args:
+        job: what to encode (see :func:`make_job`).
+        output: the output folder.
+        engine: ``local`` (this process) or ``ray``.
+        model: the loaded encoder for the local engine (loaded from ``job.model`` when ``None``).
+        workers: Ray actors, each loading the model once.
+        threads_per_worker: torch threads (and Ray CPUs) per actor.
+        ray_address: join this Ray cluster (``auto``, ``ray://host:10001``); ``None`` starts a local one.
+        overwrite: replace an earlier corpus output in ``output``.
+        progress: show a progress bar.
+
+    Returns:
+        The manifest (also written to ``output/manifest.json``), plus ``"run"`` timings that are not written.
+
+    Raises:
+        ValueError: bad records (``file:line: ...``), duplicate ids, an output of another command.
+    """
+    if engine not in ("local", "ray"):
+        raise ValueError(f"--engine {engine!r} is not one of ['local', 'ray']")
+    for name, value in (("--workers", workers), ("--threads-per-worker", threads_per_worker)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} {value!r} must be a positive integer")
+    out = Path(output)
+    prepare_output(out, job, overwrite=overwrite, claim=False)
+    start = time.perf_counter()
+    reader = job.reader()
+    specs, stats = plan_shards(reader, job.shard_size)
+    scanned = time.perf_counter()
+    prepare_output(out, job, overwrite=overwrite, claim=True)
+    todo = [s for s in specs if not shard_is_done(out, s, job.exits)]
+    logger.info("%d texts in %d shards (read and checked in %.1fs); %d shards to encode, %d already done",
+                stats.rows, len(specs), scanned - start, len(todo), len(specs) - len(todo))
+    if todo:
+        if engine == "local":
+            run_local(job, out, todo, total=stats.rows, done=stats.rows - sum(s.rows for s in todo),
+                      model=model, progress=progress)
+        else:
+            from matryoshka2d.corpus.ray_engine import run_ray
+
+            run_ray(job, out, todo, workers=workers, threads_per_worker=threads_per_worker, address=ray_address)
+    manifest = build_manifest(job, out, specs, skipped_empty=stats.skipped_empty)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    seconds = time.perf_counter() - start
+    encoded = sum(s.rows for s in todo)
+    return {**manifest, "run": {"seconds": seconds, "scan_seconds": scanned - start, "encoded_rows": encoded,
+                                "resumed_shards": len(specs) - len(todo), "engine": engine}}
+
+
+def run_local(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, total: int, done: int = 0,
+              model: Any = None, progress: bool = True) -> None:
+    """Encode ``specs`` one after another in this process (torch's own threads), with a tqdm bar."""
+    model = job.load_model() if model is None else model
+    reader = job.reader()
+    with tqdm(total=total, initial=done, unit="text", desc="encode", disable=not progress,
+              smoothing=0.05) as bar:
+        for spec in specs:
+            encode_shard(model, reader, spec, job.exits, output, fmt=job.format, normalize=job.normalize,
+                         batch_size=job.batch_size, progress=bar.update)
+
+
+def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, skipped_empty: int) -> dict:
+    """The manifest of a finished output: model, exits, counts, and each shard's rows, ids and SHA-256."""
+    import pyarrow
+
+    shards = []
+    for spec in specs:
+        path = output / spec.file
+        shards.append({"file": spec.file, "rows": spec.rows, "first_id": spec.first_id, "last_id": spec.last_id,
+                       "size": path.stat().st_size, "sha256": file_sha256(path)})
+    exits = [{"layer": e.layer, "dim": e.dim, "column": e.column, "values": list_size(e, job.format),
+              "type": value_type(job.format)} for e in job.exits]
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "matryoshka2d-corpus-embeddings",
+        "model": job.model,
+        "pooling": job.pooling,
+        "exits": exits,
+        "format": job.format,
+        "formats": {"int8": f"q = round({INT8_SCALE} x) of the normalised vector",
+                    "binary": "numpy.packbits(x > 0), ceil(dim / 8) bytes"}.get(job.format, "IEEE floats"),
+        "normalize": job.normalize,
+        "id_column": job.id_column or "(line numbers)",
+        "text_column": job.text_column or "(text, else the first column)",
+        "inputs": [{"path": p, "size": s} for p, s in zip(job.inputs, job.input_sizes, strict=True)],
+        "rows": sum(s.rows for s in specs),
+        "skipped_empty": skipped_empty,
+        "num_shards": len(specs),
+        "shard_size": job.shard_size,
+        "shards": shards,
+        "versions": {**library_versions(), "pyarrow": pyarrow.__version__},
+    }
+
+
+__all__ = ["FORMATS", "Engine", "build_manifest", "encode_corpus", "prepare_output", "run_local"]
