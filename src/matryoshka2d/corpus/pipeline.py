@@ -36,7 +36,8 @@ from matryoshka2d.corpus.shards import (
     shard_is_done,
     value_type,
 )
-from matryoshka2d.io.atomic import atomic_write_json, library_versions
+from matryoshka2d.io.atomic import atomic_write_json
+from matryoshka2d.io.manifest import library_versions
 
 logger = logging.getLogger(__name__)
 
