@@ -20,14 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"matryoshka2d {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"matryoshka2d.cli.{name}").add_parser(sub)
+    for command in sub.choices.values():  # --debug also after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``m2d`` with ``argv``; return the exit code (2 for user errors, with a one-line message)."""
+    """Run ``m2d`` with ``argv``; return the exit code.
+
+    2 for user and environment errors (bad input, unwritable output, damaged files, busy outputs), with a
+    one-line message; 1 for an unexpected error (a one-line message; ``--debug`` shows the traceback).
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -37,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
-        print(f"m2d {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:
         print(f"m2d {args.command}: interrupted", file=sys.stderr)
         return int(getattr(e, "exit_code", 130))
+    except Exception as e:  # the one error boundary: user/environment errors exit 2, bugs exit 1
+        from matryoshka2d.cli.errors import report
+
+        return report(args.command, e, debug=args.debug)
 
 
 def run() -> None:

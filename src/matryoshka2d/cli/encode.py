@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.cli.common import add_model_args, load_model
+from matryoshka2d.io.outputs import save_or_rescue
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +31,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from matryoshka2d.data.datasets import read_sentences
-    from matryoshka2d.io.atomic import atomic_open
+    from matryoshka2d.io.locks import claim_output
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    texts = read_sentences(args.input, column=args.column)
-    model = load_model(args)
-    start = time.perf_counter()
-    emb = model.encode(
-        texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
-        show_progress_bar=True,
-    )
-    seconds = time.perf_counter() - start
-    with atomic_open(out, "wb") as f:
-        np.save(f, emb)
+    with claim_output(args.output, overwrite=args.overwrite) as out:  # held until the file is in place
+        texts = read_sentences(args.input, column=args.column)
+        model = load_model(args)
+        start = time.perf_counter()
+        emb = model.encode(
+            texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
+            show_progress_bar=not args.quiet,
+        )
+        seconds = time.perf_counter() - start
+        save_or_rescue(out, lambda path: save_array(path, emb), what="embeddings")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} in {seconds:.2f}s "
           f"({emb.shape[0] / seconds:.0f} sentences/s)")
     return 0
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary sibling and a rename."""
+    from matryoshka2d.io.atomic import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
