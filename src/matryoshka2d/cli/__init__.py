@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from matryoshka2d._version import __version__
 
@@ -15,8 +16,15 @@ logger = logging.getLogger(__name__)
 COMMANDS = ("info", "encode", "eval", "compare", "train", "export", "reproduce", "bench")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``m2d encode: error: ...; see m2d encode --help`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2d", description="2D Matryoshka sentence embeddings.")
+    parser = Parser(prog="m2d", description="2D Matryoshka sentence embeddings.")
     parser.add_argument("--version", action="version", version=f"matryoshka2d {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -48,9 +49,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Writer:
+    """A file seen by numpy as a plain writable object, so ``np.save`` writes through Python's ``write``.
+
+    On a real file numpy writes with C ``fwrite`` on a duplicate of the descriptor and loses its errors: past
+    a file size limit (``ulimit -f``) it left a truncated ``.npy`` and exit 0. Python's ``write`` raises.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def write(self, data: bytes) -> int:
+        return self.f.write(data)
+
+
 def save_array(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary sibling and a rename."""
+    """``np.save`` through a temporary sibling and a rename; every write error is raised."""
     from matryoshka2d.io.atomic import atomic_open
 
     with atomic_open(path, "wb") as f:
-        np.save(f, array)
+        np.save(_Writer(f), array)  # type: ignore[arg-type]

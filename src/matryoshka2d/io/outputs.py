@@ -10,6 +10,7 @@ See ``docs/reliability.md``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -180,9 +181,13 @@ def save_or_rescue(path: str | os.PathLike[str], write: Callable[[Path], Any], *
             rescue_dir.mkdir(parents=True, exist_ok=True)
             write(rescue)
         except OSError as e2:
+            with contextlib.suppress(OSError):
+                rescue_dir.rmdir()  # only if empty
+            again = describe_os_error(e2, rescue).split(": ", 1)[-1]
+            same = again == reason.split(": ", 1)[-1]
             raise OutputError(f"could not write the {what} to {out} ({reason}); a copy in {rescue_dir} failed "
-                              f"too ({describe_os_error(e2, rescue)}); only what was printed above is left")\
-                from e
+                              f"too ({'the same error' if same else again}), so the {what} could not be kept; "
+                              "fix that and rerun") from e
         logger.debug("rescued %s into %s", out, rescue)
         raise OutputError(f"could not write the {what} to {out} ({reason}); it was saved to {rescue} "
                           f"instead: move it from there") from e
