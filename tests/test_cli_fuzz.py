@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from matryoshka2d.cli import COMMANDS, main
@@ -272,6 +272,7 @@ def argv_for(draw: st.DrawFn, w: dict[str, str]) -> list[str]:
 def check(argv: list[str], capsys: pytest.CaptureFixture[str], out_dir: Path) -> None:
     code = main(argv)
     _, err = capsys.readouterr()
+    event(f"m2d {argv[1]} exit {code}")  # the mix of commands and outcomes: --hypothesis-show-statistics
     assert "Traceback" not in err, (argv, err)
     assert code in (0, 2), (argv, code, err)
     if code == 2:
