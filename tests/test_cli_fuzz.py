@@ -10,7 +10,9 @@ left behind. 50 examples in the default suite, 1,000 in the slow one (``make tes
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from matryoshka2d.cli import COMMANDS, main
+from matryoshka2d.vocab import POOLING_MODES
 
 FUZZ = settings(
     deadline=None,
@@ -25,6 +28,12 @@ FUZZ = settings(
     print_blob=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative defaults (``runs/train``, ``.``) land in a scratch folder, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +112,22 @@ def world(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     }
 
 
-def paths(w: dict[str, str], *keys: str) -> st.SearchStrategy[str]:
+class V:
+    """A flag's values: ``valid`` ones (the ``valid`` mode draws only these) and ``invalid`` ones."""
+
+    def __init__(self, valid: list[str], invalid: list[str]) -> None:
+        self.valid, self.invalid = valid, invalid
+
+    def strategy(self, valid_only: bool) -> st.SearchStrategy[str]:
+        return st.sampled_from(self.valid if valid_only else self.valid + self.invalid)
+
+
+def paths(w: dict[str, str], valid: list[str], invalid: list[str] = ()) -> V:
     bad = [w["root"] + "/missing.x", w["dir"], w["plain"] + "/under-a-file", "/proc/m2d-fuzz", ""]
-    return st.sampled_from([w[k] for k in keys] + bad)
+    return V([w[k] for k in valid], [w[k] for k in invalid] + bad)
 
 
-def outputs(w: dict[str, str], *suffixes: str) -> st.SearchStrategy[str]:
+def outputs(w: dict[str, str], *suffixes: str) -> V:
     names = [f"{w['out']}/o{i}{s}" for i in range(2) for s in suffixes]
     bad = [
         w["out"],
@@ -119,18 +138,19 @@ def outputs(w: dict[str, str], *suffixes: str) -> st.SearchStrategy[str]:
         w["out"] + "/x.unknownformat",
         "",
     ]
-    return st.sampled_from(names + bad)
+    return V(names, bad)
 
 
-INTS = st.sampled_from(["1", "2", "4", "0", "-1", "99999", "x", "1.5", ""])
-LISTS = st.sampled_from(["all", "1", "2,4", "1,1", "0", "5", "-1", "x", "1,,2", "", "ALL", "8,32", "9999"])
-FLOATS = st.sampled_from(["0.5", "0.95", "0", "1", "-1", "1.5", "nan", "inf", "x", "1e-3"])
-POOLING = st.sampled_from(["mean", "cls", "max", "lasttoken", "median", "", "MEAN"])
+INTS = V(["1", "2", "4"], ["0", "-1", "99999", "x", "1.5", ""])
+LISTS = V(["all", "1", "2,4", "1,1", "ALL"], ["0", "5", "-1", "x", "1,,2", "", "9999"])
+DIMS = V(["all", "8", "8,32", "16,16"], ["0", "33", "-1", "x", "", "9999"])
+FLOATS = V(["0.5", "0.95", "1e-3"], ["0", "1", "-1", "1.5", "nan", "inf", "x"])
+POOLING = V(list(POOLING_MODES), ["median", "", "MEAN", "lasttoken"])
 
 
-def command_flags(w: dict[str, str]) -> dict[str, tuple[list[st.SearchStrategy[str]], dict[str, object]]]:
-    """command -> (positional strategies, {flag: strategy of its value, or None for a switch})."""
-    model = paths(w, "model", "model", "no_weights", "txt")
+def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | None]]]:
+    """command -> (positional values, {flag: its values, or None for a switch})."""
+    model = paths(w, ["model"], ["no_weights", "txt"])
     common = {"--pooling": POOLING, "--trust-remote-code": None}
     return {
         "info": ([model], {**common, "--json": None}),
@@ -140,8 +160,8 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[st.SearchStrategy[s
                 **common,
                 "--layer": INTS,
                 "--dim": INTS,
-                "--column": st.sampled_from(["text", "nope", ""]),
-                "--input": paths(w, "txt", "txt", "tsv", "bad_txt"),
+                "--column": V(["text"], ["nope", ""]),
+                "--input": paths(w, ["txt", "tsv"], ["bad_txt"]),
                 "--output": outputs(w, ".npy"),
                 "--batch-size": INTS,
                 "--no-normalize": None,
@@ -152,30 +172,30 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[st.SearchStrategy[s
             [model],
             {
                 **common,
-                "--sets": st.sampled_from(["stsb", "stsb,sickr", "sickr", "nope", "", "all"]),
+                "--sets": V(["stsb", "stsb,sickr", "sickr"], ["nope", "", "all"]),
                 "--layers": LISTS,
-                "--dims": LISTS,
-                "--split": st.sampled_from(["test", "dev", "x"]),
-                "--variant": st.sampled_from(["original", "senteval_tok", "x"]),
-                "--data-dir": paths(w, "data", "data", "data"),
+                "--dims": DIMS,
+                "--split": V(["test"], ["dev", "x"]),
+                "--variant": V(["original"], ["senteval_tok", "x"]),
+                "--data-dir": paths(w, ["data"]),
                 "--batch-size": INTS,
-                "--metric": st.sampled_from(["spearman", "pearson", "x"]),
+                "--metric": V(["spearman", "pearson"], ["x"]),
                 "--output": outputs(w, ".json"),
                 "--plot": outputs(w, ".png", ".svg"),
                 "--overwrite": None,
             },
         ),
         "compare": (
-            [paths(w, "result", "result", "damaged"), paths(w, "result", "result")],
+            [paths(w, ["result"], ["damaged"]), paths(w, ["result"])],
             {
-                "--labels": st.sampled_from(["a,b", "a", "", "a,b,c"]),
+                "--labels": V(["a,b"], ["a", "", "a,b,c"]),
                 "--output": outputs(w, ".md"),
                 "--plot": outputs(w, ".png"),
-                "--plot-set": st.sampled_from(["stsb", "nope"]),
-                "--benchmark": paths(w, "bench", "result"),
+                "--plot-set": V(["stsb"], ["nope"]),
+                "--benchmark": paths(w, ["bench"], ["result"]),
                 "--pareto": outputs(w, ".png"),
                 "--seed": INTS,
-                "--draws": st.sampled_from(["0", "10", "-1", "x"]),
+                "--draws": V(["0", "10"], ["-1", "x"]),
                 "--confidence": FLOATS,
                 "--overwrite": None,
             },
@@ -184,20 +204,18 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[st.SearchStrategy[s
             [],
             {
                 "--model": model,
-                "--data": paths(w, "train", "train", "txt", "tsv"),
+                "--data": paths(w, ["train"], ["txt", "tsv"]),
                 "--output-dir": outputs(w, "-run"),
-                "--strategy": st.sampled_from(["2dmse", "x", "dense", ""]),
-                "--loss": st.sampled_from(["cosent", "x", "angle"]),
-                "--max-steps": st.sampled_from(["1", "2", "0", "-1", "x"]),
-                "--batch-size": st.sampled_from(["2", "4", "0", "-3", "x"]),
+                "--strategy": V(["2dmse", "dense", "full"], ["x", ""]),
+                "--loss": V(["cosent", "angle"], ["x"]),
+                "--max-steps": V(["1", "2"], ["0", "-1", "x"]),
+                "--batch-size": V(["2", "4"], ["0", "-3", "x"]),
                 "--lr": FLOATS,
                 "--seed": INTS,
-                "--mixed-precision": st.sampled_from(["no", "bf16", "fp16", "x"]),
-                "--save-every": st.sampled_from(["0", "1", "-1"]),
-                "--eval-every": st.sampled_from(["0", "-1"]),
-                "--set": st.sampled_from(
-                    ["train.lr=1e-3", "nope=1", "train.lr", "objective.kl_weight=-1", "run.eval_every=0"]
-                ),
+                "--mixed-precision": V(["no"], ["bf16", "fp16", "x"]),
+                "--save-every": V(["0", "1"], ["-1"]),
+                "--eval-every": V(["0"], ["-1"]),
+                "--set": V(["train.lr=1e-3", "run.eval_every=0"], ["nope=1", "train.lr", "objective.kl_weight=-1"]),
                 "--resume": None,
                 "--overwrite": None,
                 "--print-config": None,
@@ -210,34 +228,34 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[st.SearchStrategy[s
                 **common,
                 "--layer": INTS,
                 "--dim": INTS,
-                "--format": st.sampled_from(["hf", "st", "sentence-transformers", "x"]),
+                "--format": V(["hf", "st", "sentence-transformers"], ["x"]),
                 "--output": outputs(w, "-exp"),
                 "--overwrite": None,
                 "--no-verify": None,
-                "--eval-results": paths(w, "result", "damaged"),
-                "--bench-results": paths(w, "bench"),
-                "--sts": st.sampled_from(["stsb", "nope"]),
-                "--data-dir": paths(w, "data"),
+                "--eval-results": paths(w, ["result"], ["damaged"]),
+                "--bench-results": paths(w, ["bench"]),
+                "--sts": V(["stsb"], ["nope"]),
+                "--data-dir": paths(w, ["data"]),
             },
         ),
-        "reproduce": ([], {"--config": paths(w, "garbage_toml", "unknown_toml", "txt"), "--report-only": None}),
+        "reproduce": ([], {"--config": paths(w, [], ["garbage_toml", "unknown_toml", "txt"]), "--report-only": None}),
         "bench": (
             [model],
             {
                 **common,
                 "--layers": LISTS,
-                "--dims": LISTS,
-                "--batch-sizes": st.sampled_from(["2", "2,4", "0", "x", ""]),
-                "--dtype": st.sampled_from(["fp32", "bf16", "fp16", "x", "fp32,bf16"]),
+                "--dims": DIMS,
+                "--batch-sizes": V(["2", "2,4"], ["0", "x", ""]),
+                "--dtype": V(["fp32", "fp32,bf16"], ["fp16", "x"]),
                 "--allow-fallback": None,
-                "--attention": st.sampled_from(["auto", "eager", "sdpa", "x"]),
-                "--sentences": paths(w, "txt", "txt", "tsv", "bad_txt"),
-                "--column": st.sampled_from(["text", "nope"]),
-                "--repeats": st.sampled_from(["1", "0", "-1", "x"]),
-                "--warmup": st.sampled_from(["0", "1", "-1"]),
-                "--threads": st.sampled_from(["1", "0", "-2", "x"]),
-                "--device": st.sampled_from(["cpu", "cuda", "cuda:7", "tpu", "", "meta"]),
-                "--peer": st.sampled_from(["x", "nope"]),
+                "--attention": V(["auto", "eager", "sdpa"], ["x"]),
+                "--sentences": paths(w, ["txt", "tsv"], ["bad_txt"]),
+                "--column": V(["text"], ["nope"]),
+                "--repeats": V(["1"], ["0", "-1", "x"]),
+                "--warmup": V(["0", "1"], ["-1"]),
+                "--threads": V(["1"], ["0", "-2", "x"]),
+                "--device": V(["cpu"], ["cuda", "cuda:7", "tpu", "", "meta"]),
+                "--peer": V([], ["x", "nope"]),
                 "--output": outputs(w, ".json"),
                 "--plot": outputs(w, ".png"),
                 "--overwrite": None,
@@ -248,24 +266,27 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[st.SearchStrategy[s
 
 @st.composite
 def argv_for(draw: st.DrawFn, w: dict[str, str]) -> list[str]:
+    """Half the vectors use valid values only (they mostly succeed), half mix in invalid ones."""
     table = command_flags(w)
     command = draw(st.sampled_from(sorted(table)))
     positionals, flags = table[command]
-    argv = ["-q", command, *(draw(p) for p in positionals)]
+    valid_only = draw(st.booleans())
+    usable = {f: v for f, v in flags.items() if v is None or v.valid or not valid_only}
+    argv = ["-q", command, *(draw(p.strategy(valid_only and bool(p.valid))) for p in positionals)]
     required = {
         "encode": ["--input", "--output"],
         "export": ["--output"],
         "reproduce": ["--config"],
         "bench": ["--sentences", "--repeats", "--warmup"],
         "eval": ["--data-dir"],
-        "train": ["--max-steps", "--data"],
+        "train": ["--max-steps", "--data", "--output-dir"],
     }.get(command, [])
-    chosen = set(draw(st.lists(st.sampled_from(sorted(flags)), max_size=6, unique=True))) | set(required)
-    if chosen and draw(st.integers(0, 19)) == 0:  # sometimes a required flag is missing
+    chosen = set(draw(st.lists(st.sampled_from(sorted(usable)), max_size=6, unique=True))) | set(required)
+    if chosen and not valid_only and draw(st.integers(0, 9)) == 0:  # sometimes a required flag is missing
         chosen.discard(draw(st.sampled_from(sorted(chosen))))
     for flag in sorted(chosen):
         values = flags[flag]
-        argv += [flag] if values is None else [flag, draw(values)]
+        argv += [flag] if values is None else [flag, draw(values.strategy(valid_only and bool(values.valid)))]
     return argv
 
 
@@ -273,6 +294,8 @@ def check(argv: list[str], capsys: pytest.CaptureFixture[str], out_dir: Path) ->
     code = main(argv)
     _, err = capsys.readouterr()
     event(f"m2d {argv[1]} exit {code}")  # the mix of commands and outcomes: --hypothesis-show-statistics
+    if code == 2 and os.environ.get("M2D_FUZZ_SHOW"):  # M2D_FUZZ_SHOW=1 pytest -s: see what was refused
+        print("FUZZ", " ".join(argv[1:]), "|", err.strip().splitlines()[-1], file=sys.__stdout__)
     assert "Traceback" not in err, (argv, err)
     assert code in (0, 2), (argv, code, err)
     if code == 2:

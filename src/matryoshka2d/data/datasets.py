@@ -330,6 +330,8 @@ def read_sentences(path: str | Path, column: str | None = None, *,
             raise ValueError(f"column {column!r} cannot be used with the named set {path!r}")
         return load_sts(path, data_dir=data_dir).unique_sentences()[0]
     file = _find_file(Path(path), data_dir)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
     if file.suffix.lower() not in (".txt", *TABLE_SUFFIXES):
         raise ValueError(f"{file}: unsupported file type {file.suffix.lower()!r}; use one of "
                          f"{['.txt', *TABLE_SUFFIXES]}")
