@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from matryoshka2d.cli.common import add_model_args, int_list, load_model
+from matryoshka2d.cli.common import add_model_args, check_plot_path, int_list, load_model
 from matryoshka2d.vocab import ATTENTIONS, DTYPE_NAMES, PEERS
 
 logger = logging.getLogger(__name__)
@@ -43,15 +43,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.io.locks import claim_output
+
+    if args.output and args.plot and Path(args.output).resolve() == Path(args.plot).resolve():
+        raise ValueError(f"--output and --plot are the same file ({args.output}); give each its own path")
+    with claim_output(args.output, overwrite=args.overwrite), \
+            claim_output(args.plot, overwrite=args.overwrite, flag="--plot"):
+        return benchmark(args)
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """The work of ``m2d bench`` once its outputs are claimed."""
     from matryoshka2d.bench.peers import require_peer
     from matryoshka2d.bench.runner import run_benchmark
     from matryoshka2d.bench.settings import BenchmarkSettings, resolve_dtypes
     from matryoshka2d.data.datasets import load_sts, read_sentences
+    from matryoshka2d.encoder.devices import check_device
     from matryoshka2d.io.atomic import atomic_write_json
+    from matryoshka2d.io.outputs import save_or_rescue
 
-    for out in (args.output, args.plot):
-        if out and Path(out).exists() and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_device(args.device)
     settings = BenchmarkSettings(
         batch_sizes=int_list(args.batch_sizes, name="batch size", upper=1 << 20, allow_all=False),
         dtypes=[d.strip().lower() for d in args.dtype.split(",") if d.strip()],
@@ -61,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_dtypes(settings)  # fail before loading anything
     if settings.peer:
         require_peer()
-    if args.plot:
-        _require_matplotlib()
+    check_plot_path(args.plot)
     sentences = read_sentences(args.sentences, column=args.column)
     if not sentences:
         raise ValueError(f"{args.sentences} holds no sentences; pass a file with one sentence per line, or 'stsb'")
@@ -78,19 +88,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"target ({metric} time, batch {t['batch_size']}) {t['target']}: {t['value']:.2f} "
                   f"(goal >= {t['goal']}): {'met' if t['met'] else 'MISSED'}")
     if args.output:
-        atomic_write_json(args.output, {**result.to_dict(), "targets_cpu": result.targets("cpu")})
+        record = {**result.to_dict(), "targets_cpu": result.targets("cpu")}
+        save_or_rescue(args.output, lambda path: atomic_write_json(path, record), what="benchmark results")
         print(f"wrote {args.output}")
     if args.plot:
-        plot_benchmark(result, args.plot)
+        save_or_rescue(args.plot, lambda path: plot_benchmark(result, path), what="plot")
         print(f"wrote {args.plot}")
     return 0
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError('--plot needs matplotlib; pip install "matryoshka2d[plot]"') from None
 
 
 def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from matryoshka2d.vocab import POOLING_MODES
 
@@ -46,3 +47,23 @@ def int_list(text: str, *, name: str, upper: int, allow_all: bool = True) -> lis
             raise ValueError(f"{name} {value} is out of range 1..{upper}; pass values in 1..{upper}")
         values.append(value)
     return sorted(set(values))
+
+
+def check_plot_path(path: str | None, *, flag: str = "--plot") -> None:
+    """Before any work: matplotlib is installed and ``path``'s suffix is an image format it writes.
+
+    Raises:
+        ImportError: no matplotlib.
+        ValueError: an unknown image format.
+    """
+    if path is None:
+        return
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ImportError(f'{flag} needs matplotlib; pip install "matryoshka2d[plot]"') from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if fmt not in formats:
+        raise ValueError(f"{flag} {path}: matplotlib cannot write .{fmt} images; end the name with one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")

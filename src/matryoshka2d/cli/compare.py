@@ -27,17 +27,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from matryoshka2d.io.locks import claim_output
+
+    outputs = [p for p in (args.output, args.plot, args.pareto) if p]
+    if len({Path(p).resolve() for p in outputs}) < len(outputs):
+        raise ValueError(f"--output, --plot and --pareto must be different files (got {', '.join(outputs)})")
+    with contextlib.ExitStack() as stack:
+        for flag in ("output", "plot", "pareto"):
+            stack.enter_context(claim_output(getattr(args, flag), overwrite=args.overwrite, flag=f"--{flag}"))
+        return compare(args)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The work of ``m2d compare`` once its outputs are locked."""
+    from matryoshka2d.cli.common import check_plot_path
     from matryoshka2d.evaluation.compare import compare_results
     from matryoshka2d.evaluation.grid import GridResult
     from matryoshka2d.io.atomic import atomic_write_text
+    from matryoshka2d.io.outputs import save_or_rescue
 
     if args.draws < 0:
         raise ValueError(f"--draws {args.draws} must be >= 0 (0 skips the bootstrap)")
     if bool(args.benchmark) != bool(args.pareto):
         raise ValueError("--benchmark and --pareto go together: pass both to draw the quality-vs-speed plot")
-    for out in (args.output, args.plot, args.pareto):
-        if out and Path(out).exists() and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_plot_path(args.plot)
+    check_plot_path(args.pareto, flag="--pareto")
     results = [GridResult.load(path) for path in args.results]
     if args.labels:
         labels = [s.strip() for s in args.labels.split(",")]
@@ -52,16 +68,18 @@ def run(args: argparse.Namespace) -> int:
     report = comparison.to_markdown()
     print(report)
     if args.output:
-        atomic_write_text(args.output, report)
+        save_or_rescue(args.output, lambda path: atomic_write_text(path, report), what="report")
         print(f"wrote {args.output}")
     if args.plot:
         from matryoshka2d.evaluation.plots import plot_dim_curves
 
-        plot_dim_curves(results, args.plot, labels=labels, set_name=args.plot_set)
+        save_or_rescue(args.plot, lambda path: plot_dim_curves(results, path, labels=labels,
+                                                               set_name=args.plot_set), what="plot")
         print(f"wrote {args.plot}")
     if args.pareto:
         from matryoshka2d.evaluation.plots import plot_pareto
 
-        plot_pareto(results[0], args.benchmark, args.pareto, set_name=args.plot_set)
+        save_or_rescue(args.pareto, lambda path: plot_pareto(results[0], args.benchmark, path,
+                                                             set_name=args.plot_set), what="plot")
         print(f"wrote {args.pareto}")
     return 0

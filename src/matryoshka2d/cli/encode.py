@@ -8,10 +8,12 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from matryoshka2d.cli.common import add_model_args, load_model
+from matryoshka2d.io.outputs import save_or_rescue
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from matryoshka2d.data.datasets import read_sentences
-    from matryoshka2d.io.atomic import atomic_open
+    from matryoshka2d.io.locks import claim_output
 
     if args.exits is not None:
         return run_corpus(args)
@@ -54,19 +56,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--input got {len(args.input)} paths; the .npy output takes one file, pass "
                          "--exits L:D,... and an output folder to encode several")
     args.input = args.input[0]
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    texts = read_sentences(args.input, column=args.column)
-    model = load_model(args)
-    start = time.perf_counter()
-    emb = model.encode(
-        texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
-        show_progress_bar=True,
-    )
-    seconds = time.perf_counter() - start
-    with atomic_open(out, "wb") as f:
-        np.save(f, emb)
+    with claim_output(args.output, overwrite=args.overwrite) as out:  # held until the file is in place
+        texts = read_sentences(args.input, column=args.column)
+        model = load_model(args)
+        start = time.perf_counter()
+        emb = model.encode(
+            texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
+            show_progress_bar=not args.quiet,
+        )
+        seconds = time.perf_counter() - start
+        save_or_rescue(out, lambda path: save_array(path, emb), what="embeddings")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} in {seconds:.2f}s "
           f"({emb.shape[0] / seconds:.0f} sentences/s)")
     return 0
@@ -78,6 +77,7 @@ def run_corpus(args: argparse.Namespace) -> int:
 
     from matryoshka2d.corpus.job import make_job
     from matryoshka2d.corpus.pipeline import encode_corpus
+    from matryoshka2d.io.locks import output_lock
 
     if args.layer is not None or args.dim is not None:
         raise ValueError("--layer/--dim pick the one exit of a .npy output; with --exits give LAYER:DIM pairs")
@@ -93,9 +93,10 @@ def run_corpus(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         del model  # the actors load their own
         model = None
-    result = encode_corpus(job, args.output, engine=args.engine, model=model, workers=args.workers,
-                           threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
-                           overwrite=args.overwrite, progress=not args.quiet)
+    with output_lock(args.output, what="corpus output folder"):  # one writer per folder, resumable after a kill
+        result = encode_corpus(job, args.output, engine=args.engine, model=model, workers=args.workers,
+                               threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
+                               overwrite=args.overwrite, progress=not args.quiet)
     run = result["run"]
     exits = ",".join(f"{e['layer']}:{e['dim']}" for e in result["exits"])
     rate = run["encoded_rows"] / run["seconds"] if run["seconds"] > 0 else 0.0
@@ -103,3 +104,25 @@ def run_corpus(args: argparse.Namespace) -> int:
           f"to {args.output} ({run['resumed_shards']} shards already done, {result['skipped_empty']} empty texts "
           f"skipped) in {run['seconds']:.1f}s ({rate:.0f} texts/s)")
     return 0
+
+
+class _Writer:
+    """A file seen by numpy as a plain writable object, so ``np.save`` writes through Python's ``write``.
+
+    On a real file numpy writes with C ``fwrite`` on a duplicate of the descriptor and loses its errors: past
+    a file size limit (``ulimit -f``) it left a truncated ``.npy`` and exit 0. Python's ``write`` raises.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def write(self, data: bytes) -> int:
+        return self.f.write(data)
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary sibling and a rename; every write error is raised."""
+    from matryoshka2d.io.atomic import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        np.save(_Writer(f), array)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from matryoshka2d.cli.common import add_model_args, int_list, load_model
+from matryoshka2d.cli.common import add_model_args, check_plot_path, int_list, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,22 @@ def parse_dims(text: str, hidden_size: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.io.locks import claim_output
+
+    if args.output and args.plot and Path(args.output).resolve() == Path(args.plot).resolve():
+        raise ValueError(f"--output and --plot are the same file ({args.output}); give each its own path")
+    with claim_output(args.output, overwrite=args.overwrite), \
+            claim_output(args.plot, overwrite=args.overwrite, flag="--plot"):
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The work of ``m2d eval`` once its outputs are claimed."""
     from matryoshka2d.data.datasets import load_sts
     from matryoshka2d.evaluation.grid import evaluate_grid
+    from matryoshka2d.io.outputs import save_or_rescue
 
-    for out in (args.output, args.plot):
-        if out and Path(out).exists() and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_plot_path(args.plot)
     names = parse_sets(args.sets)
     sets = {name: load_sts(name, args.split, variant=args.variant, data_dir=args.data_dir) for name in names}
     model = load_model(args)
@@ -78,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluated {len(layers)} layers x {len(dims)} dims on {len(sets)} set(s) "
           f"({sentences} unique sentences, one pass per set) in {seconds:.1f}s")
     if args.output:
-        result.save(args.output)
+        save_or_rescue(args.output, result.save, what="evaluation results")
         print(f"wrote {args.output}")
     if args.plot:
         from matryoshka2d.evaluation.plots import plot_heatmaps
 
-        plot_heatmaps(result, args.plot, metric=args.metric)
+        save_or_rescue(args.plot, lambda path: plot_heatmaps(result, path, metric=args.metric), what="plot")
         print(f"wrote {args.plot}")
     return 0

@@ -36,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.io.locks import claim_output
+
+    with claim_output(args.output, kind="folder", overwrite=args.overwrite, what="--output folder"):
+        return export(args)
+
+
+def export(args: argparse.Namespace) -> int:
+    """The work of ``m2d export`` once its output folder is claimed."""
     from matryoshka2d.export.exporter import export_model
 
     sts = None

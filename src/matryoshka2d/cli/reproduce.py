@@ -13,9 +13,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.io.outputs import check_writable
     from matryoshka2d.study.config import load_study
     from matryoshka2d.study.runner import run_study
 
-    report = run_study(load_study(args.config), report_only=args.report_only)
+    study = load_study(args.config)
+    for key in ("runs_dir", "output_dir"):  # each unit takes its own lock inside
+        check_writable(getattr(study, key), kind="folder", overwrite=True, flag=f"[study] {key}")
+    report = run_study(study, report_only=args.report_only)
     print(f"wrote {report}")
     return 0

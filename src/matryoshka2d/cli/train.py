@@ -7,9 +7,11 @@ it through ``accelerate launch`` or ``torchrun`` (see docs/training.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from matryoshka2d.vocab import BASE_LOSSES, STRATEGIES
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one process reports progress
     try:
-        result = train(config, resume=args.resume, overwrite=args.overwrite)
+        with run_folder_claim(config.run.output_dir, main_process=main_process):
+            result = train(config, resume=args.resume, overwrite=args.overwrite)
     except TrainingDivergedError as e:
         print(f"m2d train: error: {e}", file=sys.stderr)
         return 2
@@ -101,3 +104,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps in {result.seconds:.1f}s; final model: {result.final_dir}{best}")
     print(f"evaluate it with: m2d eval {result.final_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def run_folder_claim(run_dir: str, *, main_process: bool) -> Iterator[None]:
+    """The main process holds the run folder's writer lock for the whole run (other ranks share it)."""
+    from matryoshka2d.io.locks import output_lock
+    from matryoshka2d.io.outputs import check_writable
+
+    if not main_process:
+        yield
+        return
+    check_writable(run_dir, kind="folder", overwrite=True, flag="--output-dir")
+    with output_lock(run_dir, what="--output-dir"):
+        yield

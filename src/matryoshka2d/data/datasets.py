@@ -154,8 +154,9 @@ def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | Non
             if set(KIND_COLUMNS[kind]) <= set(header):
                 return kind  # type: ignore[return-value]
         raise ValueError(f"{path}:1: cannot tell the data kind from columns {list(header)}; expected "
-                         f"sentence1/sentence2/score, anchor/positive/negative or anchor/positive; pass "
-                         f"columns=[...] and kind=...")
+                         f"sentence1/sentence2/score, anchor/positive/negative or anchor/positive; set "
+                         f"data.columns = [...] and data.kind in the training config (m2d train --set ...; columns= "
+                         f"and kind= in Python)")
     if len(columns) == 2:
         return "pairs"
     if len(columns) == 3 and columns[2].lower() in SCORE_NAMES:
@@ -163,7 +164,8 @@ def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | Non
     if len(columns) == 3 and columns[2].lower() in ("negative", "negatives", "neg", "hard_negative"):
         return "triplets"
     raise ValueError(f"{path}: cannot tell the kind of columns {list(columns)}; pass kind='scored' "
-                     f"(text, text, score), 'pairs' (text, text) or 'triplets' (text, text, text)")
+                     f"(text, text, score), 'pairs' (text, text) or 'triplets' (text, text, text); from the CLI "
+                     f"that is data.kind in the training config (m2d train --set data.kind=scored)")
 
 
 def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
@@ -298,6 +300,8 @@ def load_training_data(source: str | Path, *, kind: Kind | None = None, columns:
 
 
 def _find_file(path: Path, data_dir: str | Path | None) -> Path:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file; pass a .txt, .tsv, .csv or .jsonl file")
     if path.is_file() or path.is_absolute():
         return path
     try:
@@ -326,14 +330,20 @@ def read_sentences(path: str | Path, column: str | None = None, *,
             raise ValueError(f"column {column!r} cannot be used with the named set {path!r}")
         return load_sts(path, data_dir=data_dir).unique_sentences()[0]
     file = _find_file(Path(path), data_dir)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    if file.suffix.lower() not in (".txt", *TABLE_SUFFIXES):
+        raise ValueError(f"{file}: unsupported file type {file.suffix.lower()!r}; use one of "
+                         f"{['.txt', *TABLE_SUFFIXES]}")
     if file.suffix.lower() == ".txt":
         if column is not None:
-            raise ValueError(f"{file}: a .txt file has no columns; drop column={column!r}")
+            raise ValueError(f"{file}: a .txt file has no columns; drop --column {column} (column= in Python)")
         sentences = [line for _, line in numbered_lines(decode_text(file))]
         if not sentences:
             raise ValueError(f"{file}:1: file is empty; expected one sentence per line")
         return sentences
     header, rows = read_table(file)
     name = column if column is not None else header[0]
-    (i,) = select_columns(file, header, [name], "the sentence column")
+    (i,) = select_columns(file, header, [name], "the sentence column",
+                          fix="pass --column NAME (column=NAME in Python) to pick the column")
     return [parse_text(file, line, name, fields[i]) for line, fields in rows]

@@ -22,6 +22,8 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
 
 def decode_text(path: Path) -> str:
     """Read ``path`` as UTF-8 text without a BOM; reject NUL bytes and invalid UTF-8 with file:line."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file; pass a file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -140,10 +142,26 @@ def parse_score(path: Path, line: int, column: str, value: object) -> float:
     return score
 
 
-def select_columns(path: Path, header: list[str], wanted: Sequence[str], expected_what: str) -> list[int]:
-    """Indices of the ``wanted`` columns in ``header``; an error names the missing ones and what they are for."""
+COLUMNS_FIX = ("pick columns by name: --column NAME (m2d encode, m2d bench), data.columns = [...] in the training "
+               "config (m2d train --set 'data.columns=[\"a\",\"b\",\"score\"]'), columns=[...] in Python")
+
+
+def select_columns(path: Path, header: list[str], wanted: Sequence[str], expected_what: str,
+                   fix: str = COLUMNS_FIX) -> list[int]:
+    """Indices of the ``wanted`` columns in ``header``; an error names the missing ones and what they are for.
+
+    Args:
+        path: the file (for the message).
+        header: its column names.
+        wanted: the columns to find.
+        expected_what: what they are for (for the message).
+        fix: how the user picks other columns (CLI flags first).
+
+    Raises:
+        ValueError: a wanted column is missing.
+    """
     missing = [c for c in wanted if c not in header]
     if missing:
         raise ValueError(f"{path}:1: missing column(s) {missing}; found {header}, expected {list(wanted)} "
-                         f"({expected_what}); pass columns=[...] to pick columns by name")
+                         f"({expected_what}); {fix}")
     return [header.index(c) for c in wanted]

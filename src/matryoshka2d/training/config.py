@@ -191,6 +191,9 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: dict[s
     config = Config()
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise IsADirectoryError(f"config file {file} is a folder, not a file; pass a .toml file such as "
+                                    f"configs/stsb-minilm-2dmse.toml")
         if not file.is_file():
             raise FileNotFoundError(f"config file {file} does not exist; pass a .toml file such as "
                                     f"configs/stsb-minilm-2dmse.toml")
