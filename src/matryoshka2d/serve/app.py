@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -125,6 +126,23 @@ def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
             return list(full[:start]), list(full[start + len(probe):])
     raise ValueError("cannot tell where this tokenizer puts its special tokens, so token-id inputs cannot be "
                      "served; use a standard BERT/MPNet/DistilBERT tokenizer")
+
+
+def tighten_schema(properties: dict[str, Any], *, layers: int, dims: int, vocab: int, max_items: int) -> None:
+    """Write this model's bounds into the ``EmbeddingRequest`` JSON schema (layer 1..N, dimensions 1..D, token
+    ids 0..vocab-1, non-empty inputs, at most ``max_items`` of them), so the schema says what the server accepts.
+    """
+    text, texts, ids, id_lists = properties["input"]["anyOf"]
+    text["minLength"] = 1
+    texts.update(minItems=1, maxItems=max_items)
+    texts["items"]["minLength"] = 1
+    token = {"type": "integer", "minimum": 0, "maximum": vocab - 1}
+    ids.update(minItems=1, items=dict(token))
+    id_lists.update(minItems=1, maxItems=max_items, items={"type": "array", "minItems": 1, "items": dict(token)})
+    for name, upper in (("layer", layers), ("dimensions", dims)):
+        for option in properties[name]["anyOf"]:
+            if option.get("type") == "integer":
+                option.update(minimum=1, maximum=upper)
 
 
 def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | None = None) -> FastAPI:
@@ -336,6 +354,17 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
         metrics.queue_rows.set(batcher.queued_rows)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            tighten_schema(schema["components"]["schemas"]["EmbeddingRequest"]["properties"],
+                           layers=model.num_layers, dims=model.hidden_size, vocab=vocab,
+                           max_items=config.max_client_batch)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.batcher, app.state.metrics = batcher, metrics
     return app
 

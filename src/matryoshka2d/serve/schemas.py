@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
 from matryoshka2d.serve.output import Precision
 
-EmbeddingInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+def json_integer(value: Any) -> Any:
+    """JSON's integers: ``3`` and ``3.0`` yes; ``true``, ``"3"`` and ``3.5`` no.
+
+    Raises:
+        ValueError: a boolean, a string or a number with a fraction.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(json_integer)]
+EmbeddingInput = StrictStr | list[StrictStr] | list[Integer] | list[list[Integer]]
 
 
 class EmbeddingRequest(BaseModel):
@@ -20,12 +37,12 @@ class EmbeddingRequest(BaseModel):
                                               "token-id lists (ids without the special tokens, which the "
                                               "server adds)")
     model: StrictStr | None = Field(default=None, description="the served model id (GET /v1/models)")
-    dimensions: StrictInt | None = Field(default=None, description="keep the first `dimensions` coordinates, "
+    dimensions: Integer | None = Field(default=None, description="keep the first `dimensions` coordinates, "
                                                                    "1..D (default: the model's default width)")
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="float: JSON numbers; base64: the little-endian bytes of the array")
     user: StrictStr | None = Field(default=None, description="an end-user id (logged, not used)")
-    layer: StrictInt | None = Field(default=None, description="extension: the exit layer 1..N (default: the "
+    layer: Integer | None = Field(default=None, description="extension: the exit layer 1..N (default: the "
                                                               "model's default exit); blocks after it never run")
     precision: Precision = Field(default="float32", description="extension: float32, int8, uint8, binary or "
                                                                 "ubinary, as sentence-transformers' "
