@@ -32,6 +32,11 @@ from matryoshka2d.serve.config import ServeConfig
 from matryoshka2d.serve.metrics import Metrics
 from matryoshka2d.serve.output import encode_rows, normalize_rows, quantize
 
+try:  # optional: about 10x faster JSON for embedding vectors
+    import orjson
+except ImportError:  # pragma: no cover - the serve extra installs it
+    orjson = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
 
@@ -48,6 +53,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (500, "the model failed on this request"), (503, "the server is shutting down"))
 }
 THREADED_TOKENIZE = 16  # requests with more inputs are tokenised in a worker thread (the event loop stays free)
+
+
+def json_response(payload: dict[str, Any]) -> Response:
+    """A JSON response; with orjson, numpy rows are written directly (float32 in its shortest exact form)."""
+    if orjson is None:
+        return JSONResponse(payload)
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 class APIError(Exception):
@@ -305,11 +317,11 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
                 metrics.queue_rows.set(batcher.queued_rows)
             out = quantize(normalize_rows(vectors, dim), body.precision)
             data = [{"object": "embedding", "index": i, "embedding": e}
-                    for i, e in enumerate(encode_rows(out, body.encoding_format))]
+                    for i, e in enumerate(encode_rows(out, body.encoding_format, as_lists=orjson is None))]
             tokens = sum(len(r) for r in rows)
             status = 200
-            return JSONResponse({"object": "list", "data": data, "model": config.model_name,
-                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+            return json_response({"object": "list", "data": data, "model": config.model_name,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         except APIError as e:
             status = e.status
             return e.response()

@@ -2,8 +2,12 @@
 
 Every input of a request is a row (its token ids and its exit layer). The batcher thread takes rows first in,
 first out, until the next row would push ``rows x longest row`` over ``max_batch_tokens`` or the batch holds
-``max_batch_requests`` rows; when the queue holds less than a full batch it waits up to ``batch_wait_ms`` for
-more. Rows of different layers share one batch and run through
+``max_batch_requests`` rows. When the queue holds less than a full batch it waits for more while rows keep
+coming: until ``batch_wait_ms`` pass without a new request, and at most :data:`WAIT_CAP` times ``batch_wait_ms``
+after the oldest row arrived. A lone request waits ``batch_wait_ms``; a burst (clients re-sending as a batch's
+answers go out) is gathered into one batch instead of being split into small ones.
+
+Rows of different layers share one batch and run through
 :func:`~matryoshka2d.encoder.mixed_depth.forward_mixed_depth`: the shared blocks run once and each row leaves
 after its exit block. A request's rows may be spread over several batches; its future resolves when the last
 one is done.
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
 
 logger = logging.getLogger(__name__)
+
+WAIT_CAP = 8  # the longest wait for more rows, in multiples of batch_wait_ms
 
 
 class QueueFullError(RuntimeError):
@@ -108,6 +114,7 @@ class Batcher:
         self._pad = (tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right") == "left")
         self._jobs: collections.deque[Job] = collections.deque()
         self._queued_rows = 0
+        self._last_arrival = 0.0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -152,6 +159,7 @@ class Batcher:
                     f"the queue holds {self._queued_rows} inputs and this request adds {len(rows)}, over the "
                     f"limit of {self.max_queue}; retry later or send fewer inputs per request")
             self._jobs.append(job)
+            self._last_arrival = job.enqueued
             self._queued_rows += len(rows)
             self._cond.notify()
         return job.future
@@ -164,8 +172,11 @@ class Batcher:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            deadline = self._jobs[0].enqueued + self.batch_wait
-            while not self._stopping and not self._full() and (left := deadline - time.perf_counter()) > 0:
+            cap = self._jobs[0].enqueued + WAIT_CAP * self.batch_wait
+            while not self._stopping and not self._full():
+                left = min(self._last_arrival + self.batch_wait, cap) - time.perf_counter()
+                if left <= 0:
+                    break
                 self._cond.wait(left)
             parts: list[tuple[Job, int, int]] = []
             count, longest = 0, 0

@@ -17,7 +17,7 @@ base64-encoded, as OpenAI does for float32.
 from __future__ import annotations
 
 import base64
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -58,9 +58,16 @@ def quantization_ranges(dim: int) -> np.ndarray:
     return np.vstack([np.full(dim, -1.0, dtype=np.float32), np.full(dim, 1.0, dtype=np.float32)])
 
 
-def encode_rows(rows: np.ndarray, encoding_format: EncodingFormat) -> list[list[float] | list[int] | str]:
-    """One JSON value per row: a list of numbers (``float``) or the base64 of its little-endian bytes."""
+def encode_rows(rows: np.ndarray, encoding_format: EncodingFormat, *, as_lists: bool = True) -> list[Any]:
+    """One JSON value per row: its numbers (``float``) or the base64 of its little-endian bytes (``base64``).
+
+    Args:
+        rows: a 2-D float32, int8 or uint8 array.
+        encoding_format: ``float`` or ``base64``.
+        as_lists: numbers as Python lists (for the standard ``json``); else the numpy rows themselves (for
+            a serialiser that writes numpy arrays, such as orjson).
+    """
     if encoding_format == "base64":
         little = rows.astype(rows.dtype.newbyteorder("<"), copy=False)
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
-    return rows.tolist()  # type: ignore[no-any-return]
+    return rows.tolist() if as_lists else list(rows)  # type: ignore[no-any-return]
