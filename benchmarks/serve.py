@@ -82,7 +82,7 @@ def server_process(command: list[str], env: dict[str, str], url: str, ready_path
 
 
 async def drive(url: str, bodies: list[dict[str, Any]], *, concurrency: int, requests: int, seconds: float,
-                headers: dict[str, str] | None = None) -> dict[str, Any]:
+                headers: dict[str, str] | None = None, path: str = "/v1/embeddings") -> dict[str, Any]:
     """``concurrency`` workers send ``bodies`` (cycling) until ``requests`` are done or ``seconds`` pass."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -98,7 +98,7 @@ async def drive(url: str, bodies: list[dict[str, Any]], *, concurrency: int, req
                 issued += 1
                 began = time.perf_counter()
                 try:
-                    response = await client.post("/v1/embeddings", json=body)
+                    response = await client.post(path, json=body)
                     ok = response.status_code == 200 and len(response.json()["data"]) == 1
                     key = "ok" if ok else f"status {response.status_code}"
                 except httpx.HTTPError as e:
@@ -251,15 +251,20 @@ def infinity(args: argparse.Namespace, texts: list[str], result: dict[str, Any],
     infinity_bin = venv / "bin" / "infinity_emb"
     command = [str(infinity_bin), "v2", "--model-id", str(folder), "--served-model-name", "model", "--port",
                str(port), "--host", "127.0.0.1", "--device", "cpu", "--engine", "torch", "--no-bettertransformer",
-               "--batch-size", "32"]
+               "--batch-size", "32", "--log-level", "warning"]
     peer["command"] = " ".join(command)
     bodies = [{"input": t, "model": "model"} for t in texts]
     try:
         with server_process(command, env, url, "/health", log_dir / "infinity.log") as _:
-            run(drive(url, bodies, concurrency=8, requests=args.warmup, seconds=60))
+            # same model, same vectors? (infinity serves at /embeddings, without the /v1 prefix)
+            theirs = httpx.post(url + "/embeddings", json={"input": texts[:8], "model": "model"}, timeout=60).json()
+            peer["same_vectors_min_cosine"] = same_vectors(args.model, texts[:8],
+                                                           [d["embedding"] for d in theirs["data"]])
+            run(drive(url, bodies, concurrency=8, requests=args.warmup, seconds=60, path="/embeddings"))
             levels = []
             for c in args.concurrency:
-                stats = run(drive(url, bodies, concurrency=c, requests=args.requests, seconds=args.seconds))
+                stats = run(drive(url, bodies, concurrency=c, requests=args.requests, seconds=args.seconds,
+                                  path="/embeddings"))
                 levels.append(stats)
                 print(f"infinity c={c}: {stats['requests_per_s']} req/s, p50 {stats['p50_ms']} ms, "
                       f"errors {stats['errors']}", flush=True)
@@ -269,6 +274,16 @@ def infinity(args: argparse.Namespace, texts: list[str], result: dict[str, Any],
         peer["status"] = "did not run"
         peer["error"] = str(e)[-3000:]
         print(f"infinity-emb did not run: {str(e)[-500:]}", flush=True)
+
+
+def same_vectors(model_name: str, texts: list[str], vectors: list[list[float]]) -> float:
+    """The smallest cosine between ``vectors`` and our full-depth embeddings of ``texts``."""
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+
+    ours = MatryoshkaEncoder.from_pretrained(model_name).encode(texts)
+    theirs = np.asarray(vectors, dtype=np.float32)
+    theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+    return round(float((ours * theirs).sum(1).min()), 6)
 
 
 def model_folder(name: str) -> Path:
