@@ -74,3 +74,14 @@ def test_bad_exits_are_rejected(tiny_model: MatryoshkaEncoder) -> None:
         forward_mixed_depth(tiny_model, features, [1])
     with pytest.raises(ValueError, match=r"layers 1\.\.4"):
         forward_mixed_depth(tiny_model, features, [1, 5])
+
+
+def test_on_exit_reports_each_row_once_as_it_leaves(tiny_model: MatryoshkaEncoder) -> None:
+    exits = [3, 1, 4, 1, 2, 4, 3]
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    out = forward_mixed_depth(tiny_model, _features(tiny_model, SENTENCES), exits,
+                              on_exit=lambda rows, pooled: seen.append((rows.tolist(), pooled.clone())))
+    # shallow rows leave first, each row exactly once, with the vector the pass returns
+    assert [sorted(rows) for rows, _ in seen] == [[1, 3], [4], [0, 6], [2, 5]]
+    for rows, pooled in seen:
+        torch.testing.assert_close(pooled, out[rows])

@@ -13,7 +13,7 @@ pre-hook on block 1 records them and stops the pass, so this module knows no arc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,7 +77,8 @@ def _take(value: Any, size: int, keep: int) -> Any:
 
 @torch.inference_mode()
 def forward_mixed_depth(model: MatryoshkaEncoder, features: dict[str, torch.Tensor],
-                        exits: Sequence[int] | torch.Tensor) -> torch.Tensor:
+                        exits: Sequence[int] | torch.Tensor,
+                        on_exit: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Pooled (not normalised) embeddings, row ``i`` taken at layer ``exits[i]``, from one depth-sorted pass.
 
     Equal (to float rounding) to ``model.forward(features, layers=[n])[n]`` for the rows that exit at ``n``,
@@ -87,6 +88,8 @@ def forward_mixed_depth(model: MatryoshkaEncoder, features: dict[str, torch.Tens
         model: the encoder (used as is: put it in eval mode first).
         features: padded ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) tensors on the model's device.
         exits: one exit layer in ``1..N`` per row.
+        on_exit: called as soon as rows leave the batch, with their positions in the input (a 1-D long tensor)
+            and their pooled vectors, so their results can go out before the deeper rows finish.
 
     Returns:
         ``(batch, D)`` float32 tensor in input row order.
@@ -124,6 +127,8 @@ def forward_mixed_depth(model: MatryoshkaEncoder, features: dict[str, torch.Tens
             if str(n) in model.exit_heads:
                 pooled = heads.apply_head(model.exit_heads[str(n)], pooled)
             out[device_order[stay:active]] = pooled
+            if on_exit is not None:
+                on_exit(order[stay:active], pooled)
         if stay == 0:
             break
         if stay < active:

@@ -209,27 +209,35 @@ class Batcher:
                     return True
         return False
 
-    def _forward(self, parts: list[tuple[Job, int, int]]) -> tuple[np.ndarray, int]:
+    def _forward(self, parts: list[tuple[Job, int, int]]) -> int:
+        """Run ``parts`` as one batch; each request is answered as soon as its last row leaves the batch.
+
+        Returns:
+            The padded tokens of the batch.
+        """
         rows = [ids for job, start, end in parts for ids in job.rows[start:end]]
         exits = [job.layer for job, start, end in parts for _ in range(end - start)]
+        owners = [(job, i) for job, start, end in parts for i in range(start, end)]
         pad_id, left = self._pad
         tokens = Tokenized(input_ids=rows, token_type_ids=None, num_truncated=0, pad_id=pad_id, pad_type_id=0,
                            left=left)
         arrays = tokens.collate(np.arange(len(rows)))
         device = self.model.device
         features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-        return forward_mixed_depth(self.model, features, exits).cpu().numpy(), int(arrays["input_ids"].size)
 
-    def _deliver(self, parts: list[tuple[Job, int, int]], vectors: np.ndarray) -> None:
-        offset = 0
-        for job, start, end in parts:
-            if job.out is None:
-                job.out = np.empty((len(job.rows), vectors.shape[1]), dtype=np.float32)
-            job.out[start:end] = vectors[offset : offset + end - start]
-            offset += end - start
-            job.done += end - start
-            if job.done == len(job.rows) and not job.failed:
-                job.resolve(job.out)
+        def leave(positions: torch.Tensor, pooled: torch.Tensor) -> None:
+            vectors = pooled.detach().cpu().numpy()
+            for r, vector in zip(positions.tolist(), vectors, strict=True):
+                job, i = owners[r]
+                if job.out is None:
+                    job.out = np.empty((len(job.rows), vectors.shape[1]), dtype=np.float32)
+                job.out[i] = vector
+                job.done += 1
+                if job.done == len(job.rows) and not job.failed:
+                    job.resolve(job.out)
+
+        forward_mixed_depth(self.model, features, exits, on_exit=leave)
+        return int(arrays["input_ids"].size)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if not job.failed:
@@ -252,26 +260,29 @@ class Batcher:
             if not parts:
                 continue
             began = time.perf_counter()
+            done_before = [job.done for job, _, _ in parts]
             try:
-                vectors, tokens = self._forward(parts)
+                tokens = self._forward(parts)
             except Exception as error:  # re-run request by request: only the failing one gets the error
                 logger.warning("a batch of %d requests failed (%s); re-running them one by one", len(parts), error)
-                for part in parts:
+                for (job, start, end), done in zip(parts, done_before, strict=True):
+                    if job.done - done == end - start:
+                        continue  # this part left the batch before the failure
+                    job.done = done
                     try:
-                        self._deliver([part], self._forward([part])[0])
+                        self._forward([(job, start, end)])
                     except Exception as single:
                         logger.exception("a request failed in the model")
-                        self._fail(part[0], single)
+                        self._fail(job, single)
                 continue
             took = time.perf_counter() - began
-            self._deliver(parts, vectors)
             if self.on_batch is not None:
                 layers: dict[int, int] = {}
                 for job, start, end in parts:
                     layers[job.layer] = layers.get(job.layer, 0) + end - start
                 try:
                     self.on_batch(BatchStats(
-                        rows=len(vectors), tokens=tokens,
+                        rows=sum(e - s for _, s, e in parts), tokens=tokens,
                         real_tokens=sum(len(ids) for job, s, e in parts for ids in job.rows[s:e]),
                         layers=layers, queue_seconds=[began - job.enqueued for job, s, e in parts if s == 0],
                         inference_seconds=took))
