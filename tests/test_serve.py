@@ -235,7 +235,7 @@ def test_a_failing_request_does_not_fail_its_batch(model) -> None:
 
 
 def test_api_key_and_graceful_sigterm(heads_dir: Path, tmp_path: Path) -> None:
-    with running_server(heads_dir, tmp_path / "server.log", "--api-key", "s3cret", "--batch-wait-ms", "400") as s:
+    with running_server(heads_dir, tmp_path / "server.log", "--api-key", "s3cret", "--max-batch-tokens", "256") as s:
         _error(post(s, {"input": "a dog"}), 401, "API key")
         _error(post(s, {"input": "a dog"}, headers={"Authorization": "Bearer wrong"}), 401)
         _error(httpx.get(f"{s.url}/v1/models"), 401)
@@ -245,15 +245,43 @@ def test_api_key_and_graceful_sigterm(heads_dir: Path, tmp_path: Path) -> None:
         good = openai.OpenAI(base_url=f"{s.url}/v1", api_key="s3cret", max_retries=0)
         assert len(good.embeddings.create(model=NAME, input=["a dog", "a cat"]).data) == 2
         assert httpx.get(f"{s.url}/health").status_code == 200  # liveness needs no key
-        # a request waits in the batcher (batch-wait 400 ms) when SIGTERM comes: it must still be answered
+        # a big request (many small batches) is in flight when SIGTERM comes: it must still be answered
+        texts = [f"{t} {i}" for i in range(300) for t in TEXTS]
         answers: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: answers.append(
-            post(s, {"input": TEXTS * 4}, headers={"Authorization": "Bearer s3cret"})))
+            post(s, {"input": texts}, headers={"Authorization": "Bearer s3cret"})))
         sender.start()
-        time.sleep(0.15)
+        time.sleep(0.3)
+        assert not answers, "the request finished before SIGTERM; make it bigger"
         s.process.send_signal(signal.SIGTERM)
-        sender.join(30)
+        sender.join(60)
         assert s.process.wait(30) == 0, s.log_text()
-        assert answers and answers[0].status_code == 200 and len(answers[0].json()["data"]) == len(TEXTS) * 4
+        assert answers and answers[0].status_code == 200 and len(answers[0].json()["data"]) == len(texts)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{s.url}/health", timeout=2)
+
+
+def test_batcher_waits_for_company_only_when_there_is_some(model) -> None:
+    """A lone client is not made to wait; once requests have met, the batcher waits for more and gathers them."""
+    batches: list[int] = []
+    batcher = Batcher(model, max_batch_tokens=4096, max_batch_requests=64, batch_wait_ms=150, max_queue=100,
+                      on_batch=lambda stats: batches.append(stats.rows))
+    ids = model.tokenizer(TEXTS)["input_ids"]
+
+    async def one() -> float:
+        began = time.perf_counter()
+        await batcher.submit([ids[0]], layer=2)
+        return time.perf_counter() - began
+
+    async def crowd() -> None:  # all in one tick: every submit after the first finds company
+        await asyncio.gather(*[batcher.submit([row], layer=1 + i % 4) for i, row in enumerate(ids)])
+
+    batcher.start()
+    try:
+        assert asyncio.run(one()) < 0.1  # no company seen yet: no 150 ms wait
+        asyncio.run(crowd())
+        assert asyncio.run(one()) >= 0.12  # company was seen a moment ago: it waits the quiet gap for more
+    finally:
+        batcher.stop()
+    assert batches[0] == 1 and batches[-1] == 1 and sum(batches[1:-1]) == len(ids)
+    assert len(batches) <= 4 and max(batches[1:-1]) >= len(ids) - 1  # the crowd shared (at most) two batches

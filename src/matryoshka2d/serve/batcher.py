@@ -4,8 +4,9 @@ Every input of a request is a row (its token ids and its exit layer). The batche
 first out, until the next row would push ``rows x longest row`` over ``max_batch_tokens`` or the batch holds
 ``max_batch_requests`` rows. When the queue holds less than a full batch it waits for more while rows keep
 coming: until ``batch_wait_ms`` pass without a new request, and at most :data:`WAIT_CAP` times ``batch_wait_ms``
-after the oldest row arrived. A lone request waits ``batch_wait_ms``; a burst (clients re-sending as a batch's
-answers go out) is gathered into one batch instead of being split into small ones.
+after the oldest row arrived. A burst (clients re-sending as a batch's answers go out) is thus gathered into one
+batch instead of being split into small ones. When no request has met another in the server for
+:data:`ALONE_SECONDS` (one client sending one request at a time), the batcher does not wait at all.
 
 Rows of different layers share one batch and run through
 :func:`~matryoshka2d.encoder.mixed_depth.forward_mixed_depth`: the shared blocks run once and each row leaves
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WAIT_CAP = 8  # the longest wait for more rows, in multiples of batch_wait_ms
+ALONE_SECONDS = 1.0  # no request met another for this long: run at once, waiting for company is pointless
 
 
 class QueueFullError(RuntimeError):
@@ -115,6 +117,8 @@ class Batcher:
         self._jobs: collections.deque[Job] = collections.deque()
         self._queued_rows = 0
         self._last_arrival = 0.0
+        self._last_company = 0.0  # when a request last arrived while others were queued or running
+        self._busy = False
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -158,6 +162,8 @@ class Batcher:
                 raise QueueFullError(
                     f"the queue holds {self._queued_rows} inputs and this request adds {len(rows)}, over the "
                     f"limit of {self.max_queue}; retry later or send fewer inputs per request")
+            if self._jobs or self._busy:
+                self._last_company = job.enqueued
             self._jobs.append(job)
             self._last_arrival = job.enqueued
             self._queued_rows += len(rows)
@@ -173,7 +179,8 @@ class Batcher:
                     return None
                 self._cond.wait()
             cap = self._jobs[0].enqueued + WAIT_CAP * self.batch_wait
-            while not self._stopping and not self._full():
+            alone = time.perf_counter() - self._last_company > ALONE_SECONDS
+            while not alone and not self._stopping and not self._full():
                 left = min(self._last_arrival + self.batch_wait, cap) - time.perf_counter()
                 if left <= 0:
                     break
@@ -196,6 +203,7 @@ class Batcher:
                     self._jobs.popleft()
                 if end < len(job.rows):
                     break  # budget reached inside this job
+            self._busy = True
             return parts
 
     def _full(self) -> bool:
@@ -256,38 +264,46 @@ class Batcher:
             parts = self._take()
             if parts is None:
                 return
-            parts = [p for p in parts if not p[0].failed]
-            if not parts:
-                continue
-            began = time.perf_counter()
-            done_before = [job.done for job, _, _ in parts]
             try:
-                tokens = self._forward(parts)
-            except Exception as error:  # re-run request by request: only the failing one gets the error
-                logger.warning("a batch of %d requests failed (%s); re-running them one by one", len(parts), error)
-                for (job, start, end), done in zip(parts, done_before, strict=True):
-                    if job.done - done == end - start:
-                        continue  # this part left the batch before the failure
-                    job.done = done
-                    try:
-                        self._forward([(job, start, end)])
-                    except Exception as single:
-                        logger.exception("a request failed in the model")
-                        self._fail(job, single)
-                continue
-            took = time.perf_counter() - began
-            if self.on_batch is not None:
-                layers: dict[int, int] = {}
-                for job, start, end in parts:
-                    layers[job.layer] = layers.get(job.layer, 0) + end - start
+                self._run_batch(parts)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _run_batch(self, parts: list[tuple[Job, int, int]]) -> None:
+        """Run one batch (re-running its requests one by one if it fails) and report its stats."""
+        parts = [p for p in parts if not p[0].failed]
+        if not parts:
+            return
+        began = time.perf_counter()
+        done_before = [job.done for job, _, _ in parts]
+        try:
+            tokens = self._forward(parts)
+        except Exception as error:  # re-run request by request: only the failing one gets the error
+            logger.warning("a batch of %d requests failed (%s); re-running them one by one", len(parts), error)
+            for (job, start, end), done in zip(parts, done_before, strict=True):
+                if job.done - done == end - start:
+                    continue  # this part left the batch before the failure
+                job.done = done
                 try:
-                    self.on_batch(BatchStats(
-                        rows=sum(e - s for _, s, e in parts), tokens=tokens,
-                        real_tokens=sum(len(ids) for job, s, e in parts for ids in job.rows[s:e]),
-                        layers=layers, queue_seconds=[began - job.enqueued for job, s, e in parts if s == 0],
-                        inference_seconds=took))
-                except Exception:  # metrics must never stop the batcher
-                    logger.exception("on_batch callback failed")
+                    self._forward([(job, start, end)])
+                except Exception as single:
+                    logger.exception("a request failed in the model")
+                    self._fail(job, single)
+            return
+        took = time.perf_counter() - began
+        if self.on_batch is not None:
+            layers: dict[int, int] = {}
+            for job, start, end in parts:
+                layers[job.layer] = layers.get(job.layer, 0) + end - start
+            try:
+                self.on_batch(BatchStats(
+                    rows=sum(e - s for _, s, e in parts), tokens=tokens,
+                    real_tokens=sum(len(ids) for job, s, e in parts for ids in job.rows[s:e]),
+                    layers=layers, queue_seconds=[began - job.enqueued for job, s, e in parts if s == 0],
+                    inference_seconds=took))
+            except Exception:  # metrics must never stop the batcher
+                logger.exception("on_batch callback failed")
 
     def describe(self) -> dict[str, Any]:
         """The batcher's limits (for ``/info``)."""
