@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = list(dict.fromkeys([*pairs.sentences1, *pairs.sentences2]))
     output = Path(args.output)
     result: dict[str, Any] = {}
-    if args.skip_ours and output.exists():
+    if output.exists():  # sections not re-measured now (e.g. the peer) are kept, with their own timestamps
         import json
 
         result = json.loads(output.read_text())
@@ -338,17 +338,21 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "m2d-serve-bench"
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if not args.skip_ours:
+        result.pop("soak", None)
         ours(args, texts, result, log_dir)
+        result["measured_at"] = stamp
     if args.peer == "infinity":
         infinity(args, texts, result, log_dir)
-        peer_levels = {r["concurrency"]: r for r in result["peer"].get("levels", [])}
-        our_levels = {r["concurrency"]: r for r in result.get("levels", [])}
-        if 32 in peer_levels and 32 in our_levels:
-            result["peer"]["throughput_ratio_c32"] = round(
-                our_levels[32]["requests_per_s"] / peer_levels[32]["requests_per_s"], 3)
-        if 1 in peer_levels and 1 in our_levels:
-            result["peer"]["p50_ratio_c1"] = round(our_levels[1]["p50_ms"] / peer_levels[1]["p50_ms"], 3)
+        result["peer"]["measured_at"] = stamp
+    peer = result.get("peer") or {}
+    peer_levels = {r["concurrency"]: r for r in peer.get("levels", [])}
+    our_levels = {r["concurrency"]: r for r in result.get("levels", [])}
+    if 32 in peer_levels and 32 in our_levels:
+        peer["throughput_ratio_c32"] = round(our_levels[32]["requests_per_s"] / peer_levels[32]["requests_per_s"], 3)
+    if 1 in peer_levels and 1 in our_levels:
+        peer["p50_ratio_c1"] = round(our_levels[1]["p50_ms"] / peer_levels[1]["p50_ms"], 3)
     atomic_write_json(output, result)
     print(f"wrote {output}")
     return 0

@@ -285,3 +285,16 @@ def test_batcher_waits_for_company_only_when_there_is_some(model) -> None:
         batcher.stop()
     assert batches[0] == 1 and batches[-1] == 1 and sum(batches[1:-1]) == len(ids)
     assert len(batches) <= 4 and max(batches[1:-1]) >= len(ids) - 1  # the crowd shared (at most) two batches
+
+
+def test_split_by_length_cuts_padding_and_keeps_every_row_once() -> None:
+    from matryoshka2d.serve.batcher import split_by_length
+
+    lengths = [30, 10, 31, 9, 30, 10, 29, 11, 30, 10, 28, 12]
+    groups = split_by_length(lengths)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[28, 29, 30, 30, 30, 31], [9, 10, 10, 10, 11, 12]]
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded <= 0.8 * len(lengths) * max(lengths)
+    assert len(split_by_length([20] * 16)) == 1  # nothing to gain
+    assert len(split_by_length([40, 5, 5])) == 1  # too few rows to split

@@ -13,6 +13,9 @@ Rows of different layers share one batch and run through
 after its exit block. A request's rows may be spread over several batches; its future resolves when the last
 one is done.
 
+Rows of very different lengths are split into length-sorted sub-batches when that saves at least
+:data:`SPLIT_SAVING` of the padded tokens (:func:`split_by_length`).
+
 A batch that fails is re-run one request at a time, so only the request that fails gets the error.
 """
 
@@ -39,7 +42,33 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WAIT_CAP = 8  # the longest wait for more rows, in multiples of batch_wait_ms
+SPLIT_SAVING = 0.2  # split a batch by length when that cuts its padded tokens by at least this share
+SPLIT_MIN_ROWS = 4  # ... and each part keeps at least this many rows
 ALONE_SECONDS = 1.0  # no request met another for this long: run at once, waiting for company is pointless
+
+
+def split_by_length(lengths: list[int], *, saving: float = SPLIT_SAVING, min_rows: int = SPLIT_MIN_ROWS
+                    ) -> list[np.ndarray]:
+    """Row positions of the sub-batches to run: longest first, split where padding shrinks the most.
+
+    A part is split in two (recursively) when ``rows x longest`` summed over the two parts is at most
+    ``1 - saving`` of the part's own, and both keep ``min_rows`` rows.
+    """
+    order = np.argsort([-n for n in lengths], kind="stable")
+    sizes = np.asarray(lengths)[order]
+
+    def parts(lo: int, hi: int) -> list[np.ndarray]:
+        whole = (hi - lo) * int(sizes[lo])
+        best, cut = whole, None
+        for k in range(lo + min_rows, hi - min_rows + 1):
+            cost = (k - lo) * int(sizes[lo]) + (hi - k) * int(sizes[k])
+            if cost < best:
+                best, cut = cost, k
+        if cut is None or best > (1 - saving) * whole:
+            return [order[lo:hi]]
+        return parts(lo, cut) + parts(cut, hi)
+
+    return parts(0, len(lengths))
 
 
 class QueueFullError(RuntimeError):
@@ -218,10 +247,11 @@ class Batcher:
         return False
 
     def _forward(self, parts: list[tuple[Job, int, int]]) -> int:
-        """Run ``parts`` as one batch; each request is answered as soon as its last row leaves the batch.
+        """Run ``parts`` (split by length when that saves padding); each request is answered as soon as its last
+        row leaves the batch.
 
         Returns:
-            The padded tokens of the batch.
+            The padded tokens run.
         """
         rows = [ids for job, start, end in parts for ids in job.rows[start:end]]
         exits = [job.layer for job, start, end in parts for _ in range(end - start)]
@@ -229,23 +259,26 @@ class Batcher:
         pad_id, left = self._pad
         tokens = Tokenized(input_ids=rows, token_type_ids=None, num_truncated=0, pad_id=pad_id, pad_type_id=0,
                            left=left)
-        arrays = tokens.collate(np.arange(len(rows)))
         device = self.model.device
-        features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        padded = 0
+        for group in split_by_length([len(r) for r in rows]):
+            arrays = tokens.collate(group)
+            padded += int(arrays["input_ids"].size)
+            features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
-        def leave(positions: torch.Tensor, pooled: torch.Tensor) -> None:
-            vectors = pooled.detach().cpu().numpy()
-            for r, vector in zip(positions.tolist(), vectors, strict=True):
-                job, i = owners[r]
-                if job.out is None:
-                    job.out = np.empty((len(job.rows), vectors.shape[1]), dtype=np.float32)
-                job.out[i] = vector
-                job.done += 1
-                if job.done == len(job.rows) and not job.failed:
-                    job.resolve(job.out)
+            def leave(positions: torch.Tensor, pooled: torch.Tensor, group: np.ndarray = group) -> None:
+                vectors = pooled.detach().cpu().numpy()
+                for r, vector in zip(group[positions.numpy()].tolist(), vectors, strict=True):
+                    job, i = owners[r]
+                    if job.out is None:
+                        job.out = np.empty((len(job.rows), vectors.shape[1]), dtype=np.float32)
+                    job.out[i] = vector
+                    job.done += 1
+                    if job.done == len(job.rows) and not job.failed:
+                        job.resolve(job.out)
 
-        forward_mixed_depth(self.model, features, exits, on_exit=leave)
-        return int(arrays["input_ids"].size)
+            forward_mixed_depth(self.model, features, [exits[r] for r in group], on_exit=leave)
+        return padded
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if not job.failed:
