@@ -205,6 +205,7 @@ def test_models_health_ready_info_metrics(server, client) -> None:
                  "m2d_tokenize_seconds", "m2d_inference_seconds"):
         assert name in metrics
     assert re.search(r'm2d_requests_total\{layer="2",status="200"\} [1-9]', metrics)
+    assert 'layer="5"' not in metrics and 'layer="invalid",status="400"' in metrics  # labels stay bounded
 
 
 def test_a_failing_request_does_not_fail_its_batch(model) -> None:
@@ -239,6 +240,8 @@ def test_api_key_and_graceful_sigterm(heads_dir: Path, tmp_path: Path) -> None:
         _error(post(s, {"input": "a dog"}), 401, "API key")
         _error(post(s, {"input": "a dog"}, headers={"Authorization": "Bearer wrong"}), 401)
         _error(httpx.get(f"{s.url}/v1/models"), 401)
+        _error(httpx.get(f"{s.url}/info"), 401)
+        _error(post(s, {"input": []}), 401)  # the key is checked before the body
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{s.url}/v1", api_key="nope", max_retries=0).embeddings.create(
                 model=NAME, input="a dog")

@@ -81,17 +81,30 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app reads it."""
+class Guard:
+    """ASGI middleware, before anything else: the API key (401) on ``/v1/*`` and ``/info``, then the body size
+    limit (413 before the app reads the body).
+    """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, api_key: str | None = None) -> None:
         self.app, self.limit = app, limit
+        self.key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        path = scope.get("path", "")
+        if self.key is not None and (path.startswith("/v1/") or path == "/info"):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
+                                          "<key>' with the key the server was started with (--api-key)",
+                                          code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._reject(scope, receive, send, int(declared))
             return
@@ -192,7 +205,7 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
 
     app = FastAPI(title="matryoshka2d embeddings", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible embeddings where each request picks its exit layer and width.")
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Guard, limit=config.max_body_bytes, api_key=config.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
@@ -216,15 +229,6 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
     async def _crash(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(error).__name__}; the server keeps running, see its log")
-
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
-                           "key the server was started with (--api-key)", code="invalid_api_key")
 
     def token_rows(body: schemas.EmbeddingRequest, truncate: bool) -> list[list[int]]:
         """Token ids (special tokens included) of every input, checked against the limits."""
@@ -275,10 +279,9 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
     @app.post("/v1/embeddings", response_model=schemas.EmbeddingResponse, responses=_ERRORS)
     async def embeddings(body: schemas.EmbeddingRequest, request: Request) -> Response:
         began = time.perf_counter()
-        layer_label = str(body.layer) if body.layer is not None else "default"
+        layer_label = "invalid"  # the label set stays bounded: 1..N or "invalid"
         status = 500
         try:
-            authorize(request)
             if body.model is not None and body.model != config.model_name:
                 raise APIError(404, f"model {body.model!r} does not exist here; this server serves "
                                f"{config.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
@@ -331,7 +334,6 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
 
     @app.get("/v1/models", response_model=schemas.ModelList, responses={401: _ERRORS[401]})
     async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
                                             "owned_by": "matryoshka2d"}]}
 
@@ -348,7 +350,6 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
 
     @app.get("/info", responses={401: _ERRORS[401]})
     async def info(request: Request) -> dict[str, Any]:
-        authorize(request)
         return {
             "model": config.model_name, "version": __version__, "architecture": model.backbone.config.model_type,
             "layers": model.num_layers, "hidden_size": model.hidden_size, "exits": list(range(1, model.num_layers + 1)),
