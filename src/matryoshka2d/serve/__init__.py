@@ -1,0 +1,15 @@
+"""``m2d serve``: an OpenAI-compatible embeddings server where each request picks its exit and width.
+
+- :mod:`~matryoshka2d.serve.config`: the limits (:class:`ServeConfig`).
+- :mod:`~matryoshka2d.serve.output`: truncation, normalisation, quantisation and encoding of vectors.
+- :mod:`~matryoshka2d.serve.batcher`: the dynamic batcher (token budget, mixed-depth batches).
+- :mod:`~matryoshka2d.serve.app`: the FastAPI application (:func:`create_app`).
+
+Needs the ``serve`` extra (``pip install matryoshka2d[serve]``).
+"""
+
+from __future__ import annotations
+
+from matryoshka2d.serve.config import ServeConfig
+
+__all__ = ["ServeConfig"]
