@@ -36,6 +36,17 @@ def _in_a_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _serve_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``m2d serve`` with valid flags loads the model and builds the app, then would serve forever: the
+    server's run loop returns at once here (SERVED counts the vectors that got that far)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: SERVED.append(self.config.port))
+
+
+SERVED: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def world(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Files and folders the fuzzer draws from."""
@@ -236,6 +247,27 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | N
                 "--bench-results": paths(w, ["bench"]),
                 "--sts": V(["stsb"], ["nope"]),
                 "--data-dir": paths(w, ["data"]),
+            },
+        ),
+        "serve": (
+            [model],
+            {
+                **common,
+                "--host": V(["127.0.0.1"], []),
+                "--port": V(["0", "8000"], ["-1", "70000", "x"]),
+                "--backend": V(["torch"], ["onnx", "x"]),
+                "--dtype": V(["fp32", "bf16"], ["fp16", "x"]),
+                "--device": V(["cpu"], ["cuda:7", "tpu", ""]),
+                "--threads": V(["1"], ["0", "-2", "x"]),
+                "--max-batch-tokens": V(["64", "16384"], ["0", "-1", "x"]),
+                "--max-batch-requests": V(["1", "256"], ["0", "x"]),
+                "--batch-wait-ms": V(["0", "2.5"], ["-1", "x"]),
+                "--max-queue": V(["1", "4096"], ["0", "x"]),
+                "--max-client-batch": V(["1", "2048"], ["0", "x"]),
+                "--max-body-bytes": V(["1024"], ["0", "x"]),
+                "--no-truncation": None,
+                "--api-key": V(["secret"], []),
+                "--log-level": V(["warning"], ["loud"]),
             },
         ),
         "reproduce": ([], {"--config": paths(w, [], ["garbage_toml", "unknown_toml", "txt"]), "--report-only": None}),
