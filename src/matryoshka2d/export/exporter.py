@@ -37,7 +37,14 @@ from matryoshka2d.export.checks import (
     require_sentence_transformers,
     verify_folder,
 )
-from matryoshka2d.export.hf import dropped_pooler, installed_version, write_backbone, write_sentence_transformers_layout
+from matryoshka2d.export.hf import (
+    dropped_pooler,
+    installed_version,
+    runtime_dims,
+    write_backbone,
+    write_runtime_fields,
+    write_sentence_transformers_layout,
+)
 from matryoshka2d.io.atomic import atomic_dir
 from matryoshka2d.io.folder import write_heads
 from matryoshka2d.io.manifest import CONFIG_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, write_manifest
@@ -140,6 +147,8 @@ def export_model(
             )
         else:
             write_backbone(sub, tmp)
+            # hf keeps the full width (the exit's dim is a default); the sentence-transformers Dense cuts to d
+            write_runtime_fields(tmp, runtime_dims(model, model.hidden_size if fmt == "hf" else d))
             heads = sub.exit_heads_state()
             if heads:
                 meta["exit_heads"] = write_heads(tmp, heads)

@@ -27,7 +27,7 @@ from matryoshka2d.encoder.pooling import PoolingMode, pool
 from matryoshka2d.encoder.tokenization import TokenBatches, check_texts
 from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
 from matryoshka2d.export.checks import ScoredPairsLike, quiet_logger
-from matryoshka2d.export.hf import write_tokenizer
+from matryoshka2d.export.hf import runtime_dims, write_runtime_fields, write_tokenizer
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -152,6 +152,7 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
     _trace(graph, _features(model, texts[:2], names), names, path, opset, config.model_type)
     write_tokenizer(model, folder)
     config.save_pretrained(folder)
+    write_runtime_fields(folder, runtime_dims(model, dim))  # the graph returns ``dim`` coordinates
     fp32 = OnnxEncoder(folder, max_seq_length=model.max_seq_length)
     check = _check_graph(fp32, graph, model, texts, names)
     end_to_end = fp32.encode(texts)
