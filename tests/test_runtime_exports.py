@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SENTENCES
 from matryoshka2d import MatryoshkaEncoder
@@ -60,3 +61,55 @@ def test_sentence_transformers_loads_the_exit_and_its_truncate_dim(bert, tmp_pat
     narrow = SentenceTransformer(str(folder), device="cpu", local_files_only=True, truncate_dim=8)
     got = narrow.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=True)
     np.testing.assert_allclose(got, bert.encode(SENTENCES, layer=2, dim=8), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- OpenVINO
+@pytest.fixture(scope="module")
+def openvino_dir(bert, tmp_path_factory) -> Path:
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    return export_model(bert, tmp_path_factory.mktemp("ov") / "ov", layer=2, dim=16, format="openvino")
+
+
+def test_openvino_export_round_trips(bert, openvino_dir):
+    from matryoshka2d.export.runtime import OpenVinoEncoder, load_exported
+
+    assert (openvino_dir / "openvino_model.xml").is_file() and not (openvino_dir / "model.onnx").exists()
+    assert _config(openvino_dir)["matryoshka_dimensions"] == [8, 16]
+    ours = bert.encode(SENTENCES, layer=2, dim=16)
+    got = load_exported(openvino_dir).encode(SENTENCES, batch_size=3)
+    assert isinstance(load_exported(openvino_dir), OpenVinoEncoder)
+    np.testing.assert_allclose(got, ours, atol=1e-4)
+    assert float((got * ours).sum(1).min()) >= 0.999
+    meta = json.loads((openvino_dir / "matryoshka2d.json").read_text(encoding="utf-8"))
+    assert meta["export"]["format"] == "openvino"
+    assert meta["export"]["verification"]["openvino_f32_vs_source_max_abs_diff"] <= 1e-4
+
+
+def test_openvino_export_of_an_exit_with_a_head(tiny_dir, tmp_path):
+    pytest.importorskip("openvino")
+    from matryoshka2d.export.runtime import load_exported
+
+    headed = MatryoshkaEncoder.from_pretrained(tiny_dir, pooling="mean").eval()
+    headed.add_exit_heads(layers=[2])
+    with torch.no_grad():
+        headed.exit_heads["2"].weight.add_(0.1)
+    folder = export_model(headed, tmp_path / "ov", layer=2, dim=16, format="openvino")
+    np.testing.assert_allclose(load_exported(folder).encode(SENTENCES), headed.encode(SENTENCES, layer=2, dim=16),
+                               atol=1e-4)
+
+
+def test_openvino_refuses_quantize(bert, tmp_path):
+    with pytest.raises(ValueError, match="quantize applies to the onnx format only"):
+        export_model(bert, tmp_path / "ov", format="openvino", quantize="int8")
+
+
+def test_cli_encode_runs_an_openvino_export(bert, openvino_dir, tmp_path):
+    from matryoshka2d.cli import main
+
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("a man is playing the guitar\nthe dog runs\n", encoding="utf-8")
+    assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(tmp_path / "e.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"),
+                               bert.encode(["a man is playing the guitar", "the dog runs"], layer=2, dim=16),
+                               atol=1e-4)

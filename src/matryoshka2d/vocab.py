@@ -61,7 +61,7 @@ EXIT_HEADS: tuple[str, ...] = get_args(ExitHeads)
 # ----------------------------------------------------------------------------------- evaluation, export, bench
 Metric = Literal["spearman", "pearson"]
 METRICS: tuple[str, ...] = get_args(Metric)
-ExportFormat = Literal["hf", "sentence-transformers", "onnx"]
+ExportFormat = Literal["hf", "sentence-transformers", "onnx", "openvino"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 FORMAT_ALIASES: dict[str, str] = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
 Quantization = Literal["int8"]
