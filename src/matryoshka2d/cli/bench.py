@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, int_list, load_model
-from matryoshka2d.vocab import ATTENTIONS, DTYPE_NAMES, PEERS
+from matryoshka2d.vocab import ATTENTIONS, BACKENDS, DTYPE_NAMES, PEERS
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both implementations")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--peer", default=None, help=f"also time this library on the same model: {', '.join(PEERS)}")
+    p.add_argument("--peer", default=None,
+                   help=f"comma list of peers timed on the same exits: {', '.join(PEERS)} (the ONNX / OpenVINO "
+                        "ones run in a venv the benchmark makes once under ~/.cache/matryoshka2d)")
+    p.add_argument("--backends", default="torch",
+                   help=f"comma list of our backends: {', '.join(BACKENDS)} (onnx/openvino export each exit; "
+                        "int8 only when named)")
     p.add_argument("--output", default=None, help="write meta, records and targets as JSON here")
     p.add_argument("--plot", default=None, help="write a throughput-per-layer PNG here")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
@@ -56,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=int_list(args.batch_sizes, name="batch size", upper=1 << 20, allow_all=False),
         dtypes=[d.strip().lower() for d in args.dtype.split(",") if d.strip()],
         repeats=args.repeats, warmup=args.warmup, threads=args.threads, peer=args.peer, device=args.device,
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
         allow_fallback=args.allow_fallback, compile=args.compile, attention=args.attention,
     )
     resolve_dtypes(settings)  # fail before loading anything
-    if settings.peer:
+    if "sentence-transformers" in settings.peers:
         require_peer()
     if args.plot:
         _require_matplotlib()
@@ -73,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(model, sentences, settings, peer_source=args.model, stsb=stsb,
                            meta={"command": _command_line(args), "sentences_source": args.sentences})
     print(result.to_markdown())
+    print()
+    print(result.to_markdown_all())
+    for t in result.peer_targets():
+        print(f"target (wall time, batch {t['batch_size']}) {t['target']}: {t['value']:.2f} "
+              f"(goal >= {t['goal']}): {'met' if t['met'] else 'MISSED'}")
     for metric in ("wall", "cpu"):
         for t in result.targets(metric):
             print(f"target ({metric} time, batch {t['batch_size']}) {t['target']}: {t['value']:.2f} "
@@ -139,7 +150,7 @@ def _command_line(args: argparse.Namespace) -> str:
     """The ``m2d bench`` command that reproduces this run."""
     parts = ["m2d", "bench", str(args.model)]
     for flag in ("layers", "dims", "batch_sizes", "dtype", "sentences", "column", "repeats", "warmup", "threads",
-                 "device", "peer", "attention", "pooling", "output", "plot"):
+                 "device", "peer", "backends", "attention", "pooling", "output", "plot"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
