@@ -111,23 +111,24 @@ def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN00
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matryoshka2d.bench.result import COMPILED, OURS, PEER
+    from matryoshka2d.bench.result import COMPILED, OURS
     from matryoshka2d.io.atomic import atomic_open
 
     meta, sizes = result.meta, result.meta["batch_sizes"]
     dim, n_full = meta["dims"][-1], meta["num_layers"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False, sharey=True)
-    colours = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+    impls = list(dict.fromkeys((r["impl"], r["dtype"]) for r in result.records))
+    colours = plt.get_cmap("tab10" if len(impls) <= 10 else "tab20")
     for ax, bs in zip(axes[0], sizes, strict=True):
-        for impl, style in ((OURS, "-o"), (COMPILED, "-.^"), (PEER, "--s")):
-            for dtype in [d["used"] for d in meta["dtypes"]]:
-                recs = sorted(result.find(impl=impl, dtype=dtype, dim=dim, batch_size=bs), key=lambda r: r["layer"])
-                if recs:
-                    x = [r["layer"] for r in recs]
-                    ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colours[dtype],
-                            label=f"{impl} {dtype}")
-                    ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
-                                    [r["sentences_per_s_max"] for r in recs], color=colours[dtype], alpha=0.15)
+        for i, (impl, dtype) in enumerate(impls):
+            recs = sorted(result.find(impl=impl, dtype=dtype, dim=dim, batch_size=bs), key=lambda r: r["layer"])
+            if recs:
+                x = [r["layer"] for r in recs]
+                style = "-.^" if impl == COMPILED else ("-o" if impl.startswith(OURS) else "--s")
+                colour = colours(i % colours.N)
+                ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colour, label=f"{impl} {dtype}")
+                ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
+                                [r["sentences_per_s_max"] for r in recs], color=colour, alpha=0.12)
         full = result.find(impl=OURS, dtype="fp32", dim=dim, batch_size=bs, layer=n_full)
         if full:
             ax.plot(meta["layers"], [full[0]["sentences_per_s"] * n_full / n for n in meta["layers"]], ":",
@@ -136,7 +137,7 @@ def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN00
                xticks=meta["layers"], yscale="log")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel(f"sentences / s (median of {meta['repeats']}; band = min-max)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7, ncol=2)
     name = Path(str(meta.get("model") or "model")).name
     fig.suptitle(f"Encoding throughput per exit: {name}, {meta['sentences']['count']} sentences\n"
                  f"{meta['device_name']}, {meta['threads']} thread(s), {meta['date'][:10]}", fontsize=11)
