@@ -171,7 +171,7 @@ def test_input_limits(server) -> None:
     _error(post(server, {"input": ["a dog", ""]}), 400, "input[1]", "empty")
     _error(post(server, {"input": [[]]}), 400, "empty token list")
     _error(post(server, {"input": [1, 10**9]}), 400, "token id 1000000000", "0..")
-    _error(post(server, {"input": ["a"] * (MAX_CLIENT_BATCH + 1)}), 413, f"{MAX_CLIENT_BATCH + 1} items",
+    _error(post(server, {"input": ["a"] * (MAX_CLIENT_BATCH + 1)}), 400, f"{MAX_CLIENT_BATCH + 1} items",
            str(MAX_CLIENT_BATCH))
     long_text = " ".join(["dog"] * 300)
     _error(post(server, {"input": ["a cat", long_text], "truncate": False}), 400, "input[1]", "128 tokens")

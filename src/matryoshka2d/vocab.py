@@ -61,15 +61,20 @@ EXIT_HEADS: tuple[str, ...] = get_args(ExitHeads)
 # ----------------------------------------------------------------------------------- evaluation, export, bench
 Metric = Literal["spearman", "pearson"]
 METRICS: tuple[str, ...] = get_args(Metric)
-ExportFormat = Literal["hf", "sentence-transformers", "onnx"]
+ExportFormat = Literal["hf", "sentence-transformers", "onnx", "openvino"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 FORMAT_ALIASES: dict[str, str] = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
 Quantization = Literal["int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
-Peer = Literal["sentence-transformers"]
+# peers of m2d bench: sentence-transformers on torch (in process) and on its ONNX / OpenVINO backends (in a venv)
+Peer = Literal["sentence-transformers", "sentence-transformers:onnx", "sentence-transformers:onnx-int8",
+               "sentence-transformers:openvino"]
 PEERS: tuple[str, ...] = get_args(Peer)
+# our backends in m2d bench: torch (every --dtype), and each exit exported to ONNX / OpenVINO
+Backend = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 Attention = Literal["auto", "sdpa", "eager"]
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 

@@ -18,16 +18,18 @@ import datetime
 import logging
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from matryoshka2d.bench.peers import load_peer, peer_runner, truncate_peer
-from matryoshka2d.bench.result import COMPILED, OURS, PEER, BenchmarkResult
+from matryoshka2d.bench.result import COMPILED, OURS, PEER, BenchmarkResult, impl_name
 from matryoshka2d.bench.settings import DTYPES, BenchmarkSettings, cpu_info, resolve_dtypes
 from matryoshka2d.bench.timing import TimedConfig, add_quality, records_of, time_all
 from matryoshka2d.encoder import architectures
@@ -76,13 +78,22 @@ def run_benchmark(
     layers = sorted({model.check_layer(n) for n in (settings.layers or range(1, n_full + 1))} | {n_full})
     dims = sorted({model.check_dim(d) for d in (settings.dims or [width])})
     dtypes = resolve_dtypes(settings)
-    peer = load_peer(peer_source or "minilm", model, settings.device) if settings.peer else None
+    peer = load_peer(peer_source or "minilm", model, settings.device) if PEER in settings.peers else None
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads or threads)
     started, load_start = time.perf_counter(), os.getloadavg()
     records: list[dict[str, Any]] = []
+    stack = contextlib.ExitStack()
+    peer_versions: dict[str, str] = {}
     try:
-        configs = _build_configs(model, peer, layers, dims, [u for _, u in dtypes], settings)
+        configs = _build_configs(model, peer, layers, dims, [u for _, u in dtypes], settings) \
+            if "torch" in settings.backends else []
+        if peer is not None and "torch" not in settings.backends:
+            configs = [c for c in _build_configs(model, peer, layers, dims, [u for _, u in dtypes], settings)
+                       if c.impl == PEER]
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m2d-bench-")))
+        configs += _backend_configs(model, layers, dims, settings, workdir)
+        configs += _worker_configs(model, texts, layers, dims, settings, workdir, stack, peer_versions)
         for batch_size in settings.batch_sizes:
             for c in configs:
                 c.wall, c.cpu, c.output, c.memory = [], [], None, None
@@ -91,6 +102,7 @@ def run_benchmark(
             add_quality(records, configs, texts, int(batch_size), stsb)
     finally:
         torch.set_num_threads(threads)
+        stack.close()
     device = torch.device(settings.device)
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -102,7 +114,9 @@ def run_benchmark(
         "cpu": cpu_info(), "threads": settings.threads or threads,
         "dtypes": [{"requested": r, "used": u} for r, u in dtypes], "layers": layers, "dims": dims,
         "batch_sizes": [int(b) for b in settings.batch_sizes], "repeats": settings.repeats,
-        "warmup": settings.warmup, "peer": settings.peer, "compile": settings.compile,
+        "warmup": settings.warmup, "peer": settings.peer, "peers": settings.peers, "backends": settings.backends,
+        "implementations": list(dict.fromkeys(impl_name(c.impl, c.dtype) for c in configs)),
+        "peer_worker_versions": peer_versions or None, "compile": settings.compile,
         "sentences": _sentence_stats(model, texts),
         "memory_method": configs[0].memory.method if configs and configs[0].memory else None,
         "load_average_start": [round(x, 2) for x in load_start],
@@ -112,6 +126,76 @@ def run_benchmark(
         "settings": asdict(settings), **(meta or {}),
     }
     return BenchmarkResult(info, records)
+
+
+def _backend_configs(model: MatryoshkaEncoder, layers: list[int], dims: list[int], settings: BenchmarkSettings,
+                     workdir: Path) -> list[TimedConfig]:
+    """Our exits exported to ONNX / OpenVINO (one folder per layer, full width; narrower dims cut the output)."""
+    wanted = [b for b in settings.backends if b != "torch"]
+    if not wanted:
+        return []
+    from matryoshka2d.export.exporter import export_model
+    from matryoshka2d.export.runtime import OnnxEncoder, OpenVinoEncoder
+
+    threads, width = settings.threads or torch.get_num_threads(), model.hidden_size
+    configs: list[TimedConfig] = []
+    for n in layers:
+        folders: dict[str, Path] = {}
+        if any(b.startswith("onnx") for b in wanted):
+            folders["onnx"] = export_model(model, workdir / f"onnx-{n}", layer=n, dim=width, format="onnx",
+                                           quantize="int8" if "onnx-int8" in wanted else None)
+        if any(b.startswith("openvino") for b in wanted):
+            folders["openvino"] = export_model(model, workdir / f"openvino-{n}", layer=n, dim=width,
+                                               format="openvino")
+        for backend in wanted:
+            runtime, _, precision = backend.partition("-")
+            if runtime == "onnx":
+                encoder: Any = OnnxEncoder(folders["onnx"], file="model_int8.onnx" if precision else "model.onnx",
+                                           threads=threads)
+            else:
+                encoder = OpenVinoEncoder(folders["openvino"], precision=precision or "f32", threads=threads)
+            configs += [TimedConfig(f"{OURS}:{runtime}", precision or "fp32", n, d, _exported_runner(encoder, d),
+                                    depth=n) for d in dims]
+    return configs
+
+
+def _worker_configs(model: MatryoshkaEncoder, texts: list[str], layers: list[int], dims: list[int],
+                    settings: BenchmarkSettings, workdir: Path, stack: contextlib.ExitStack,
+                    versions: dict[str, str]) -> list[TimedConfig]:
+    """sentence-transformers' ONNX / OpenVINO backends in the peer venv, on our exits exported to its format."""
+    wanted = [p.partition(":")[2] for p in settings.peers if p != PEER]
+    if not wanted:
+        return []
+    from matryoshka2d.bench.peer_env import PeerWorker, ensure_peer_venv
+    from matryoshka2d.export.exporter import export_model
+
+    worker = PeerWorker(ensure_peer_venv(), texts)
+    stack.callback(worker.close)
+    threads, width = settings.threads or torch.get_num_threads(), model.hidden_size
+    configs: list[TimedConfig] = []
+    for n in layers:
+        for backend in wanted:  # a folder each: the int8 peer writes its graphs into its folder
+            folder = export_model(model, workdir / f"st-{backend}-{n}", layer=n, dim=width,
+                                  format="sentence-transformers", verify=False)
+            key = f"{backend}-{n}"
+            worker.load(key, backend, folder, width=width, threads=threads, max_seq_length=model.max_seq_length)
+            runtime, _, precision = backend.partition("-")
+            # OpenVINO runs at its own default precision ("auto": bf16 on CPUs with AMX / AVX-512 bf16)
+            label = precision or ("auto" if runtime == "openvino" else "fp32")
+            configs += [TimedConfig(f"{PEER}:{runtime}", label, n, d, worker.runner(key, d), depth=n, external=True)
+                        for d in dims]
+    versions.update(worker.versions)
+    return configs
+
+
+def _exported_runner(encoder: Any, dim: int) -> Callable[[list[str], int], np.ndarray]:
+    """``run(texts, batch_size)`` of an exported exit at ``dim``: a prefix of its output, normalised again."""
+    def run(texts: list[str], batch_size: int) -> np.ndarray:
+        emb = encoder.encode(texts, batch_size=batch_size)
+        if dim < emb.shape[1]:
+            emb = emb[:, :dim] / np.maximum(np.linalg.norm(emb[:, :dim], axis=1, keepdims=True), 1e-12)
+        return emb
+    return run
 
 
 def _build_configs(model: MatryoshkaEncoder, peer: Any, layers: list[int], dims: list[int], dtypes: list[str],

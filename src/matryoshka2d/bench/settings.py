@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from matryoshka2d.vocab import ATTENTIONS, DTYPE_NAMES, PEERS, Attention, Peer
+from matryoshka2d.vocab import ATTENTIONS, BACKENDS, DTYPE_NAMES, PEERS, Attention
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,9 @@ class BenchmarkSettings:
     """What to time. ``layers`` / ``dims`` ``None`` mean every layer / the full width; ``compile`` adds
     ``torch.compile``d copies of our models (impl ``matryoshka2d+compile``); ``attention`` is our models'
     attention kernel (``auto``: plain matmul attention for bf16/fp16 on CPU, where it beats SDPA on short
-    sentences, the model's default otherwise). The peer always runs its defaults.
+    sentences, the model's default otherwise). The peers always run their defaults. ``peer`` is a comma list
+    of :data:`matryoshka2d.vocab.PEERS`; ``backends`` are ours (:data:`matryoshka2d.vocab.BACKENDS`: ``torch``
+    runs every dtype, the others each exit exported to ONNX / OpenVINO).
 
     Raises:
         ValueError: a value out of range (named with the allowed range).
@@ -36,11 +38,17 @@ class BenchmarkSettings:
     repeats: int = 5
     warmup: int = 1
     threads: int | None = None
-    peer: Peer | None = None
+    peer: str | None = None
+    backends: list[str] = field(default_factory=lambda: ["torch"])
     device: str = "cpu"
     allow_fallback: bool = False
     compile: bool = False
     attention: Attention = "auto"
+
+    @property
+    def peers(self) -> list[str]:
+        """The peers of the comma list ``peer``, in order, each once."""
+        return list(dict.fromkeys(p.strip() for p in (self.peer or "").split(",") if p.strip()))
 
     def __post_init__(self) -> None:
         for name, low in (("repeats", 1), ("warmup", 0)):
@@ -53,8 +61,14 @@ class BenchmarkSettings:
             raise ValueError(f"threads {self.threads!r} must be >= 1 (or None for torch's default)")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
-        if self.peer is not None and self.peer not in PEERS:
-            raise ValueError(f"unknown peer {self.peer!r}; valid peers: {', '.join(PEERS)}")
+        for name in self.peers:
+            if name not in PEERS:
+                raise ValueError(f"unknown peer {name!r}; valid peers: {', '.join(PEERS)}")
+        for name in self.backends:
+            if name not in BACKENDS:
+                raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+        if not self.backends:
+            raise ValueError("backends is empty; pass e.g. torch or torch,onnx,openvino")
         bad = [name for name in self.dtypes if name not in DTYPES] or ([] if self.dtypes else ["(none)"])
         if bad:
             raise ValueError(f"unknown dtype {bad[0]!r}; valid dtypes: {', '.join(DTYPES)}")

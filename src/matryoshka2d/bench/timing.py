@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from matryoshka2d.bench.result import COMPILED, PEER
+from matryoshka2d.bench.result import COMPILED, OURS, PEER
 from matryoshka2d.bench.settings import BenchmarkSettings
 from matryoshka2d.evaluation.metrics import correlations, pair_cosines, row_cosines
 
@@ -85,6 +85,7 @@ class TimedConfig:
     run: Callable[[list[str], int], np.ndarray]
     depth: int
     attn: str | None = None
+    external: bool = False  # runs in a worker process: its CPU time comes from the runner, no memory figure
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     output: np.ndarray | None = None
@@ -103,12 +104,14 @@ def time_all(configs: list[TimedConfig], texts: list[str], batch_size: int, sett
             logger.info("batch %d: %s round %d/%d", batch_size, "timed" if timed else "warm-up", r + 1, rounds)
             for c in configs if r % 2 == 0 else reversed(configs):
                 gc.collect()
-                memory = PeakMemory(settings.device) if c.output is None else None
+                memory = PeakMemory(settings.device) if c.output is None and not c.external else None
                 with memory or contextlib.nullcontext():
                     wall, cpu = time.perf_counter(), time.process_time()
                     out = c.run(texts, batch_size)
                     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-                if memory is not None:
+                if c.external:
+                    cpu = float(getattr(c.run, "last_cpu", None) or cpu)  # the worker's own CPU seconds
+                if c.output is None:
                     c.output, c.memory = out, memory
                 if timed:
                     c.wall.append(wall)
@@ -130,7 +133,8 @@ def records_of(configs: list[TimedConfig], count: int, batch_size: int, n_full: 
             "impl": c.impl, "layer": c.layer, "dim": c.dim, "dtype": c.dtype, "batch_size": batch_size,
             "blocks_run": c.depth, "attn_implementation": c.attn, "sentences": count, "repeats": len(rate),
             "sentences_per_s": float(np.median(rate)), "sentences_per_s_min": float(rate.min()),
-            "sentences_per_s_max": float(rate.max()), "speedup_vs_full": float(np.median(rate / wall[full])),
+            "sentences_per_s_max": float(rate.max()), "sentences_per_s_rounds": [round(float(x), 2) for x in rate],
+            "speedup_vs_full": float(np.median(rate / wall[full])),
             "ideal_speedup": n_full / c.layer, "sentences_per_cpu_s": float(np.median(per_cpu)),
             "speedup_vs_full_cpu": float(np.median(per_cpu / cpu[full])),
             "peak_rss_mb": round(c.memory.peak_rss_mb, 1) if c.memory else None,
@@ -148,26 +152,35 @@ def records_of(configs: list[TimedConfig], count: int, batch_size: int, n_full: 
 
 def add_quality(records: list[dict[str, Any]], configs: list[TimedConfig], texts: list[str], batch_size: int,
                  stsb: ScoredPairs | None) -> None:
-    """Cosine of each config's embeddings to the same impl in fp32 and to the peer; STS-B Spearman of ours."""
+    """Cosine of each config's embeddings to fp32 (ours on torch when timed, else the same impl's) and to the
+    peer; STS-B Spearman of every implementation and its change from that fp32 reference."""
     outputs = {(c.impl, c.dtype, c.layer, c.dim): c.output for c in configs}
-    for rec in records:
-        if rec["batch_size"] != batch_size:
-            continue
+
+    def reference(rec: dict[str, Any]) -> tuple[str, str, int, int] | None:
         key = (rec["impl"], rec["dtype"], rec["layer"], rec["dim"])
-        emb = outputs[key]
-        if rec["dtype"] != "fp32" and (rec["impl"], "fp32", *key[2:]) in outputs:
-            ref = outputs[(rec["impl"], "fp32", *key[2:])]
-            rec["cosine_to_fp32_mean"], rec["cosine_to_fp32_min"] = _cosine(emb, ref), _cosine(emb, ref, np.min)
+        for ref in ((OURS, "fp32", *key[2:]), (rec["impl"], "fp32", *key[2:])):
+            if ref != key and ref in outputs:
+                return ref  # type: ignore[return-value]
+        return None
+
+    current = [r for r in records if r["batch_size"] == batch_size]
+    for rec in current:
+        key = (rec["impl"], rec["dtype"], rec["layer"], rec["dim"])
+        emb, ref = outputs[key], reference(rec)
+        if ref is not None:
+            rec["cosine_to_fp32_mean"] = _cosine(emb, outputs[ref])
+            rec["cosine_to_fp32_min"] = _cosine(emb, outputs[ref], np.min)
+            rec["fp32_reference"] = f"{ref[0]} {ref[1]}"
         if rec["impl"] != PEER and (PEER, *key[1:]) in outputs:
             rec["cosine_to_peer_mean"] = _cosine(emb, outputs[(PEER, *key[1:])])
-        if rec["impl"] != PEER and stsb is not None:
+        if stsb is not None:
             rec["stsb_spearman"] = _spearman(emb, texts, stsb)
-    for rec in records:
-        ref = [r for r in records if r["batch_size"] == batch_size and r["impl"] == rec["impl"]
-               and r["dtype"] == "fp32" and r["layer"] == rec["layer"] and r["dim"] == rec["dim"]]
-        if rec["batch_size"] == batch_size and rec["dtype"] != "fp32" and rec.get("stsb_spearman") is not None \
-                and ref and ref[0].get("stsb_spearman") is not None:
-            rec["stsb_spearman_delta"] = rec["stsb_spearman"] - ref[0]["stsb_spearman"]
+    by_key = {(r["impl"], r["dtype"], r["layer"], r["dim"]): r for r in current}
+    for rec in current:
+        ref = reference(rec)
+        base = by_key.get(ref) if ref is not None else None  # type: ignore[arg-type]
+        if base is not None and rec.get("stsb_spearman") is not None and base.get("stsb_spearman") is not None:
+            rec["stsb_spearman_delta"] = rec["stsb_spearman"] - base["stsb_spearman"]
 
 
 def _cosine(a: np.ndarray | None, b: np.ndarray | None, reduce: Callable[..., Any] = np.mean) -> float:

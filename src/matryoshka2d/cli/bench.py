@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, check_plot_path, int_list, load_model
-from matryoshka2d.vocab import ATTENTIONS, DTYPE_NAMES, PEERS
+from matryoshka2d.vocab import ATTENTIONS, BACKENDS, DTYPE_NAMES, PEERS
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both implementations")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--peer", default=None, help=f"also time this library on the same model: {', '.join(PEERS)}")
+    p.add_argument("--peer", default=None,
+                   help=f"comma list of peers timed on the same exits: {', '.join(PEERS)} (the ONNX / OpenVINO "
+                        "ones run in a venv the benchmark makes once under ~/.cache/matryoshka2d)")
+    p.add_argument("--backends", default="torch",
+                   help=f"comma list of our backends: {', '.join(BACKENDS)} (onnx/openvino export each exit; "
+                        "int8 only when named)")
     p.add_argument("--output", default=None, help="write meta, records and targets as JSON here")
     p.add_argument("--plot", default=None, help="write a throughput-per-layer PNG here")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
@@ -67,10 +72,11 @@ def benchmark(args: argparse.Namespace) -> int:
         batch_sizes=int_list(args.batch_sizes, name="batch size", upper=1 << 20, allow_all=False),
         dtypes=[d.strip().lower() for d in args.dtype.split(",") if d.strip()],
         repeats=args.repeats, warmup=args.warmup, threads=args.threads, peer=args.peer, device=args.device,
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
         allow_fallback=args.allow_fallback, compile=args.compile, attention=args.attention,
     )
     resolve_dtypes(settings)  # fail before loading anything
-    if settings.peer:
+    if "sentence-transformers" in settings.peers:
         require_peer()
     check_plot_path(args.plot)
     sentences = read_sentences(args.sentences, column=args.column)
@@ -83,6 +89,11 @@ def benchmark(args: argparse.Namespace) -> int:
     result = run_benchmark(model, sentences, settings, peer_source=args.model, stsb=stsb,
                            meta={"command": _command_line(args), "sentences_source": args.sentences})
     print(result.to_markdown())
+    print()
+    print(result.to_markdown_all())
+    for t in result.peer_targets():
+        print(f"target (wall time, batch {t['batch_size']}) {t['target']}: {t['value']:.2f} "
+              f"(goal >= {t['goal']}): {'met' if t['met'] else 'MISSED'}")
     for metric in ("wall", "cpu"):
         for t in result.targets(metric):
             print(f"target ({metric} time, batch {t['batch_size']}) {t['target']}: {t['value']:.2f} "
@@ -104,23 +115,24 @@ def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN00
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matryoshka2d.bench.result import COMPILED, OURS, PEER
+    from matryoshka2d.bench.result import COMPILED, OURS
     from matryoshka2d.io.atomic import atomic_open
 
     meta, sizes = result.meta, result.meta["batch_sizes"]
     dim, n_full = meta["dims"][-1], meta["num_layers"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False, sharey=True)
-    colours = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+    impls = list(dict.fromkeys((r["impl"], r["dtype"]) for r in result.records))
+    colours = plt.get_cmap("tab10" if len(impls) <= 10 else "tab20")
     for ax, bs in zip(axes[0], sizes, strict=True):
-        for impl, style in ((OURS, "-o"), (COMPILED, "-.^"), (PEER, "--s")):
-            for dtype in [d["used"] for d in meta["dtypes"]]:
-                recs = sorted(result.find(impl=impl, dtype=dtype, dim=dim, batch_size=bs), key=lambda r: r["layer"])
-                if recs:
-                    x = [r["layer"] for r in recs]
-                    ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colours[dtype],
-                            label=f"{impl} {dtype}")
-                    ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
-                                    [r["sentences_per_s_max"] for r in recs], color=colours[dtype], alpha=0.15)
+        for i, (impl, dtype) in enumerate(impls):
+            recs = sorted(result.find(impl=impl, dtype=dtype, dim=dim, batch_size=bs), key=lambda r: r["layer"])
+            if recs:
+                x = [r["layer"] for r in recs]
+                style = "-.^" if impl == COMPILED else ("-o" if impl.startswith(OURS) else "--s")
+                colour = colours(i % colours.N)
+                ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colour, label=f"{impl} {dtype}")
+                ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
+                                [r["sentences_per_s_max"] for r in recs], color=colour, alpha=0.12)
         full = result.find(impl=OURS, dtype="fp32", dim=dim, batch_size=bs, layer=n_full)
         if full:
             ax.plot(meta["layers"], [full[0]["sentences_per_s"] * n_full / n for n in meta["layers"]], ":",
@@ -129,7 +141,7 @@ def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN00
                xticks=meta["layers"], yscale="log")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel(f"sentences / s (median of {meta['repeats']}; band = min-max)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7, ncol=2)
     name = Path(str(meta.get("model") or "model")).name
     fig.suptitle(f"Encoding throughput per exit: {name}, {meta['sentences']['count']} sentences\n"
                  f"{meta['device_name']}, {meta['threads']} thread(s), {meta['date'][:10]}", fontsize=11)
@@ -143,7 +155,7 @@ def _command_line(args: argparse.Namespace) -> str:
     """The ``m2d bench`` command that reproduces this run."""
     parts = ["m2d", "bench", str(args.model)]
     for flag in ("layers", "dims", "batch_sizes", "dtype", "sentences", "column", "repeats", "warmup", "threads",
-                 "device", "peer", "attention", "pooling", "output", "plot"):
+                 "device", "peer", "backends", "attention", "pooling", "output", "plot"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]

@@ -1,6 +1,11 @@
 """``m2d encode MODEL --layer N --dim D --input FILE --output OUT.npy``, or, for a corpus at several exits,
 ``m2d encode MODEL --input PATH... --exits 3:128,6:384 --output DIR`` (Parquet shards, resumable; see
-``docs/encoding.md``)."""
+``docs/encoding.md``).
+
+MODEL may be an ``m2d export --format onnx|openvino`` folder: the ``.npy`` path then runs on onnxruntime /
+OpenVINO with the ``tokenizers`` library, importing neither torch nor transformers (about a second for a small
+input).
+"""
 
 from __future__ import annotations
 
@@ -39,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--text-column", default=None, help="column of the texts (default: text, else the first)")
     c.add_argument("--shard-size", type=int, default=100_000, help="rows per Parquet shard")
     c.add_argument("--skip-empty", action="store_true", help="skip (and count) empty texts instead of failing")
-    c.add_argument("--threads", type=int, default=None, help="torch threads of the local engine")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX/OpenVINO export: run its int8 graph (faster, slightly different numbers)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="inference threads: torch's (also the local corpus engine's), or an export's runtime")
     c.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once)")
     c.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (Ray CPUs) per actor")
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto); default: a local one")
@@ -56,14 +64,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--input got {len(args.input)} paths; the .npy output takes one file, pass "
                          "--exits L:D,... and an output folder to encode several")
     args.input = args.input[0]
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be a positive integer")
+    from matryoshka2d.export.runtime import exported_format
+
     with claim_output(args.output, overwrite=args.overwrite) as out:  # held until the file is in place
         texts = read_sentences(args.input, column=args.column)
-        model = load_model(args)
-        start = time.perf_counter()
-        emb = model.encode(
-            texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
-            show_progress_bar=not args.quiet,
-        )
+        if exported_format(args.model):
+            start = time.perf_counter()
+            emb = _encode_exported(args, texts)
+        else:
+            if args.int8:
+                raise ValueError("--int8 runs the int8 graph of an ONNX/OpenVINO export; export one with "
+                                 "m2d export --format onnx --quantize int8 and pass that folder")
+            model = load_model(args)
+            if args.threads is not None:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            start = time.perf_counter()
+            emb = model.encode(
+                texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
+                show_progress_bar=not args.quiet,
+            )
         seconds = time.perf_counter() - start
         save_or_rescue(out, lambda path: save_array(path, emb), what="embeddings")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} in {seconds:.2f}s "
@@ -81,6 +104,8 @@ def run_corpus(args: argparse.Namespace) -> int:
 
     if args.layer is not None or args.dim is not None:
         raise ValueError("--layer/--dim pick the one exit of a .npy output; with --exits give LAYER:DIM pairs")
+    if args.int8:
+        raise ValueError("--int8 applies to an ONNX/OpenVINO export's .npy output, not to --exits")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads} must be a positive integer")
@@ -126,3 +151,25 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
     with atomic_open(path, "wb") as f:
         np.save(_Writer(f), array)  # type: ignore[arg-type]
+
+
+def _encode_exported(args: argparse.Namespace, texts: list[str]) -> np.ndarray:
+    """An ONNX/OpenVINO export's embeddings: its one exit, optionally cut to a smaller ``--dim``."""
+    from matryoshka2d.export.runtime import load_exported, read_export_meta
+
+    meta = read_export_meta(args.model) or {}
+    layer, width = int(meta["default_layer"]), int(meta["default_dim"])
+    if args.layer is not None and args.layer != layer:
+        raise ValueError(f"--layer {args.layer}: {args.model} is exit layer {layer} only; pass --layer {layer} "
+                         "or export that layer")
+    if args.dim is not None and not 1 <= args.dim <= width:
+        raise ValueError(f"--dim {args.dim} is out of range 1..{width} for this export; pass a dim in 1..{width}")
+    if not args.normalize:
+        raise ValueError("--no-normalize: an exported graph returns L2-normalised embeddings; drop the flag, "
+                         "or encode the source model")
+    encoder = load_exported(args.model, int8=args.int8, threads=args.threads)
+    emb = encoder.encode(texts, batch_size=args.batch_size)
+    if args.dim is not None and args.dim < width:  # a prefix of the normalised vector, normalised again
+        emb = emb[:, : args.dim]
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb

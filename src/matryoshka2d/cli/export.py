@@ -1,4 +1,4 @@
-"""``m2d export MODEL --layer N --dim D --format hf|sentence-transformers|onnx --output DIR``."""
+"""``m2d export MODEL --layer N --dim D --format hf|sentence-transformers|onnx|openvino --output DIR``."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=None, help="exit layer 1..N (default: the model's default)")
     p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: the model's default)")
     p.add_argument("--format", default="hf", choices=[*FORMATS, *FORMAT_ALIASES],
-                   help="hf (transformers folder), sentence-transformers (alias st) or onnx")
+                   help="hf (transformers folder), sentence-transformers (alias st), onnx, openvino (IR of the graph)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                    help="onnx: also write model_int8.onnx (dynamic int8 weights)")
-    p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
+    p.add_argument("--opset", type=int, default=None, help="onnx/openvino: opset version (default 17)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="load the export back and compare it with the source exit (onnx is always checked)")
     p.add_argument("--eval-results", default=None, help="m2d eval results JSON for the card's STS table")

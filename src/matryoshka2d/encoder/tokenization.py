@@ -2,17 +2,25 @@
 
 :func:`token_batches` is the one batching loop: it tokenizes a chunk of texts in one fast-tokenizer call,
 sorts it by token count (not characters: ~25% less padding) and pads each batch with numpy. The torch
-encoder (:mod:`matryoshka2d.encoder.batching`), the grid evaluator and the ONNX encoder all run it.
+encoder (:mod:`matryoshka2d.encoder.batching`), the grid evaluator and the ONNX / OpenVINO runners all run it.
+
+This module imports neither torch nor transformers: :class:`TokenizerFile` reads a folder's ``tokenizer.json``
+with the ``tokenizers`` library alone, so an exported exit runs without either (light startup).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # what a backbone is given
 TOKENIZE_CHUNK = 8192  # texts tokenized per call (bounds the memory of token ids)
@@ -63,6 +71,64 @@ def tokenize_unpadded(tokenizer: Any, texts: Sequence[str], max_length: int) -> 
         pad_type_id=getattr(tokenizer, "pad_token_type_id", 0),
         left=getattr(tokenizer, "padding_side", "right") == "left",
     )
+
+
+class TokenizerFile:
+    """A folder's ``tokenizer.json`` run by the ``tokenizers`` library: what :func:`tokenize_unpadded` calls,
+    without transformers.
+
+    Truncation is the fast tokenizer's own (longest first, special tokens counted), so ids equal those of the
+    transformers tokenizer saved beside it. ``tokenizer_config.json`` gives ``model_max_length``, the pad token
+    and the padding side.
+
+    Args:
+        folder: a folder holding ``tokenizer.json`` (and usually ``tokenizer_config.json``).
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json`` in ``folder``.
+        ValueError: the file is not a tokenizer the ``tokenizers`` library reads.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; export the model again (every export writes it)")
+        try:
+            self.backend = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{path} is not a tokenizer the tokenizers library reads ({e}); export again") from e
+        self.backend.no_padding()
+        config_path = Path(folder) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        max_length = config.get("model_max_length")
+        self.model_max_length = int(max_length) if isinstance(max_length, (int, float)) and max_length < 1e9 else 512
+        pad = config.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        self.pad_token_id = self.backend.token_to_id(pad) if isinstance(pad, str) else None
+        self.pad_token_type_id = 0
+        self.padding_side = str(config.get("padding_side", "right"))
+
+    def __call__(self, texts: list[str], *, truncation: bool = True, max_length: int | None = None,
+                 return_attention_mask: bool = False) -> dict[str, Any]:
+        """``{"input_ids", "token_type_ids"}`` lists (and ``encodings`` for the truncation count), unpadded."""
+        if truncation and max_length:
+            self.backend.enable_truncation(int(max_length))
+        else:
+            self.backend.no_truncation()
+        encodings = self.backend.encode_batch(list(texts))
+        return TokenizedFile(input_ids=[e.ids for e in encodings], token_type_ids=[e.type_ids for e in encodings],
+                             encodings=encodings)
+
+
+class TokenizedFile(dict):
+    """What :meth:`TokenizerFile.__call__` returns: a dict of id lists with the ``encodings`` attribute
+    transformers' ``BatchEncoding`` has."""
+
+    def __init__(self, *, encodings: list[Any], **fields: Any) -> None:
+        super().__init__(**fields)
+        self.encodings = encodings
 
 
 class TokenBatches:

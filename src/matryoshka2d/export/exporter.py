@@ -11,6 +11,10 @@ Formats:
   ``SentenceTransformer(folder)`` returns the exit's L2-normalised ``dim``-dim embeddings.
 - ``onnx``: one graph from token ids to the normalised embedding, the exit's head included (see
   :mod:`matryoshka2d.export.onnx`).
+- ``openvino``: that graph converted to OpenVINO IR (see :mod:`matryoshka2d.export.openvino`).
+
+Every folder's ``config.json`` carries ``is_matryoshka`` and ``matryoshka_dimensions`` (the fields vLLM and
+SGLang read to accept a request's ``dimensions``).
 
 The ``hf`` and ``sentence-transformers`` folders also keep the heads of layers ``1..layer`` in
 ``exit_heads.safetensors`` (see :mod:`matryoshka2d.encoder.heads`), so our loader reproduces every kept exit.
@@ -37,7 +41,14 @@ from matryoshka2d.export.checks import (
     require_sentence_transformers,
     verify_folder,
 )
-from matryoshka2d.export.hf import dropped_pooler, installed_version, write_backbone, write_sentence_transformers_layout
+from matryoshka2d.export.hf import (
+    dropped_pooler,
+    installed_version,
+    runtime_dims,
+    write_backbone,
+    write_runtime_fields,
+    write_sentence_transformers_layout,
+)
 from matryoshka2d.io.atomic import atomic_dir
 from matryoshka2d.io.folder import write_heads
 from matryoshka2d.io.manifest import CONFIG_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, write_manifest
@@ -84,10 +95,10 @@ def export_model(
         path: the output folder.
         layer: exit layer in ``1..N``; ``None`` means the model's default exit.
         dim: embedding width in ``1..D``; ``None`` means the model's default width.
-        format: ``hf``, ``sentence-transformers`` (or ``st``) or ``onnx``.
+        format: ``hf``, ``sentence-transformers`` (or ``st``), ``onnx`` or ``openvino``.
         overwrite: replace an existing non-empty folder.
         quantize: ``"int8"`` also writes ``model_int8.onnx`` (dynamic quantisation; onnx only).
-        opset: ONNX opset (onnx only; see :data:`matryoshka2d.export.onnx.DEFAULT_OPSET`).
+        opset: ONNX opset (onnx and openvino; see :data:`matryoshka2d.export.onnx.DEFAULT_OPSET`).
         verify: load the folder back (our loader; sentence-transformers for that format) and compare it
             with the source exit. The ONNX graph is always checked with onnxruntime.
         eval_results: an ``m2d eval`` results JSON (or dict) for the card's layer x dim table.
@@ -107,8 +118,11 @@ def export_model(
     """
     fmt = check_format(format)
     n, d = model.check_layer(layer), model.check_dim(dim)
-    if fmt != "onnx" and (quantize is not None or opset is not None):
+    if fmt not in ("onnx", "openvino") and (quantize is not None or opset is not None):
         raise ValueError(f"quantize and opset apply to the onnx format only, not {fmt!r}; drop them")
+    if fmt == "openvino" and quantize is not None:
+        raise ValueError("quantize applies to the onnx format only (model_int8.onnx); for int8 export "
+                         "--format onnx --quantize int8, or drop --quantize")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; the only choice is 'int8' (or none)")
     if fmt == "hf" and n in model.exit_head_layers:
@@ -121,6 +135,12 @@ def export_model(
         from matryoshka2d.export import onnx as onnx_export
 
         onnx_export.require_onnx()
+    elif fmt == "openvino":
+        from matryoshka2d.export import onnx as onnx_export
+        from matryoshka2d.export import openvino as openvino_export
+
+        onnx_export.require_onnx()
+        openvino_export.require_openvino()
     elif fmt == "sentence-transformers" and verify:
         require_sentence_transformers()
     final = Path(path)
@@ -138,8 +158,14 @@ def export_model(
                 sub.to("cpu", torch.float32), tmp, dim=d, opset=opset, quantize=quantize, texts=texts,
                 reference=reference, sts=pairs,
             )
+        elif fmt == "openvino":
+            meta["export"] = openvino_export.write_openvino(
+                sub.to("cpu", torch.float32), tmp, dim=d, opset=opset, texts=texts, reference=reference, sts=pairs,
+            )
         else:
             write_backbone(sub, tmp)
+            # hf keeps the full width (the exit's dim is a default); the sentence-transformers Dense cuts to d
+            write_runtime_fields(tmp, runtime_dims(model, model.hidden_size if fmt == "hf" else d))
             heads = sub.exit_heads_state()
             if heads:
                 meta["exit_heads"] = write_heads(tmp, heads)
@@ -178,7 +204,8 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
     if inherited.get("trained_layers"):
         inherited["trained_layers"] = [m for m in inherited["trained_layers"] if m <= n]
     versions = library_versions()
-    extras = {"sentence-transformers": ("sentence_transformers",), "onnx": ("onnx", "onnxruntime")}
+    extras = {"sentence-transformers": ("sentence_transformers",), "onnx": ("onnx", "onnxruntime"),
+              "openvino": ("onnx", "openvino")}
     for package in extras.get(fmt, ()):
         versions[package] = installed_version(package) or "not installed"
     return {

@@ -44,6 +44,37 @@ def installed_version(package: str) -> str | None:
         return None
 
 
+# ----------------------------------------------------------------------------------- runtime fields
+def runtime_dims(model: MatryoshkaEncoder, width: int) -> list[int]:
+    """The Matryoshka widths an exported folder of output ``width`` advertises to serving runtimes.
+
+    The widths the model was trained at (``trained_dims`` in its metadata; otherwise the default doubling
+    ladder of :func:`matryoshka2d.encoder.model.matryoshka_dims`) that do not exceed ``width``, and ``width``.
+    """
+    from matryoshka2d.encoder.model import matryoshka_dims
+
+    trained = model.metadata.get("trained_dims") or matryoshka_dims(model.hidden_size)
+    return sorted({int(d) for d in trained if 0 < int(d) <= width} | {int(width)})
+
+
+def write_runtime_fields(folder: Path, dims: list[int]) -> None:
+    """Add ``is_matryoshka`` and ``matryoshka_dimensions`` to ``folder/config.json``.
+
+    vLLM and SGLang read these fields to accept a request's ``dimensions`` (the OpenAI embeddings
+    parameter): ``is_matryoshka`` allows truncation, ``matryoshka_dimensions`` lists the widths to accept.
+    transformers keeps unknown config keys as attributes, so the folder still loads everywhere.
+
+    Raises:
+        FileNotFoundError: ``folder`` has no ``config.json``.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; write the backbone's config before its runtime fields")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update({"is_matryoshka": True, "matryoshka_dimensions": [int(d) for d in dims]})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------------- writers
 def write_tokenizer(model: MatryoshkaEncoder, folder: Path) -> None:
     """Save the tokenizer with ``model_max_length`` set to the model's ``max_seq_length``.

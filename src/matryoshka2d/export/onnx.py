@@ -8,10 +8,8 @@ other shapes than the traced one (a trace that baked a shape or a branch fails t
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +22,12 @@ from torch import nn
 
 from matryoshka2d.encoder.heads import apply_head
 from matryoshka2d.encoder.pooling import PoolingMode, pool
-from matryoshka2d.encoder.tokenization import TokenBatches, check_texts
 from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
 from matryoshka2d.export.checks import ScoredPairsLike, quiet_logger
-from matryoshka2d.export.hf import write_tokenizer
+from matryoshka2d.export.hf import runtime_dims, write_runtime_fields, write_tokenizer
+from matryoshka2d.export.runtime import OUTPUT_NAME, OnnxEncoder, require_onnx
+
+__all__ = ["DEFAULT_OPSET", "ExitGraph", "OnnxEncoder", "require_onnx", "write_onnx"]
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -37,14 +37,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
 MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch, per coordinate of the normalised embedding
 EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript-based)"
-OUTPUT_NAME = "sentence_embedding"
-
-
-def require_onnx() -> None:
-    """Raises: ImportError naming the ``onnx`` extra when onnx or onnxruntime is missing."""
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(f'ONNX export needs {" and ".join(missing)}: pip install "matryoshka2d[onnx]"')
 
 
 class ExitGraph(nn.Module):
@@ -79,49 +71,6 @@ def graph_input_names(model: MatryoshkaEncoder) -> list[str]:
     return names
 
 
-class OnnxEncoder:
-    """Run an exported ONNX folder with onnxruntime, batching like :meth:`MatryoshkaEncoder.encode`.
-
-    Args:
-        folder: the export folder (``model.onnx`` and the tokenizer).
-        file: the graph inside it, e.g. ``model_int8.onnx``.
-        session_options: an ``onnxruntime.SessionOptions`` (threads, optimisation level).
-        max_seq_length: tokens per sentence; ``None`` reads the tokenizer's ``model_max_length``.
-    """
-
-    def __init__(self, folder: str | os.PathLike[str], *, file: str = "model.onnx",
-                 session_options: Any = None, max_seq_length: int | None = None) -> None:
-        require_onnx()
-        import onnxruntime as ort
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.max_seq_length = int(max_seq_length or self.tokenizer.model_max_length)
-        self.session = ort.InferenceSession(str(Path(folder) / file), sess_options=session_options,
-                                            providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """Embeddings of one tokenized batch."""
-        return self.session.run([OUTPUT_NAME], {k: features[k] for k in self.input_names})[0]
-
-    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-        """``(len(texts), dim)`` float32 embeddings, L2-normalised, in input order.
-
-        Raises:
-            ValueError: no texts.
-        """
-        batches = TokenBatches(self.tokenizer, check_texts(texts), batch_size=batch_size,
-                               max_length=self.max_seq_length)
-        out: np.ndarray | None = None
-        for rows, features in batches:
-            emb = self.run(features)
-            if out is None:
-                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-            out[rows] = emb
-        return out  # type: ignore[return-value]
-
-
 def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int | None,
                quantize: str | None, texts: list[str], reference: np.ndarray,
                sts: ScoredPairsLike | None) -> dict[str, Any]:
@@ -152,6 +101,7 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
     _trace(graph, _features(model, texts[:2], names), names, path, opset, config.model_type)
     write_tokenizer(model, folder)
     config.save_pretrained(folder)
+    write_runtime_fields(folder, runtime_dims(model, dim))  # the graph returns ``dim`` coordinates
     fp32 = OnnxEncoder(folder, max_seq_length=model.max_seq_length)
     check = _check_graph(fp32, graph, model, texts, names)
     end_to_end = fp32.encode(texts)

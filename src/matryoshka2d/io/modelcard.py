@@ -208,7 +208,7 @@ def _summary(meta: dict[str, Any], export: dict[str, Any], origin: dict[str, Any
         return [text]
     n, d = origin.get("layer"), origin.get("dim")
     what = {"hf": "a Hugging Face model folder", "sentence-transformers": "a sentence-transformers model",
-            "onnx": "an ONNX graph"}.get(export.get("format", ""), "a model folder")
+            "onnx": "an ONNX graph", "openvino": "an OpenVINO model"}.get(export.get("format", ""), "a model folder")
     return [f"The exit (layer {n}, dim {d}) of `{origin.get('source')}` ({origin.get('num_layers')} layers, "
             f"{origin.get('hidden_size')} dims), exported as {what}. Only transformer blocks 1..{n} are "
             f"stored, so it runs {n} of {origin.get('num_layers')} blocks per sentence and returns "
@@ -283,6 +283,8 @@ def usage_sections(meta: dict[str, Any], name: str) -> list[str]:
     """Copy-paste snippets for matryoshka2d, sentence-transformers, transformers (or onnxruntime)."""
     if (meta.get("export") or {}).get("format") == "onnx":
         return _onnx_usage(meta, name)
+    if (meta.get("export") or {}).get("format") == "openvino":
+        return _openvino_usage(meta, name)
     return _m2d_usage(meta, name) + _st_usage(meta, name) + _hf_usage(meta, name)
 
 
@@ -309,6 +311,18 @@ def _onnx_usage(meta: dict[str, Any], name: str) -> list[str]:
         out += ["", "`model_int8.onnx` is the same graph with dynamically quantised int8 weights "
                 "(smaller, faster on CPU; the Export section gives its agreement with fp32)."]
     return out
+
+
+def _openvino_usage(meta: dict[str, Any], name: str) -> list[str]:
+    return ["### OpenVINO", "", "Pooling, truncation and L2 normalisation run inside the model; `m2d encode "
+            f"{name}` runs it with the tokenizers library (no torch).", "",
+            "```python", "import openvino as ov", "from transformers import AutoTokenizer", "", _EXAMPLE,
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+            f'model = ov.Core().compile_model("{name}/openvino_model.xml", "CPU", '
+            '{"INFERENCE_PRECISION_HINT": "f32"})',
+            _tokenize_line(meta, "np"),
+            'embeddings = model({p.get_any_name(): batch[p.get_any_name()] for p in model.inputs})'
+            '["sentence_embedding"]', _shape_line(meta), "```"]
 
 
 def _m2d_usage(meta: dict[str, Any], name: str) -> list[str]:

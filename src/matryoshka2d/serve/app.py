@@ -47,9 +47,10 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "inva
           500: "server_error", 503: "server_error"}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorResponse, "description": description} for status, description in (
-        (400, "bad request: a value out of range, empty input, an input over the token limit"),
+        (400, "bad request: a value out of range, empty input, more inputs than --max-client-batch, an input "
+              "over the token limit"),
         (401, "missing or wrong API key"), (404, "unknown model"),
-        (413, "too many inputs or a request body over the size limit"), (429, "the queue is full; retry later"),
+        (413, "a request body over the size limit"), (429, "the queue is full; retry later"),
         (500, "the model failed on this request"), (503, "the server is shutting down"))
 }
 THREADED_TOKENIZE = 16  # requests with more inputs are tokenised in a worker thread (the event loop stays free)
@@ -241,7 +242,7 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
         if isinstance(items[0], int):
             items = [items]
         if len(items) > config.max_client_batch:
-            raise APIError(413, f"input has {len(items)} items, over the limit of {config.max_client_batch} per "
+            raise APIError(400, f"input has {len(items)} items, over the limit of {config.max_client_batch} per "
                            "request (--max-client-batch); split it into several requests", param="input",
                            code="too_many_inputs")
         if isinstance(items[0], str):

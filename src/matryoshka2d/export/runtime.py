@@ -1,0 +1,193 @@
+"""Running an exported exit without torch or transformers: onnxruntime or OpenVINO, tokenizers, numpy.
+
+:func:`load_exported` opens an ``m2d export --format onnx|openvino`` folder; the encoders batch with
+:class:`matryoshka2d.encoder.tokenization.TokenBatches` (the one batching loop) and tokenize with
+:class:`~matryoshka2d.encoder.tokenization.TokenizerFile`, so ``m2d encode EXPORTED_DIR`` starts in a fraction
+of the time the torch path needs. Nothing here imports torch (a test pins it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matryoshka2d.encoder.tokenization import TokenBatches, TokenizerFile, check_texts
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_NAME = "sentence_embedding"  # the graph's output: (batch, dim), L2-normalised
+OPENVINO_FILE = "openvino_model.xml"  # with openvino_model.bin beside it
+INT8_FILES = {"onnx": "model_int8.onnx", "openvino": "openvino_model_int8.xml"}
+FP32_FILES = {"onnx": "model.onnx", "openvino": OPENVINO_FILE}
+
+
+def require_onnx() -> None:
+    """Raises: ImportError naming the ``onnx`` extra when onnx or onnxruntime is missing."""
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f'ONNX export needs {" and ".join(missing)}: pip install "matryoshka2d[onnx]"')
+
+
+def require_openvino() -> None:
+    """Raises: ImportError naming the ``openvino`` extra when openvino is missing."""
+    if importlib.util.find_spec("openvino") is None:
+        raise ImportError('the OpenVINO format needs openvino: pip install "matryoshka2d[openvino]"')
+
+
+def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
+    """:class:`TokenizerFile` when the folder has ``tokenizer.json`` (no transformers), else transformers'."""
+    if (Path(folder) / "tokenizer.json").is_file():
+        return TokenizerFile(folder)
+    from transformers import AutoTokenizer  # a slow-only tokenizer: transformers is needed after all
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+class ExportedEncoder:
+    """An exported exit's graph and tokenizer; subclasses run one tokenized batch (:meth:`run`).
+
+    Args:
+        folder: the export folder.
+        max_seq_length: tokens per sentence; ``None`` reads ``matryoshka2d.json`` (else the tokenizer's limit).
+    """
+
+    file = ""
+
+    def __init__(self, folder: str | os.PathLike[str], *, max_seq_length: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.tokenizer = load_tokenizer(folder)
+        meta = read_export_meta(folder) or {}
+        self.max_seq_length = int(max_seq_length or meta.get("max_seq_length") or self.tokenizer.model_max_length)
+        self.input_names: list[str] = []
+
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Embeddings of one tokenized batch."""
+        raise NotImplementedError
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """``(len(texts), dim)`` float32 embeddings, L2-normalised, in input order.
+
+        Raises:
+            ValueError: no texts, or a bad batch size.
+        """
+        batches = TokenBatches(self.tokenizer, check_texts(texts), batch_size=batch_size,
+                               max_length=self.max_seq_length)
+        out: np.ndarray | None = None
+        for rows, features in batches:
+            emb = self.run(features)
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[rows] = emb
+        if batches.num_truncated:
+            logger.info("%d text(s) were truncated to %d tokens", batches.num_truncated, self.max_seq_length)
+        return out  # type: ignore[return-value]
+
+
+class OnnxEncoder(ExportedEncoder):
+    """Run an exported ONNX folder with onnxruntime (all graph optimisations on, the default).
+
+    Args:
+        folder: the export folder (``model.onnx`` and the tokenizer).
+        file: the graph inside it, e.g. ``model_int8.onnx``.
+        session_options: an ``onnxruntime.SessionOptions``; ``None`` builds one with ``threads``.
+        max_seq_length: tokens per sentence; ``None`` reads the folder's.
+        threads: intra-op threads when ``session_options`` is ``None`` (``None``: onnxruntime's default).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, file: str = "model.onnx", session_options: Any = None,
+                 max_seq_length: int | None = None, threads: int | None = None) -> None:
+        require_onnx()
+        import onnxruntime as ort
+
+        super().__init__(folder, max_seq_length=max_seq_length)
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            if threads:
+                session_options.intra_op_num_threads = int(threads)
+                session_options.inter_op_num_threads = 1
+        self.file = file
+        self.session = ort.InferenceSession(str(Path(folder) / file), sess_options=session_options,
+                                            providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {k: features[k] for k in self.input_names})[0]
+
+
+class OpenVinoEncoder(ExportedEncoder):
+    """Run an exported OpenVINO folder (``openvino_model.xml`` + ``.bin``) on the CPU.
+
+    Args:
+        folder: the export folder.
+        file: the IR inside it.
+        precision: ``f32`` (exact) or ``bf16`` (AMX/AVX-512 bf16 CPUs; OpenVINO's own default there).
+        threads: inference threads (``None``: OpenVINO's default).
+        max_seq_length: tokens per sentence; ``None`` reads the folder's.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, file: str = OPENVINO_FILE, precision: str = "f32",
+                 threads: int | None = None, max_seq_length: int | None = None) -> None:
+        require_openvino()
+        import openvino as ov
+
+        super().__init__(folder, max_seq_length=max_seq_length)
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"OpenVINO precision {precision!r} is not f32 or bf16; pass one of them")
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.file, self.precision = file, precision
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(Path(folder) / file)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output = self.compiled.output(OUTPUT_NAME)
+
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        result = self.request.infer({k: features[k] for k in self.input_names}, share_inputs=True)
+        return np.array(result[self.output], dtype=np.float32)  # a copy: the request reuses its buffer
+
+
+def read_export_meta(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``matryoshka2d.json`` of ``folder`` (``None`` when absent or unreadable)."""
+    path = Path(folder) / "matryoshka2d.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def exported_format(folder: str | os.PathLike[str]) -> str | None:
+    """``onnx`` or ``openvino`` when ``folder`` is such an export of ours (by its ``matryoshka2d.json``)."""
+    if not Path(folder).is_dir():
+        return None
+    fmt = ((read_export_meta(folder) or {}).get("export") or {}).get("format")
+    return fmt if fmt in FP32_FILES else None
+
+
+def load_exported(folder: str | os.PathLike[str], *, int8: bool = False, threads: int | None = None,
+                  precision: str = "f32") -> ExportedEncoder:
+    """The runner of an ONNX or OpenVINO export; ``int8`` picks its int8 graph (an explicit choice).
+
+    Raises:
+        ValueError: not an onnx/openvino export, or ``int8`` asked of a folder exported without it.
+        ImportError: the runtime is not installed.
+    """
+    fmt = exported_format(folder)
+    if fmt is None:
+        raise ValueError(f"{folder} is not an ONNX or OpenVINO export of matryoshka2d (no matryoshka2d.json "
+                         "with export.format onnx/openvino); export one with m2d export --format onnx")
+    file = (INT8_FILES if int8 else FP32_FILES)[fmt]
+    if not (Path(folder) / file).is_file():
+        raise ValueError(f"{Path(folder) / file} is missing; export with --quantize int8 to get an int8 graph"
+                         if int8 else f"{Path(folder) / file} is missing; export the model again")
+    if fmt == "onnx":
+        return OnnxEncoder(folder, file=file, threads=threads)
+    return OpenVinoEncoder(folder, file=file, threads=threads, precision=precision)
