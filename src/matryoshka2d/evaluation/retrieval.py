@@ -122,8 +122,8 @@ def run_metrics(qrels: Mapping[str, Mapping[str, int]], query_ids: Sequence[str]
         qrels: ``{query_id: {doc_id: grade}}`` covering exactly ``query_ids``.
         query_ids: one per row of ``ranking``.
         doc_ids: the corpus ids ``ranking`` indexes.
-        ranking: ``(Q, k)`` document indices, best first. ranx is given the ranks (score ``k - rank``), so
-            its own sort cannot reorder ties differently from ``ranking``.
+        ranking: ``(Q, k)`` document indices, best first (``-1`` = no result, skipped). ranx is given the
+            ranks (score ``k - rank``), so its own sort cannot reorder ties differently from ``ranking``.
         metrics: ranx metric names, e.g. ``ndcg@10``.
 
     Returns:
@@ -134,8 +134,8 @@ def run_metrics(qrels: Mapping[str, Mapping[str, int]], query_ids: Sequence[str]
         raise ValueError(f"{len(query_ids)} query ids for {len(ranking)} ranking rows")
     k = ranking.shape[1]
     ids = np.asarray(doc_ids, dtype=object)
-    run = {q: dict(zip(ids[row].tolist(), range(k, 0, -1), strict=True)) for q, row in zip(query_ids, ranking,
-                                                                                            strict=True)}
+    run = {q: dict(zip(ids[row[row >= 0]].tolist(), range(k, 0, -1), strict=False))
+           for q, row in zip(query_ids, ranking, strict=True)}
     judged = {q: {d: int(g) for d, g in qrels[q].items()} for q in query_ids}
     ranx_run = ranx.Run(run)
     ranx.evaluate(ranx.Qrels(judged), ranx_run, list(metrics), return_mean=False, save_results_in_run=True)
