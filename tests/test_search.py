@@ -76,7 +76,7 @@ def test_cascade_ties_by_row() -> None:
     assert rows.tolist() == [[0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8"])
 def test_approximate_indexes(kind: str, pooled: np.ndarray, queries: np.ndarray, tmp_path: Path) -> None:
     index = CascadeIndex.from_vectors(_ids(80), pooled, [16, 32], layer=2, kind=kind, ivf_nlist=4, hnsw_m=8)
     loaded = CascadeIndex.load(index.save(tmp_path / kind))
@@ -85,6 +85,10 @@ def test_approximate_indexes(kind: str, pooled: np.ndarray, queries: np.ndarray,
     exact = exact_topk(normalized_prefix(queries, 32), normalized_prefix(pooled, 32), 5)[1]
     assert rows.shape == (7, 5) and (rows >= 0).all()
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, exact, strict=True)]) >= 0.6
+    assert sorted(loaded.shortlists) == [16, 32]  # a non-flat index searches the full dim itself
+    _, alone = cascade_search(loaded, queries, shortlist_dim=32, rerank_dim=0, top=5, nprobe=4)
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(alone, exact, strict=True)]) >= 0.6
+    assert loaded.index_bytes(32) == loaded.manifest["files"]["shortlist-32.faiss"]
 
 
 def test_bad_arguments(pooled: np.ndarray, queries: np.ndarray) -> None:

@@ -56,7 +56,8 @@ def cascade_search(index: CascadeIndex, query_vectors: np.ndarray, *, shortlist_
     Args:
         index: the index (its exit layer need not be the queries').
         query_vectors: raw pooled query vectors ``(Q, >= max(shortlist_dim, rerank_dim))``.
-        shortlist_dim: a dim stored in the index; the full dim means exhaustive exact search.
+        shortlist_dim: a dim stored in the index; the full dim of a flat index means exhaustive exact search
+            over the rerank vectors (a non-flat index searches its own full-dim shortlist index).
         k: shortlist size (capped at the corpus size); ignored without a rerank.
         rerank_dim: ``None`` / ``0`` = no rerank (the shortlist order is final); else a dim in
             ``shortlist_dim..D``.
@@ -87,13 +88,14 @@ def cascade_search(index: CascadeIndex, query_vectors: np.ndarray, *, shortlist_
     top, k = min(int(top), n), min(int(k), n)
     depth = k if rerank else top
     short_q = normalize_prefix(query_vectors, shortlist_dim)
-    if shortlist_dim == full:
+    exhaustive = shortlist_dim not in index.shortlists  # the full dim of a flat index
+    if exhaustive:
         searcher = index.full_index()
     else:
         searcher = index.shortlists[shortlist_dim]
         set_search_params(searcher, depth, ef_search=ef_search, nprobe=nprobe)
     scores, rows = searcher.search(short_q, depth)
-    if shortlist_dim == full:  # exhaustive: exact scores, ties by row
+    if exhaustive:  # exact scores, ties by row
         return _rerank(index.vectors, short_q, rows, top)
     if not rerank:
         return scores[:, :top], rows[:, :top]

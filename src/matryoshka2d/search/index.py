@@ -6,14 +6,16 @@ On disk an index is a folder written atomically (:func:`~matryoshka2d.io.atomic.
   each file with its size in bytes;
 * ``ids.json``: the document ids, in row order;
 * ``shortlist-<d>.faiss``: a faiss inner-product index of the L2-normalised ``[:d]`` prefix, one per
-  shortlist dim (every dim of ``dims`` but the largest);
+  shortlist dim (every dim of ``dims`` but the largest; for a non-flat type the largest too, since an
+  approximate or compressed search at full width is a configuration of its own);
 * ``vectors-<D>.npy``: the L2-normalised ``[:D]`` vectors at the largest dim ``D`` (float32 or float16),
   used to rerank a shortlist, and for exhaustive search at ``D``.
 
 Because normalising a prefix of a normalised vector equals normalising the prefix of the raw vector, the
 rerank can run at any dim ``<= D`` from the one stored matrix. ``kind`` selects the shortlist index: ``flat``
-(exact, the default), ``hnsw`` (graph, ``M`` links, ``ef_search`` at query time) or ``ivf`` (``nlist``
-clusters, ``nprobe`` probed at query time).
+(exact, the default), ``hnsw`` (graph, ``M`` links, ``ef_search`` at query time), ``ivf`` (``nlist``
+clusters, ``nprobe`` probed at query time) or ``sq8`` (exhaustive over 8-bit scalar-quantised vectors: 4x
+smaller than float32).
 
 Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for faiss.
 """
@@ -34,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_KIND = "m2d-cascade-index"
-IndexType = Literal["flat", "hnsw", "ivf"]
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+IndexType = Literal["flat", "hnsw", "ivf", "sq8"]
+INDEX_TYPES = ("flat", "hnsw", "ivf", "sq8")
 
 
 def faiss_module() -> Any:
@@ -84,6 +86,9 @@ def build_faiss(vectors: np.ndarray, kind: IndexType = "flat", *, hnsw_m: int = 
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         index.train(vectors)  # faiss's Python wrapper keeps ``quantizer`` alive with ``index``
+    elif kind == "sq8":
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
     else:
         raise ValueError(f"index type {kind!r} is not one of {list(INDEX_TYPES)}")
     index.add(vectors)
@@ -97,7 +102,7 @@ class CascadeIndex:
     Attributes:
         ids: document ids in row order.
         vectors: ``(N, D)`` normalised rerank vectors at the largest dim (float32 or float16).
-        shortlists: ``{d: faiss index}`` for every shortlist dim ``d < D``.
+        shortlists: ``{d: faiss index}`` for every shortlist dim (``d < D``; ``D`` too unless flat).
         manifest: model, layer, dims, index type and parameters (see the module docstring).
         path: the folder it was loaded from or saved to.
     """
@@ -147,8 +152,9 @@ class CascadeIndex:
         dims = _check_dims(dims, pooled.shape[1])
         full = dims[-1]
         vectors = normalize_prefix(pooled, full).astype(rerank_dtype)
+        short_dims = dims if kind != "flat" else dims[:-1]
         shortlists = {d: build_faiss(normalize_prefix(pooled, d), kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist)
-                      for d in dims[:-1]}
+                      for d in short_dims}
         params: dict[str, Any] = {"hnsw_m": hnsw_m} if kind == "hnsw" else {}
         if kind == "ivf":
             params["ivf_nlist"] = int(next(iter(shortlists.values())).nlist) if shortlists else ivf_nlist
@@ -237,7 +243,8 @@ class CascadeIndex:
         dims = [int(d) for d in manifest["dims"]]
         ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
         vectors = np.load(path / f"vectors-{dims[-1]}.npy", mmap_mode="r" if mmap else None)
-        shortlists = {d: faiss.read_index(str(path / f"shortlist-{d}.faiss")) for d in dims[:-1]}
+        shortlists = {d: faiss.read_index(str(path / f"shortlist-{d}.faiss")) for d in dims
+                      if (path / f"shortlist-{d}.faiss").is_file()}
         if len(ids) != len(vectors) or any(s.ntotal != len(ids) for s in shortlists.values()):
             raise ValueError(f"{path}: ids, vectors and shortlist indexes hold different numbers of documents")
         return cls(ids, vectors, shortlists, manifest, path)
@@ -247,7 +254,7 @@ class CascadeIndex:
         shortlist_dim = self.check_shortlist(shortlist_dim)
         files = self.manifest.get("files", {})
         vec = int(files.get(f"vectors-{self.full_dim}.npy", self.vectors.nbytes))
-        if shortlist_dim == self.full_dim:
+        if shortlist_dim not in self.shortlists:  # exhaustive search over the stored full-width vectors
             return vec
         faiss_bytes = files.get(f"shortlist-{shortlist_dim}.faiss")
         if faiss_bytes is None:  # not saved yet: the vectors the index holds
