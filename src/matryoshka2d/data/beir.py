@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from matryoshka2d.data.datasets import resolve_data_dir
+from matryoshka2d.data.datasets import TrainingData, resolve_data_dir
 from matryoshka2d.data.files import parse_score, parse_text, read_table
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BEIR_SETS", "BEIR_SPLITS", "BeirSet", "MissingDocs", "find_beir_file", "load_beir", "read_corpus",
-           "read_qrels", "read_queries", "resolve_beir_dir"]
+__all__ = ["BEIR_SETS", "BEIR_SPLITS", "BeirSet", "MissingDocs", "find_beir_file", "is_beir_source", "load_beir",
+           "load_beir_pairs", "read_corpus", "read_qrels", "read_queries", "resolve_beir_dir"]
 
 BEIR_SETS = ("scifact", "nfcorpus")
 BEIR_SPLITS = ("train", "dev", "test")
@@ -292,3 +292,54 @@ def load_beir(source: str | Path, split: str = "test", *, data_dir: str | Path |
     name = folder.name if split == "test" else f"{folder.name}-{split}"
     return BeirSet(name, doc_ids, doc_texts, kept, [query_text[q] for q in kept], {q: qrels[q] for q in kept},
                    split, missing, dropped)
+
+
+# ----------------------------------------------------------------------------------- training pairs
+def is_beir_source(source: str | Path, data_dir: str | Path | None = None) -> bool:
+    """Whether ``source`` names a BEIR set (``scifact``, ``nfcorpus``) or is a folder holding ``qrels/``."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return (path / "qrels").is_dir()
+    return isinstance(source, str) and source in BEIR_SETS and not path.exists()
+
+
+def load_beir_pairs(source: str | Path, split: str = "train", *, data_dir: str | Path | None = None,
+                    limit: int | None = None, min_grade: int = 1) -> TrainingData:
+    """(query, relevant document) pairs of a BEIR split, for training with in-batch negatives.
+
+    One row per qrels row with grade ``>= min_grade`` whose document is in the corpus, grouped by query in
+    first-seen qrels order; a query
+    with several relevant documents gives several rows (in-batch negatives then treat a batch-mate's other
+    positive as a negative, the usual cost of this loss). The document text is ``title + " " + text``.
+
+    Args:
+        source: a name in :data:`BEIR_SETS` or a BEIR folder.
+        split: qrels split (SciFact: ``train`` has 919 rows; NFCorpus: ``train`` has 110,575).
+        data_dir: data folder for named sets.
+        limit: keep the first ``limit`` pairs.
+        min_grade: lowest grade counted as a positive.
+
+    Returns:
+        ``TrainingData`` of kind ``pairs`` (columns ``anchor`` = query, ``positive`` = document).
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`load_beir`, or no pair left.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit {limit!r} must be a positive integer (or None for all pairs)")
+    data = load_beir(source, split, data_dir=data_dir, missing_docs="drop")
+    text = dict(zip(data.doc_ids, data.doc_texts, strict=True))
+    queries = dict(zip(data.query_ids, data.query_texts, strict=True))
+    anchors: list[str] = []
+    positives: list[str] = []
+    for qid in data.query_ids:
+        for doc, grade in data.qrels[qid].items():
+            if grade >= min_grade:
+                anchors.append(queries[qid])
+                positives.append(text[doc])
+    if limit is not None:
+        anchors, positives = anchors[:limit], positives[:limit]
+    if not anchors:
+        raise ValueError(f"{data.name}: no (query, document) pair with grade >= {min_grade} in split {split!r}")
+    return TrainingData(name=f"{resolve_beir_dir(source, data_dir).name}-{split}", kind="pairs",
+                        columns={"anchor": anchors, "positive": positives})
