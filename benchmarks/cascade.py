@@ -17,8 +17,8 @@ defined; the headline is nDCG@10):
 Cost per query = query encode time (one query per call, the physically truncated model
 ``model.truncate(n)``) + search time (one query per call), medians over ``--repeats`` rounds after a
 warm-up, with torch and faiss pinned to ``--threads`` threads. Index bytes = the files a configuration
-reads. Encoding the corpus and scoring run under a shared ``/tmp/m2d-cpu.lock``; the timing phase takes it
-exclusively. Corpus vectors are cached under ``--cache``.
+reads. Encoding the corpus and scoring (all sets) run under a shared ``/tmp/m2d-cpu.lock``; then one timing
+phase for all sets takes it exclusively. Corpus vectors are cached under ``--cache``.
 
     python benchmarks/cascade.py [--sets scifact,nfcorpus] [--threads 1] [--repeats 3] [--timing-queries 200]
 """
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     full, width = model.num_layers, model.hidden_size
     tag = Path(args.model).name
     records: list[dict] = []
+    prepared = []  # quality first, for every set, under the shared lock
     for set_name in args.sets.split(","):
         data = load_beir(set_name, data_dir=args.data_dir)
         with cpu_lock(exclusive=False):
@@ -135,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                 scores = run_metrics(data.qrels, data.query_ids, data.doc_ids, ranking)
                 rows.append({**cfg, **sargs, **{m: round(float(v.mean()), 3) for m, v in scores.items()},
                              "index_bytes": index.index_bytes(sargs["shortlist_dim"], sargs["rerank_dim"])})
-        # timing: one query per call, the exclusive lock held, medians over rounds
-        texts = data.query_texts[: args.timing_queries]
-        truncated = {n: model.truncate(n).eval() for n in range(1, full + 1)}
-        encode_s: dict[int, list[float]] = {n: [] for n in truncated}
-        search_s: dict[str, list[float]] = {r["name"]: [] for r in rows}
-        with cpu_lock(exclusive=True), torch.inference_mode():
+        prepared.append((data, queries, indexes, rows))
+        print(f"{data.name}: quality done", flush=True)
+    # timing: one query per call, medians over rounds, every set in one exclusive hold of the CPU lock
+    truncated = {n: model.truncate(n).eval() for n in range(1, full + 1)}
+    with cpu_lock(exclusive=True), torch.inference_mode():
+        for data, queries, indexes, rows in prepared:
+            texts = data.query_texts[: args.timing_queries]
+            encode_s: dict[int, list[float]] = {n: [] for n in truncated}
+            search_s: dict[str, list[float]] = {r["name"]: [] for r in rows}
             for rnd in range(args.repeats + 1):  # round 0 warms up
                 for n, m in truncated.items():
                     start = time.perf_counter()
@@ -157,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                         cascade_search(index, qv[i:i + 1], **sargs)
                     if rnd:
                         search_s[r["name"]].append((time.perf_counter() - start) / len(qv))
-        for r in rows:
-            enc, sea = statistics.median(encode_s[r["query_layer"]]), statistics.median(search_s[r["name"]])
-            r.update(set=data.name, queries=len(data), docs=data.num_docs, encode_ms=round(1e3 * enc, 4),
-                     search_ms=round(1e3 * sea, 4), cost_ms=round(1e3 * (enc + sea), 4))
+            for r in rows:
+                enc, sea = statistics.median(encode_s[r["query_layer"]]), statistics.median(search_s[r["name"]])
+                r.update(set=data.name, queries=len(data), docs=data.num_docs, encode_ms=round(1e3 * enc, 4),
+                         search_ms=round(1e3 * sea, 4), cost_ms=round(1e3 * (enc + sea), 4))
+    for data, _, _, rows in prepared:
         base = rows[0]
         for r in rows:
             r["ndcg_rel_loss"] = round(1 - r["ndcg@10"] / base["ndcg@10"], 5)
