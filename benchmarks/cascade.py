@@ -9,7 +9,7 @@ defined; the headline is nDCG@10):
 * (b) ``funnel``: queries at ``N``, shortlist ``k`` = 100 at ``d`` = 32 / 64 / 128, rerank at ``D``;
   ``narrow``: the shortlist at ``d`` alone (no rerank; only the ``d``-dim index is needed);
 * (d) ``sq8`` / ``sq4``: queries at ``N``, exhaustive search over 8-bit scalar-quantised vectors at 128 / ``D``
-  or 4-bit ones at ``D``
+  or 6- / 4-bit ones at ``D``
   (faiss ``IndexScalarQuantizer``; no rerank, so only that index is needed);
 * (c) ``shallow``: queries at exit ``n`` = 1..N-1 against the full-exit index, exhaustive and with the
   ``d`` = 64 funnel.
@@ -72,7 +72,7 @@ def configs(num_layers: int) -> list[dict]:
     for d in FUNNEL_DIMS:
         out.append({"group": "b", "name": f"funnel d{d}", "query_layer": full, "shortlist_dim": d, "rerank": True})
         out.append({"group": "b", "name": f"narrow d{d}", "query_layer": full, "shortlist_dim": d, "rerank": False})
-    for kind, d in (("sq8", 128), ("sq8", None), ("sq4", None)):  # d = None: the full dim
+    for kind, d in (("sq8", 128), ("sq8", None), ("sq6", None), ("sq4", None)):  # d = None: the full dim
         out.append({"group": "d", "name": f"{kind} d{d or 'full'}", "query_layer": full, "shortlist_dim": d,
                     "rerank": False, "index": kind})
     for n in range(1, full):
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             queries = embed_layers(model, data.query_texts, list(range(1, full + 1)))
             indexes = {"flat": CascadeIndex.from_vectors(data.doc_ids, docs, [*FUNNEL_DIMS, width], layer=full),
                        "sq8": CascadeIndex.from_vectors(data.doc_ids, docs, [128, width], layer=full, kind="sq8"),
-                       "sq4": CascadeIndex.from_vectors(data.doc_ids, docs, [width], layer=full, kind="sq4")}
+                       **{k: CascadeIndex.from_vectors(data.doc_ids, docs, [width], layer=full, kind=k)
+                          for k in ("sq6", "sq4")}}
             with tempfile.TemporaryDirectory() as tmp:
                 for kind, index in indexes.items():
                     index.save(Path(tmp) / kind)  # for the file sizes

@@ -76,7 +76,7 @@ def test_cascade_ties_by_row() -> None:
     assert rows.tolist() == [[0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8", "sq4"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8", "sq6", "sq4"])
 def test_approximate_indexes(kind: str, pooled: np.ndarray, queries: np.ndarray, tmp_path: Path) -> None:
     index = CascadeIndex.from_vectors(_ids(80), pooled, [16, 32], layer=2, kind=kind, ivf_nlist=4, hnsw_m=8)
     loaded = CascadeIndex.load(index.save(tmp_path / kind))

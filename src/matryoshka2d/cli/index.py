@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dims", required=True,
                    help="comma-separated dims: the smaller ones get shortlist indexes, the largest holds the rerank "
                         "vectors (e.g. 64,384)")
-    p.add_argument("--type", dest="index_type", choices=("flat", "hnsw", "ivf", "sq8", "sq4"), default="flat",
-                   help="shortlist index: flat (exact, default), hnsw, ivf, sq8 / sq4 (8- / 4-bit scalar quantised)")
+    p.add_argument("--type", dest="index_type", choices=("flat", "hnsw", "ivf", "sq8", "sq6", "sq4"), default="flat",
+                   help="shortlist index: flat (exact, default), hnsw, ivf, sq8 / sq6 / sq4 (scalar quantised)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     p.add_argument("--ivf-nlist", type=int, default=None, help="IVF clusters (default ~4 sqrt(N))")
     p.add_argument("--rerank-dtype", choices=("float32", "float16"), default="float32",

@@ -14,8 +14,8 @@ On disk an index is a folder written atomically (:func:`~matryoshka2d.io.atomic.
 Because normalising a prefix of a normalised vector equals normalising the prefix of the raw vector, the
 rerank can run at any dim ``<= D`` from the one stored matrix. ``kind`` selects the shortlist index: ``flat``
 (exact, the default), ``hnsw`` (graph, ``M`` links, ``ef_search`` at query time), ``ivf`` (``nlist``
-clusters, ``nprobe`` probed at query time), ``sq8`` or ``sq4`` (exhaustive over 8-bit / 4-bit scalar-quantised
-vectors: 4x / 8x smaller than float32).
+clusters, ``nprobe`` probed at query time), ``sq8`` / ``sq6`` / ``sq4`` (exhaustive over 8- / 6- / 4-bit
+scalar-quantised vectors: 4x / 5.3x / 8x smaller than float32).
 
 Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for faiss.
 """
@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_KIND = "m2d-cascade-index"
-IndexType = Literal["flat", "hnsw", "ivf", "sq8", "sq4"]
-INDEX_TYPES = ("flat", "hnsw", "ivf", "sq8", "sq4")
+IndexType = Literal["flat", "hnsw", "ivf", "sq8", "sq6", "sq4"]
+INDEX_TYPES = ("flat", "hnsw", "ivf", "sq8", "sq6", "sq4")
+_SQ_BITS = {"sq8": "QT_8bit", "sq6": "QT_6bit", "sq4": "QT_4bit"}
 
 
 def faiss_module() -> Any:
@@ -86,8 +87,8 @@ def build_faiss(vectors: np.ndarray, kind: IndexType = "flat", *, hnsw_m: int = 
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         index.train(vectors)  # faiss's Python wrapper keeps ``quantizer`` alive with ``index``
-    elif kind in ("sq8", "sq4"):
-        qtype = faiss.ScalarQuantizer.QT_8bit if kind == "sq8" else faiss.ScalarQuantizer.QT_4bit
+    elif kind in _SQ_BITS:
+        qtype = getattr(faiss.ScalarQuantizer, _SQ_BITS[kind])
         index = faiss.IndexScalarQuantizer(d, qtype, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
     else:
