@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import platform
 import statistics
 import sys
@@ -100,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "m2d-cascade-cache"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cascade.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "retrieval-pareto.png"))
+    parser.add_argument("--replot", default=None, help="only redraw --plot from this results JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text(encoding="utf-8"))["records"], args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     torch.set_num_threads(args.threads)
     import faiss
 
@@ -190,36 +196,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(records: list[dict], path: str) -> None:
+    """Per set: nDCG@10 against cost per query (top) and against index bytes (bottom), Pareto fronts dashed."""
     from matplotlib.figure import Figure
 
     from matryoshka2d.io.atomic import atomic_open
 
     sets = list(dict.fromkeys(r["set"] for r in records))
-    fig = Figure(figsize=(6.5 * len(sets), 5.0), layout="constrained")
-    axes = fig.subplots(1, len(sets), squeeze=False)[0]
+    fig = Figure(figsize=(6.5 * len(sets), 9.5), layout="constrained")
+    axes = fig.subplots(2, len(sets), squeeze=False)
     colors = {"a": "black", "b": "tab:blue", "c": "tab:orange", "d": "tab:green"}
-    for ax, s in zip(axes, sets, strict=True):
+    for col, s in enumerate(sets):
         rows = [r for r in records if r["set"] == s]
-        for r in rows:
-            marker = "s" if r["rerank"] else ("o" if r["group"] != "b" else "^")
-            ax.scatter(r["cost_ms"], r["ndcg@10"], color=colors[r["group"]], marker=marker, s=36, zorder=3)
-            ax.annotate(r["name"], (r["cost_ms"], r["ndcg@10"]), textcoords="offset points", xytext=(4, 3),
-                        fontsize=7)
-        front, best = [], -1.0
-        for r in sorted(rows, key=lambda r: r["cost_ms"]):
-            if r["ndcg@10"] > best:
-                front.append((r["cost_ms"], r["ndcg@10"]))
-                best = r["ndcg@10"]
-        ax.plot(*zip(*front, strict=True), color="grey", linestyle="--", linewidth=1, zorder=2)
-        ax.axhline(0.99 * rows[0]["ndcg@10"], color="red", linewidth=0.8, linestyle=":", label="-1% of exhaustive")
-        ax.set_xscale("log")
-        ax.set_xlabel("query encode + search per query (ms, log scale)")
-        ax.set_ylabel("nDCG@10 x100")
-        ax.set_title(f"{s}: a black, b blue, c orange, d green; squares = rerank", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, key, label in ((axes[0, col], "cost_ms", "query encode + search per query (ms, log scale)"),
+                               (axes[1, col], "index_mib", "index size (MiB, log scale)")):
+            for r in rows:
+                x = r["index_bytes"] / 2**20 if key == "index_mib" else r[key]
+                marker = "s" if r["rerank"] else ("o" if r["group"] != "b" else "^")
+                ax.scatter(x, r["ndcg@10"], color=colors[r["group"]], marker=marker, s=36, zorder=3)
+                ax.annotate(r["name"], (x, r["ndcg@10"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            front, best = [], -1.0
+            for r in sorted(rows, key=lambda r: r["index_bytes"] if key == "index_mib" else r[key]):
+                if r["ndcg@10"] > best:
+                    front.append((r["index_bytes"] / 2**20 if key == "index_mib" else r[key], r["ndcg@10"]))
+                    best = r["ndcg@10"]
+            ax.plot(*zip(*front, strict=True), color="grey", linestyle="--", linewidth=1, zorder=2)
+            ax.axhline(0.99 * rows[0]["ndcg@10"], color="red", linewidth=0.8, linestyle=":",
+                       label="-1% of exhaustive (a)")
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("nDCG@10 x100")
+            ax.set_title(f"{s}: (a) black, (b) blue, (c) orange, (d) green; squares = rerank", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=130)
+        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
 
 
 if __name__ == "__main__":
