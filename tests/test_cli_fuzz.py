@@ -98,6 +98,12 @@ def world(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     obj["predictions"]["file"] = "damaged.preds.npz"
     damaged.write_text(json.dumps(obj))
     (root / "damaged.preds.npz").write_bytes(b"PK\x03\x04 truncated")
+    (root / "corpus.tsv").write_text("doc_id\ttitle\ttext\n" + "".join(
+        f"d{i}\tdoc {i}\ta man plays {i} near the {'river' if i % 2 else 'house'}\n" for i in range(12)))
+    (root / "queries.tsv").write_text("query_id\ttext\nq1\ta man plays\nq2\tthe house\n")
+    index = root / "index"
+    assert main(["-q", "index", str(tiny_dir), "--corpus", str(root / "corpus.tsv"), "--dims", "8,32",
+                 "--output", str(index)]) == 0
     bench = root / "bench.json"
     bench.write_text(json.dumps({"records": [{"impl": "matryoshka2d", "layer": 2, "dim": 32, "sentences_per_s": 10}]}))
     return {
@@ -119,6 +125,9 @@ def world(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             "result": result,
             "damaged": damaged,
             "bench": bench,
+            "corpus": root / "corpus.tsv",
+            "queries": root / "queries.tsv",
+            "index": index,
         }.items()
     }
 
@@ -270,6 +279,39 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | N
                 "--log-level": V(["warning"], ["loud"]),
             },
         ),
+        "index": (
+            [model],
+            {
+                **common,
+                "--corpus": paths(w, ["corpus"], ["txt", "queries"]),
+                "--layer": V(["1", "4"], ["0", "9", "x"]),
+                "--dims": V(["8", "8,32"], ["0", "33", "x", ""]),
+                "--type": V(["flat", "hnsw", "sq8"], ["x"]),
+                "--hnsw-m": V(["8"], ["0", "x"]),
+                "--ivf-nlist": V(["2"], ["0", "x"]),
+                "--rerank-dtype": V(["float32", "float16"], ["int4"]),
+                "--batch-size": INTS,
+                "--output": outputs(w, "-idx"),
+                "--overwrite": None,
+            },
+        ),
+        "search": (
+            [paths(w, ["index"], ["corpus"])],
+            {
+                "--queries": paths(w, ["queries"], ["corpus", "txt"]),
+                "--model": model,
+                "--pooling": POOLING,
+                "--query-layer": V(["1", "4"], ["0", "9", "x"]),
+                "--shortlist-dim": V(["8"], ["0", "16", "x"]),
+                "--k": V(["5", "12"], ["0", "-1", "x"]),
+                "--rerank-dim": V(["32", "0"], ["-1", "99", "x"]),
+                "--top": V(["3", "10"], ["0", "x"]),
+                "--batch-size": INTS,
+                "--output": V([f"{w['out']}/r{i}{s}" for i in range(2) for s in (".trec", ".jsonl")],
+                              [w["out"], ".", w["plain"] + "/x.trec", "/proc/m2d-fuzz.trec", w["out"] + "/x.csv", ""]),
+                "--overwrite": None,
+            },
+        ),
         "reproduce": ([], {"--config": paths(w, [], ["garbage_toml", "unknown_toml", "txt"]), "--report-only": None}),
         "bench": (
             [model],
@@ -307,6 +349,8 @@ def argv_for(draw: st.DrawFn, w: dict[str, str]) -> list[str]:
     argv = ["-q", command, *(draw(p.strategy(valid_only and bool(p.valid))) for p in positionals)]
     required = {
         "encode": ["--input", "--output"],
+        "index": ["--corpus", "--dims", "--output"],
+        "search": ["--queries", "--output"],
         "export": ["--output"],
         "reproduce": ["--config"],
         "bench": ["--sentences", "--repeats", "--warmup"],

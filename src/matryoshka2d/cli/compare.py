@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples (0 = no bootstrap)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval mass")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--metric", default=None, help="retrieval results: metric compared (default: nDCG@10)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +55,14 @@ def compare(args: argparse.Namespace) -> int:
         raise ValueError("--benchmark and --pareto go together: pass both to draw the quality-vs-speed plot")
     check_plot_path(args.plot)
     check_plot_path(args.pareto, flag="--pareto")
-    results = [GridResult.load(path) for path in args.results]
+    from matryoshka2d.evaluation.retrieval_result import RetrievalResult, result_kind
+
+    kinds = {result_kind(path) for path in args.results}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot compare STS results with retrieval results ({args.results}); compare each "
+                         f"kind separately (m2d eval writes mixed runs to res.json and res.retrieval.json)")
+    retrieval = kinds == {"retrieval"}
+    results = [(RetrievalResult if retrieval else GridResult).load(path) for path in args.results]
     if args.labels:
         labels = [s.strip() for s in args.labels.split(",")]
         if len(labels) != len(results):
@@ -63,8 +71,14 @@ def compare(args: argparse.Namespace) -> int:
         labels = [r.model for r in results]
         if max(Counter(labels).values()) > 1:  # same model name twice: use the file names
             labels = [Path(p).stem for p in args.results]
-    comparison = compare_results(results, labels, draws=args.draws, seed=args.seed,
-                                 confidence=args.confidence, show_progress_bar=not args.quiet)
+    if retrieval:
+        from matryoshka2d.evaluation.retrieval_compare import compare_retrieval
+
+        comparison = compare_retrieval(results, labels, metric=args.metric, draws=args.draws, seed=args.seed,
+                                       confidence=args.confidence)
+    else:
+        comparison = compare_results(results, labels, draws=args.draws, seed=args.seed,
+                                     confidence=args.confidence, show_progress_bar=not args.quiet)
     report = comparison.to_markdown()
     print(report)
     if args.output:
@@ -73,8 +87,9 @@ def compare(args: argparse.Namespace) -> int:
     if args.plot:
         from matryoshka2d.evaluation.plots import plot_dim_curves
 
+        extra = {"metric": comparison.metric} if retrieval else {}
         save_or_rescue(args.plot, lambda path: plot_dim_curves(results, path, labels=labels,
-                                                               set_name=args.plot_set), what="plot")
+                                                               set_name=args.plot_set, **extra), what="plot")
         print(f"wrote {args.plot}")
     if args.pareto:
         from matryoshka2d.evaluation.plots import plot_pareto

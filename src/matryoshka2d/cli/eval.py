@@ -1,4 +1,4 @@
-"""``m2d eval MODEL --sets all --layers all --dims all``: STS correlations of every exit."""
+"""``m2d eval MODEL --sets all --layers all --dims all``: STS correlations (and BEIR retrieval) of every exit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, check_plot_path, int_list, load_model
+from matryoshka2d.cli.eval_retrieval import add_retrieval_args, run_retrieval
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="STS Spearman/Pearson of every (layer, dim) exit, one model pass per set")
     add_model_args(p)
     p.add_argument("--sets", default="all",
-                   help="comma-separated: sts12,sts13,sts14,sts15,sts16,stsb,sickr, or 'all' (default)")
+                   help="comma-separated: sts12,sts13,sts14,sts15,sts16,stsb,sickr, or 'all' (default); "
+                        "retrieval sets scifact,nfcorpus too")
     p.add_argument("--layers", default="all", help="exit layers, e.g. 2,4,6, or 'all' (default)")
     p.add_argument("--dims", default="all", help="dims, e.g. 64,384, or 'all' (8, 16, ... and D; default)")
     p.add_argument("--split", default="test", help="split (train/dev only exist for stsb and sickr)")
@@ -30,20 +32,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="write results JSON (+ <name>.preds.npz for m2d compare)")
     p.add_argument("--plot", default=None, help="write a layer x dim heatmap per set (PNG/PDF/SVG)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
+    add_retrieval_args(p)
     p.set_defaults(func=run)
 
 
 def parse_sets(text: str) -> list[str]:
     """``"stsb,sickr"`` or ``"all"`` -> set names (checked)."""
+    from matryoshka2d.data.beir import BEIR_SETS
     from matryoshka2d.data.datasets import STS_SETS
 
     if text.strip().lower() == "all":
         return list(STS_SETS)
     names = [s.strip().lower() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STS_SETS]
+    unknown = [s for s in names if s not in STS_SETS and s not in BEIR_SETS]
     if unknown or not names:
         raise ValueError(f"--sets {text!r}: unknown set(s) {unknown}; choose from {', '.join(STS_SETS)} "
-                         f"or 'all'")
+                         f"or 'all', or the retrieval sets {', '.join(BEIR_SETS)}")
     return list(dict.fromkeys(names))
 
 
@@ -73,11 +77,19 @@ def evaluate(args: argparse.Namespace) -> int:
     from matryoshka2d.io.outputs import save_or_rescue
 
     check_plot_path(args.plot)
+    from matryoshka2d.data.beir import BEIR_SETS
+
     names = parse_sets(args.sets)
+    beir = [name for name in names if name in BEIR_SETS]
+    names = [name for name in names if name not in BEIR_SETS]
     sets = {name: load_sts(name, args.split, variant=args.variant, data_dir=args.data_dir) for name in names}
     model = load_model(args)
     layers = int_list(args.layers, name="layer", upper=model.num_layers)
     dims = parse_dims(args.dims, model.hidden_size)
+    if beir:
+        run_retrieval(args, beir, model, layers, dims, mixed=bool(sets))
+        if not sets:
+            return 0
     start = time.perf_counter()
     result = evaluate_grid(model, sets, layers=layers, dims=dims, batch_size=args.batch_size,
                            show_progress_bar=not args.quiet, model_name=args.model)

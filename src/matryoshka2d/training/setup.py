@@ -85,8 +85,16 @@ def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, A
                              f"strategy 'full' for the whole model")
         model = model.truncate(o.separate_layers)  # type: ignore[arg-type]
     check_against_model(config, model.num_layers, model.hidden_size)
-    data = load_training_data(d.source, kind=d.kind, columns=d.columns, split=d.split, data_dir=d.data_dir,
-                              limit=d.limit)
+    from matryoshka2d.data.beir import is_beir_source, load_beir_pairs
+
+    if is_beir_source(d.source, d.data_dir):  # a BEIR set's qrels: (query, relevant document) pairs
+        if d.kind not in (None, "pairs") or d.columns is not None:
+            raise ValueError(f"data.source = {d.source!r} is a BEIR set: it gives (query, document) pairs, so "
+                             f"data.kind must be 'pairs' (or unset) and data.columns unset")
+        data = load_beir_pairs(d.source, d.split, data_dir=d.data_dir, limit=d.limit)
+    else:
+        data = load_training_data(d.source, kind=d.kind, columns=d.columns, split=d.split, data_dir=d.data_dir,
+                                  limit=d.limit)
     if len(data) < t.batch_size:
         raise ValueError(f"train.batch_size = {t.batch_size} is larger than the {len(data)} training rows of "
                          f"{data.name!r}; lower it to at most {len(data)}")

@@ -1,0 +1,64 @@
+"""``m2d index MODEL --corpus FILE --layer L --dims 64,384 --output IDX``: a cascade index of one exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from matryoshka2d.cli.common import add_model_args, int_list, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="encode a corpus at one exit into a cascade index (faiss shortlist + rerank)")
+    add_model_args(p)
+    p.add_argument("--corpus", required=True,
+                   help="corpus file (doc_id, title, text: .tsv/.jsonl), a BEIR folder, or scifact / nfcorpus")
+    p.add_argument("--layer", default=None, help="exit layer of the documents (default: the last)")
+    p.add_argument("--dims", required=True,
+                   help="comma-separated dims: the smaller ones get shortlist indexes, the largest holds the rerank "
+                        "vectors (e.g. 64,384)")
+    p.add_argument("--type", dest="index_type", choices=("flat", "hnsw", "ivf", "sq8", "sq6", "sq4"), default="flat",
+                   help="shortlist index: flat (exact, default), hnsw, ivf, sq8 / sq6 / sq4 (scalar quantised)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
+    p.add_argument("--ivf-nlist", type=int, default=None, help="IVF clusters (default ~4 sqrt(N))")
+    p.add_argument("--rerank-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the rerank vectors")
+    p.add_argument("--data-dir", default=None, help="data folder for scifact / nfcorpus")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", required=True, help="index folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka2d.io.locks import claim_output
+
+    with claim_output(args.output, kind="folder", overwrite=args.overwrite):  # held until the index is in place
+        return build(args)
+
+
+def build(args: argparse.Namespace) -> int:
+    """The work of ``m2d index`` once its output folder is claimed."""
+    from matryoshka2d.data.beir import BEIR_SETS, read_corpus, resolve_beir_dir
+    from matryoshka2d.search.index import CascadeIndex
+
+    corpus = resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus
+    ids, texts = read_corpus(corpus)
+    model = load_model(args)
+    layer = model.num_layers if args.layer is None else int_list(args.layer, name="layer", upper=model.num_layers,
+                                                                 allow_all=False)[0]
+    dims = int_list(args.dims, name="dim", upper=model.hidden_size, allow_all=False)
+    start = time.perf_counter()
+    index = CascadeIndex.build(model, ids, texts, layer=layer, dims=dims, kind=args.index_type,
+                               batch_size=args.batch_size, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist,
+                               rerank_dtype=args.rerank_dtype, show_progress_bar=not args.quiet)
+    index.manifest["model"] = args.model
+    index.save(args.output, overwrite=args.overwrite)
+    files = index.manifest["files"]
+    print(f"indexed {len(ids)} documents at layer {layer}, dims {index.dims} ({args.index_type}) in "
+          f"{time.perf_counter() - start:.1f}s: " + ", ".join(f"{k} {v / 2**20:.2f} MB" for k, v in files.items()))
+    print(f"wrote {args.output}")
+    return 0
