@@ -30,14 +30,13 @@ from matryoshka2d.corpus.shards import (
     SHARD_DIR,
     ShardSpec,
     encode_shard,
-    file_sha256,
     list_size,
     plan_shards,
     shard_is_done,
     value_type,
 )
 from matryoshka2d.io.atomic import atomic_write_json
-from matryoshka2d.io.manifest import library_versions
+from matryoshka2d.io.manifest import file_sha256, library_versions
 
 logger = logging.getLogger(__name__)
 

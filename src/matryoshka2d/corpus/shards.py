@@ -266,10 +266,3 @@ def shard_is_done(output: str | Path, spec: ShardSpec, exits: Sequence[Exit]) ->
     return True
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -74,7 +74,7 @@ def write_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         name = path.relative_to(root).as_posix()
         if name != MANIFEST_NAME:
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format_version": FORMAT_VERSION, "files": files}
     atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -107,7 +107,7 @@ def verify_manifest(folder: str | os.PathLike[str]) -> None:
         elif (size := file.stat().st_size) != expected.get("size"):
             problems.append(f"{file} ({size} bytes, the manifest says {expected.get('size')}: "
                             "truncated or altered)")
-        elif _sha256(file) != expected.get("sha256"):
+        elif file_sha256(file) != expected.get("sha256"):
             problems.append(f"{file} (same size, different SHA-256: altered)")
     if problems:
         raise ValueError(
@@ -117,7 +117,8 @@ def verify_manifest(folder: str | os.PathLike[str]) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (what manifests record)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
