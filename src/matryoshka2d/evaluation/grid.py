@@ -31,6 +31,21 @@ Metric = Literal["spearman", "pearson"]
 AVG = "avg"
 
 
+def read_result_json(path: Path) -> Any:
+    """The parsed JSON of a result file written by ``m2d eval`` (STS or retrieval).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such result file; write one with `m2d eval ... --output`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON result file ({e})") from None
+
+
 @dataclass
 class GridResult:
     """Correlations of every (set, layer, dim) exit plus the per-pair cosines behind them.
@@ -198,12 +213,7 @@ class GridResult:
             ValueError: not a result file, or a newer format.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such result file; write one with `m2d eval ... --output`")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON result file ({e})") from None
+        obj = read_result_json(path)
         if not isinstance(obj, dict) or not isinstance(obj.get("results"), list) or "model" not in obj:
             raise ValueError(f"{path}: not an evaluation result (needs keys 'model' and 'results')")
         version = obj.get("format_version", 1)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka2d.evaluation.grid import predictions_path
+from matryoshka2d.evaluation.grid import predictions_path, read_result_json
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,7 @@ class RetrievalResult:
             ValueError: not a retrieval result, or a newer format.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such result file; write one with `m2d eval ... --output`")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON result file ({e})") from None
+        obj = read_result_json(path)
         if not isinstance(obj, dict) or obj.get("kind") != KIND or not isinstance(obj.get("results"), list):
             raise ValueError(f"{path}: not a retrieval result (needs 'kind': 'retrieval' and 'results')")
         if obj.get("format_version", 1) > FORMAT_VERSION:
