@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from matryoshka2d.encoder import architectures
 from matryoshka2d.encoder.model import matryoshka_dims
 from matryoshka2d.losses.base import CoSENTLoss, InBatchNegativesLoss, build_base_loss
-from matryoshka2d.losses.objective import TwoDMatryoshkaLoss
+from matryoshka2d.losses.objective import TwoDMatryoshkaLoss, pca_target
 from matryoshka2d.losses.options import default_starbucks_pairs, depth_weight
 from matryoshka2d.vocab import STRATEGIES
 
@@ -379,3 +379,55 @@ def test_config_dict_rebuilds_the_same_objective(tiny_model):
     assert loss.trained_layers == (2, 3, 4) and loss.trained_dims == (8, 16, 32)
     full = TwoDMatryoshkaLoss(tiny_model, CoSENTLoss())
     assert full.trained_layers == (1, 2, 3, 4) and full.trained_dims == (8, 16, 32)
+
+
+# ----------------------------------------------------------------------------------------- ese
+def reference_distance(pooled: torch.Tensor, k: int, temp: float = 1.0) -> torch.Tensor:
+    """MSE(x, y) + T * KL(softmax(y/T) || softmax(x/T)) in float64, x = the first k dims, y = the PCA target."""
+    target = pca_target(pooled, k).double()
+    x = pooled[:, :k].double()
+    return ((x - target) ** 2).mean() + temp * kl(target / temp, x / temp)
+
+
+def test_ese_is_the_authors_objective(tiny_model, batch):
+    """method.md section 7: L_last = B(N) + B(N, :k) + Dist(N); L_shallow = mean over n of
+    [B(n, :k) + Dist(n)] / (1 + ln(1 + n)); every shallow layer every step, no shallow-to-last KL."""
+    k, base = 8, CoSENTLoss()
+    loss = TwoDMatryoshkaLoss(tiny_model, base, strategy="ese", compression_dim=k, kl_temperature=0.5)
+    out = loss(batch, SCORES)
+    assert loss.last_sample["layers"] == [1, 2, 3] and "loss/kl" not in out
+    assert loss.trained_layers == (1, 2, 3, 4) and loss.trained_dims == (k, 32)
+    assert loss.config_dict()["compression_dim"] == k
+    with torch.no_grad():
+        emb = [tiny_model(f, layers=(1, 2, 3, 4)) for f in batch]
+
+    def dist(n: int) -> float:  # averaged over the two columns
+        return sum(float(reference_distance(e[n], k, 0.5)) for e in emb) / len(emb)
+
+    last = base([e[4] for e in emb], SCORES) + base([e[4][:, :k] for e in emb], SCORES) + dist(4)
+    prior = sum((base([e[n][:, :k] for e in emb], SCORES) + dist(n)) / (1 + math.log(1 + n)) for n in (1, 2, 3)) / 3
+    assert out["loss/last"].item() == pytest.approx(float(last), rel=1e-4)
+    assert out["loss/prior"].item() == pytest.approx(float(prior), rel=1e-4)
+    assert out["loss"].item() == pytest.approx(float(last + prior), rel=1e-4)
+    out["loss"].backward()
+    assert all(g > 0 for g in grads_of_blocks(tiny_model))
+
+
+def test_pca_target_is_the_top_k_of_the_softmax_gram_matrix_and_leaves_the_global_rng_alone():
+    h = torch.randn(12, 32, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    target = pca_target(h, 24)  # q = min(k + 8, D) = D: the randomized SVD is exact
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(target, pca_target(h, 24))  # the same target on a rerun
+    u, s, _ = torch.linalg.svd(torch.softmax(h.T @ h / math.sqrt(32), dim=-1).double())
+    exact = h.double() @ (u[:, :24] * s[:24])
+    torch.testing.assert_close(target.double().abs(), exact.abs(), atol=1e-4, rtol=1e-3)  # columns: up to sign
+    assert target.shape == (12, 24) and not target.requires_grad
+
+
+def test_ese_compression_dim_default_and_range(tiny_model):
+    assert TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="ese").compression_dim == 16  # min(128, D // 2)
+    with pytest.raises(ValueError, match=r"compression_dim must be in 1\.\.31 \(below the model's 32 dims\), got 32"):
+        TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="ese", compression_dim=32)
+    with pytest.raises(ValueError, match=r"compression_dim must be a positive integer, got 0"):
+        TwoDMatryoshkaLoss(tiny_model, CoSENTLoss(), strategy="ese", compression_dim=0)

@@ -43,7 +43,7 @@ def pooling_from_st(name: str) -> PoolingMode | None:
 
 
 # ----------------------------------------------------------------------------------- training
-Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense"]
+Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense", "ese"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DepthWeighting = Literal["none", "linear", "log"]
 DEPTH_WEIGHTINGS: tuple[str, ...] = get_args(DepthWeighting)

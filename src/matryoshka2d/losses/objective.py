@@ -8,6 +8,7 @@ defaults and checks are in :mod:`matryoshka2d.losses.options`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -18,13 +19,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from matryoshka2d.losses.base import BaseLoss
-from matryoshka2d.losses.options import SAMPLES_DIMS, SAMPLES_LAYERS, ObjectiveOptions, depth_weight
+from matryoshka2d.losses.options import (
+    SAMPLES_DIMS,
+    SAMPLES_LAYERS,
+    ObjectiveOptions,
+    depth_weight,
+    ese_depth_weight,
+)
 from matryoshka2d.vocab import DepthWeighting, KLSpace, Strategy
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
 
 logger = logging.getLogger(__name__)
+
+
+def pca_target(pooled: Tensor, k: int, *, seed: int = 0) -> Tensor:
+    """ESE's PCA-like target of a pooled batch H (B x D), without gradient: ``A = softmax(H^T H / sqrt(D))``
+    (each row a softmax), ``U_k, S_k`` = the top ``k`` of a randomized low-rank SVD of A (torch's
+    ``svd_lowrank``, as the authors use), ``P_k(H) = H U_k diag(S_k)`` (B x k).
+
+    The SVD draws its random projection from its own generator seeded with ``seed`` (the global RNG, which
+    drives dropout, is left untouched), so a step's target is the same on a rerun and after a resume. Columns
+    are defined up to sign, as in the authors' trainer.
+    """
+    with torch.no_grad():
+        h = pooled.detach().float()
+        a = torch.softmax(h.T @ h / math.sqrt(h.shape[-1]), dim=-1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            u, s, _ = torch.svd_lowrank(a, q=min(k + 8, a.shape[0]), niter=2)
+        return h @ (u[:, :k] * s[:k])
 
 
 class TwoDMatryoshkaLoss(nn.Module):
@@ -36,7 +61,8 @@ class TwoDMatryoshkaLoss(nn.Module):
         base_loss: applied to a batch of exits (one tensor per column).
         options: the objective's options (:class:`~matryoshka2d.losses.options.ObjectiveOptions`: strategy,
             dims, layer_pool, n_layers_per_step, n_dims_per_step, last_weight, prior_weight, kl_weight,
-            kl_temperature, kl_space, depth_weighting, detach_teacher, starbucks_pairs), or pass them as
+            kl_temperature, kl_space, depth_weighting, detach_teacher, starbucks_pairs, compression_dim), or
+            pass them as
             keyword arguments instead; unset ones keep their defaults there.
         seed: seed of the loss's own sampler.
 
@@ -78,6 +104,7 @@ class TwoDMatryoshkaLoss(nn.Module):
         self.dims, self.small_dims, self.layer_pool = plan.dims, plan.small_dims, plan.layer_pool
         self.n_layers_per_step, self.n_dims_per_step = plan.n_layers_per_step, plan.n_dims_per_step
         self.starbucks_pairs = plan.starbucks_pairs
+        self.compression_dim = plan.compression_dim
         strategy = self.strategy
         samples_layers, samples_dims = strategy in SAMPLES_LAYERS, strategy in SAMPLES_DIMS
 
@@ -111,6 +138,8 @@ class TwoDMatryoshkaLoss(nn.Module):
         """Every dim this objective trains (for the saved model's metadata)."""
         if self.strategy == "starbucks":
             return tuple(sorted({d for _, d in self.starbucks_pairs}))
+        if self.strategy == "ese":
+            return (self.compression_dim, self.hidden_size)
         return self.dims if self.strategy in SAMPLES_DIMS else (self.hidden_size,)
 
     def config_dict(self) -> dict[str, Any]:
@@ -130,6 +159,7 @@ class TwoDMatryoshkaLoss(nn.Module):
             "depth_weighting": self.depth_weighting,
             "detach_teacher": self.detach_teacher,
             "starbucks_pairs": [list(p) for p in self.starbucks_pairs],
+            "compression_dim": self.compression_dim or None,
             "seed": self.seed,
         }
 
@@ -248,6 +278,8 @@ class TwoDMatryoshkaLoss(nn.Module):
         for name, terms in groups.items():
             losses = [c * self.base_loss([p[n][:, :d] for p in pooled], labels) for n, d, c in terms]
             parts[f"loss/{name}"] = getattr(self, f"{name}_weight") * torch.stack(losses).sum()
+        if self.strategy == "ese":
+            self._add_compression_terms(parts, pooled, sample["layers"])
         if kl_layers and self.kl_space == "batch":
             teacher = torch.cat([p[n_last] for p in pooled])
             kls = [self._kl_batch(teacher, torch.cat([p[n] for p in pooled])) for n in kl_layers]
@@ -258,10 +290,32 @@ class TwoDMatryoshkaLoss(nn.Module):
         total = torch.stack(list(parts.values())).sum()
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
 
+    def _add_compression_terms(self, parts: dict[str, Tensor], pooled: Sequence[dict[int, Tensor]],
+                               layers: Sequence[int]) -> None:
+        """ESE's learn-to-compress terms, added to ``loss/last`` and ``loss/prior``: ``Dist(h_n[:, :k], P_k(h_n))``
+        for the last layer (coefficient 1) and every shallow layer (``1/(1 + ln(1 + n))`` over their count),
+        averaged over the input columns."""
+        k, n_last = self.compression_dim, self.num_layers
+        plan = {"last": [(n_last, 1.0)], "prior": [(n, ese_depth_weight(n) / len(layers)) for n in layers]}
+        for name, terms in plan.items():
+            if f"loss/{name}" not in parts or not terms:
+                continue
+            dist = torch.stack([c * self._compression_distance(p[n], k) for n, c in terms for p in pooled])
+            parts[f"loss/{name}"] = parts[f"loss/{name}"] + getattr(self, f"{name}_weight") * dist.sum() / len(pooled)
+
+    def _compression_distance(self, pooled: Tensor, k: int) -> Tensor:
+        """``Dist(x, y) = MSE(x, y) + T * KL(softmax(y/T) || softmax(x/T))``, x the first ``k`` dims of the pooled
+        batch, y its target :func:`pca_target` (method.md section 7)."""
+        h, temp = pooled.float(), self.kl_temperature
+        target, x = pca_target(h, k), h[:, :k]
+        kl = F.kl_div(F.log_softmax(x / temp, dim=-1), F.log_softmax(target / temp, dim=-1),
+                      reduction="batchmean", log_target=True)
+        return F.mse_loss(x, target) + temp * kl
+
     def _layer_scale(self, layers: Sequence[int]) -> float:
         """How much heavier a step's shallow terms are than their mean: ``len(layers)`` for ``dense`` (each exit
         gets the full weight 2dmse gives its one sampled exit), 1 otherwise (shallow layers averaged)."""
-        return float(len(layers)) if self.strategy == "dense" else 1.0
+        return float(len(layers)) if self.strategy == "dense" else 1.0  # ese averages (method.md section 7)
 
     def _plan(self, sample: dict[str, Any]) -> tuple[dict[str, list[tuple[int, int, float]]], list[int]]:
         """The (layer, dim, coefficient) base-loss terms of ``last`` and ``prior``, and the KL layers.
@@ -275,6 +329,11 @@ class TwoDMatryoshkaLoss(nn.Module):
             last = [(n, d, 1 / k) for n, d in self.starbucks_pairs if n == n_last]
             prior = [(n, d, lam(n) / k) for n, d in self.starbucks_pairs if n < n_last]
             kl_layers = sorted({n for n, _ in self.starbucks_pairs if n < n_last})
+        elif self.strategy == "ese":  # B(N, D) + B(N, k); every shallow layer at k only, no shallow-to-last KL
+            k, layers = self.compression_dim, sample["layers"]
+            last = [(n_last, d_full, 1.0), (n_last, k, 1.0)]
+            prior = [(n, k, ese_depth_weight(n) / len(layers)) for n in layers]
+            kl_layers = []
         else:  # per exit layer: B(n, D) + mean over sampled d of B(n, d); shallow layers averaged ("dense": summed)
             layers, dims = sample["layers"], sample["dims"]
             share = len(layers) / self._layer_scale(layers)

@@ -32,7 +32,9 @@ from matryoshka2d.vocab import (
 logger = logging.getLogger(__name__)
 
 STARBUCKS_MAX_PAIRS = 6
-SAMPLES_LAYERS = ("layers", "2dmse", "dense")  # strategies that train shallow layers ("dense": all, every step)
+SAMPLES_LAYERS = ("layers", "2dmse", "dense", "ese")  # strategies that train shallow layers ("dense", "ese": all)
+EVERY_LAYER = ("dense", "ese")  # strategies that train every shallow layer of the pool on every step
+ESE_MAX_COMPRESSION_DIM = 128  # the authors' default k
 SAMPLES_DIMS = ("mrl", "2dmse", "dense")  # strategies that train dims below D
 
 
@@ -58,6 +60,11 @@ def depth_weight(layer: int, mode: DepthWeighting) -> float:
     return 1.0
 
 
+def ese_depth_weight(layer: int) -> float:
+    """ESE's weight of shallow layer ``n`` (the ``hidden_states`` index): ``1 / (1 + ln(1 + n))``."""
+    return 1.0 / (1.0 + math.log(1.0 + layer))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -77,6 +84,7 @@ class ResolvedObjective:
     n_layers_per_step: int  # 0 when the strategy trains no shallow layer
     n_dims_per_step: int  # 0 when the strategy trains no dim below D
     starbucks_pairs: tuple[tuple[int, int], ...]  # () unless starbucks
+    compression_dim: int = 0  # ESE's k (0 unless ese)
 
 
 @dataclass
@@ -84,8 +92,9 @@ class ObjectiveOptions:
     """Every option of the 2D objective, with its default (see docs/objective.md for the formulas).
 
     Attributes:
-        strategy: ``full``, ``mrl``, ``layers``, ``2dmse``, ``starbucks``, ``separate`` or ``dense`` (every
-            shallow exit every step, each with 2dmse's per-exit weight).
+        strategy: ``full``, ``mrl``, ``layers``, ``2dmse``, ``starbucks``, ``separate``, ``dense`` (every
+            shallow exit every step, each with 2dmse's per-exit weight) or ``ese`` (Espresso: every shallow
+            exit every step at its first ``compression_dim`` dims, pulled towards a PCA-like target).
         dims: Matryoshka dims (``d`` is sampled from those below D; D is always included); ``None`` means
             8, 16, ... < D.
         layer_pool: shallow layers to sample from, within ``1..N-1``; ``None`` means all of them.
@@ -102,6 +111,8 @@ class ObjectiveOptions:
         depth_weighting: lambda(n) on the shallow terms.
         detach_teacher: stop the KL gradient through the last layer.
         starbucks_pairs: the fixed ``(layer, dim)`` pairs of ``starbucks``; ``None`` derives them.
+        compression_dim: ESE's k, the width every shallow exit is trained at, in ``1..D-1``; ``None`` means
+            ``min(128, D // 2)`` (128, the authors' default, on any model wider than 256).
 
     Raises:
         ValueError: a value outside its range (the message names the option, the value and the range).
@@ -122,6 +133,7 @@ class ObjectiveOptions:
     depth_weighting: DepthWeighting = "none"
     detach_teacher: bool = True
     starbucks_pairs: list[list[int]] | None = None
+    compression_dim: int | None = None
 
     def __post_init__(self) -> None:
         key = self.PREFIX
@@ -155,6 +167,10 @@ class ObjectiveOptions:
             value = getattr(self, name)
             if value is not None and value != "all" and not (_is_int(value) and (value >= 1 or value == -1)):
                 raise ValueError(f"{key}{name} must be a positive integer or 'all', got {value!r}")
+        k = self.compression_dim
+        if k is not None and not (_is_int(k) and k >= 1):
+            raise ValueError(f"{key}compression_dim must be a positive integer, got {k!r}; pass e.g. 128 "
+                             "(ESE trains every shallow exit at its first k dims)")
         pairs = self.starbucks_pairs
         if pairs is not None and (isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs):
             raise ValueError(f"{key}starbucks_pairs must be a non-empty list of (layer, dim) pairs, got "
@@ -197,11 +213,11 @@ class ObjectiveOptions:
         checked = samples_layers and self.layer_pool is not None
         pool = tuple(_int_list(f"{key}layer_pool", self.layer_pool, 1, n_layers - 1, fix) if checked else ())
         pool = pool or tuple(range(1, n_layers))
-        if strategy == "dense" and self.n_layers_per_step not in (1, "all", -1, len(pool)):
-            logger.warning("n_layers_per_step=%r is ignored by strategy 'dense' (every shallow exit, every step)",
-                           self.n_layers_per_step)
+        if strategy in EVERY_LAYER and self.n_layers_per_step not in (1, "all", -1, len(pool)):
+            logger.warning("n_layers_per_step=%r is ignored by strategy %r (every shallow exit, every step)",
+                           self.n_layers_per_step, strategy)
         n_layers_per_step = (
-            len(pool) if strategy == "dense"
+            len(pool) if strategy in EVERY_LAYER
             else _per_step(f"{key}n_layers_per_step", self.n_layers_per_step, len(pool)) if samples_layers else 0
         )
         n_dims_per_step = _per_step(f"{key}n_dims_per_step", self.n_dims_per_step, len(small_dims)) \
@@ -215,10 +231,32 @@ class ObjectiveOptions:
                 value = getattr(self, name)
                 if value is not None and not (name == "layer_pool" and samples_layers):
                     logger.warning("%s=%r is ignored by strategy %r", name, value, strategy)
+        compression_dim = 0
+        if strategy == "ese":
+            compression_dim = _ese_compression_dim(f"{key}compression_dim", self.compression_dim, d_full)
+            for name, default in (("depth_weighting", "none"), ("kl_space", "coordinates")):
+                if getattr(self, name) != default:
+                    logger.warning("%s=%r is ignored by strategy 'ese' (its shallow terms are weighted "
+                                   "1/(1 + ln(1 + n)) and it has no shallow-to-last KL)", name, getattr(self, name))
+        elif self.compression_dim is not None:
+            logger.warning("compression_dim=%r is ignored by strategy %r (only 'ese' uses it)",
+                           self.compression_dim, strategy)
         if strategy == "separate" and model_metadata is not None and "truncated_from" not in model_metadata:
             logger.warning("strategy 'separate' expects a physically truncated model (model.truncate(n)); "
                            "on an untruncated model it is the same as 'full'")
-        return ResolvedObjective(dims, small_dims, pool, n_layers_per_step, n_dims_per_step, pairs)
+        return ResolvedObjective(dims, small_dims, pool, n_layers_per_step, n_dims_per_step, pairs, compression_dim)
+
+
+def _ese_compression_dim(name: str, value: int | None, d_full: int) -> int:
+    """ESE's k checked against the model's width D (``None``: ``min(128, D // 2)``)."""
+    if value is None:
+        if d_full < 2:
+            raise ValueError(f"strategy 'ese' needs embeddings of at least 2 dims (k < D), this model has {d_full}")
+        return min(ESE_MAX_COMPRESSION_DIM, d_full // 2)
+    if not 1 <= value < d_full:
+        raise ValueError(f"{name} must be in 1..{d_full - 1} (below the model's {d_full} dims), got {value}; "
+                         f"pass e.g. {min(ESE_MAX_COMPRESSION_DIM, d_full // 2)}")
+    return int(value)
 
 
 def _int_list(name: str, values: Any, lo: int, hi: int, fix: str) -> list[int]:
