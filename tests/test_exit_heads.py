@@ -239,6 +239,9 @@ def test_onnx_export_holds_the_head(headed, tmp_path):
     ("train.head_lr", float("inf"), "train.head_lr = inf is invalid: expected a finite number > 0"),
     ("train.head_lr", "fast", "train.head_lr = 'fast' is invalid: expected a finite number > 0"),
     ("train.head_lr", True, "train.head_lr = True is invalid"),
+    ("model.head_on_last", True, r"model.head_on_last = True is invalid: a head on the last exit needs a head "
+                                 r"kind: set model.exit_heads = \"linear\" too"),
+    ("model.head_on_last", "yes", "model.head_on_last = 'yes' is invalid: expected true or false"),
 ])
 def test_invalid_head_settings_name_field_value_and_range(key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -292,6 +295,23 @@ def test_build_adds_heads_where_the_objective_trains_and_groups_their_lr(tiny_di
         assert model.exit_head_layers == []
         assert f"strategy '{strategy}' trains only the last exit" in caplog.text
         assert "train.head_lr = 0.01 is unused: the model has no exit heads" in caplog.text
+
+
+@pytest.mark.parametrize(("strategy", "extra", "layers"), [
+    ("full", {}, [4]),
+    ("separate", {"objective.separate_layers": 2}, [2]),
+    ("dense", {}, [1, 2, 3, 4]),
+])
+def test_head_on_last_gives_the_last_exit_a_head_that_training_moves(tiny_dir, data_dir, tmp_path, strategy, extra,
+                                                                      layers):
+    """The controls of issue 19: full + head and separate + head (the head on the model's own last exit)."""
+    from matryoshka2d.training.loop import train
+
+    config = _config(tiny_dir, data_dir, tmp_path / strategy, **{"objective.strategy": strategy,
+                                                                 "model.head_on_last": True, **extra})
+    model = MatryoshkaEncoder.from_pretrained(train(config).final_dir)  # saved and loaded with its last head
+    assert model.exit_head_layers == layers and model.num_layers == layers[-1]
+    assert not torch.equal(model.exit_heads[str(layers[-1])].weight, torch.eye(32))  # trained away from identity
 
 
 def test_training_with_heads_moves_them_and_resumes_exactly(tiny_dir, data_dir, tmp_path):

@@ -144,6 +144,40 @@ def test_priority_sets_first_dev_eval_and_variants(study_files, monkeypatch):
     assert objective["n_layers_per_step"] == len(objective["layer_pool"])  # "all"
 
 
+def test_plan_expands_a_separate_family_per_depth():
+    heads = {"objective.strategy": "separate", "model.exit_heads": "linear", "model.head_on_last": True}
+    study = StudyConfig(strategies=["full"], seeds=[0], separate_layers=[1, 3],
+                        variants={"separate-head": heads, "sep-2": {**heads, "objective.separate_layers": 2}})
+    units = {u.label: dict(u.overrides) for u in plan_units(study, num_layers=4, lr=None)}
+    assert list(units) == ["full", "separate-head-1", "separate-head-3", "sep-2"]
+    assert units["separate-head-3"] == {**heads, "objective.separate_layers": 3}
+    assert units["sep-2"]["objective.separate_layers"] == 2  # a variant that fixes its depth stays one unit
+
+
+def test_controls_separate_and_full_with_a_head_and_ese(study_files, monkeypatch):
+    """Issue 19's controls: separate + head is a family of its own, compared with separate and compared
+    against; full + head is compared with full on the full exit; ese is a strategy like any other."""
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    text = study_path.read_text().replace('"original", "full", "2dmse", "separate"', '"full", "separate", "ese"')
+    text = text.replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [1e-3, 1e-4]\n", "")
+    text += ('[study.variants.sephead]\n"objective.strategy" = "separate"\n"model.exit_heads" = "linear"\n'
+             '"model.head_on_last" = true\n[study.variants.full-head]\n"objective.strategy" = "full"\n'
+             '"model.exit_heads" = "linear"\n"model.head_on_last" = true\n')
+    study_path.write_text(text)
+    study = load_study(study_path)
+    md = run_study(study).read_text()
+    assert "| sephead (model of that depth) |" in md and "| ese |" in md and "| full-head |" in md
+    rows = json.loads((Path(study.output_dir) / "comparisons.json").read_text())
+    comparisons = {(r["comparison"], r["layer"]) for r in rows if r["set"] == "stsb"}
+    assert {("sephead - separate", 2), ("ese - separate", 2), ("ese - sephead", 2),
+            ("full-head - full (full exit)", 4), ("ese - full (full exit)", 4)} <= comparisons
+    assert not any(c.startswith("sephead-") for c, _ in comparisons)  # truncated models have no full exit
+    assert "- **ese vs sephead models of the same depth** (STS-B test)" in md
+    cfg = json.loads(next(Path(study.runs_dir).glob("sephead-2*/seed0/final/matryoshka2d.json")).read_text())
+    assert cfg["exit_heads"]["layers"] == [2]  # the separate model of depth 2 got its head on its last exit
+
+
 def test_unit_lock_lets_two_workers_share_a_study(tmp_path):
     from matryoshka2d.study.runner import for_each_unit, unit_lock
 

@@ -25,7 +25,10 @@ class StudyConfig:
         train_config: the training TOML every run starts from (model, data, loss, optimiser).
         overrides: ``{"section.field": value}`` applied to every run (same hyper-parameters everywhere).
         strategies: ``original`` (no training) and any of the training strategies.
-        variants: extra named strategies, ``{label: {"section.field": value}}`` (e.g. an ablation).
+        variants: extra named strategies, ``{label: {"section.field": value}}`` (e.g. an ablation). A variant
+            that sets ``objective.strategy = "separate"`` (and no ``objective.separate_layers``) is a family of
+            separately trained models, one per depth of ``separate_layers`` (``<label>-<n>``), such as
+            ``separate`` + a head on the last exit: every shallow-exit strategy is compared with it too.
         separate_layers: depths trained by ``separate``; ``None`` means 1..N-1.
         seeds: one run per strategy and seed.
         lr_grid: learning rates tried on the dev set (seed ``seeds[0]``) before the study; empty: keep the
@@ -138,5 +141,16 @@ def plan_units(study: StudyConfig, num_layers: int, lr: float | None) -> list[Un
                           for n in study.separate_layers or range(1, num_layers)]
             elif strategy != ORIGINAL:
                 units.append(Unit(strategy, seed, (("objective.strategy", strategy),), lr))
-        units += [Unit(label, seed, tuple(sorted(changes.items())), lr) for label, changes in study.variants.items()]
+        for label, changes in study.variants.items():
+            if label in separate_families(study):
+                units += [Unit(f"{label}-{n}", seed, tuple(sorted({**changes, "objective.separate_layers": n}.items())),
+                               lr) for n in study.separate_layers or range(1, num_layers)]
+            else:
+                units.append(Unit(label, seed, tuple(sorted(changes.items())), lr))
     return units
+
+
+def separate_families(study: StudyConfig) -> tuple[str, ...]:
+    """The variants that are families of separately trained models, one per depth (see ``variants``)."""
+    return tuple(label for label, changes in study.variants.items()
+                 if changes.get("objective.strategy") == "separate" and "objective.separate_layers" not in changes)

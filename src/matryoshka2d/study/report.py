@@ -17,6 +17,7 @@ from matryoshka2d.evaluation.compare import PairedBootstrap
 from matryoshka2d.evaluation.grid import GridResult
 from matryoshka2d.evaluation.plots import load_benchmark, new_figure, plot_dim_curves, save_figure, styled
 from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
+from matryoshka2d.study.config import separate_families
 
 if TYPE_CHECKING:
     from matryoshka2d.study.config import StudyConfig, Unit
@@ -31,7 +32,8 @@ OVERLAP_NOTE = ("STS12-16 share sentence pairs with STS-B train (PROVENANCE.md),
 class Study:
     """The loaded results: ``runs[label] = [GridResult per seed]`` with per-pair predictions."""
 
-    def __init__(self, evals: dict[Unit, Path], num_layers: int, variants: tuple[str, ...] = ()) -> None:
+    def __init__(self, evals: dict[Unit, Path], num_layers: int, variants: tuple[str, ...] = (),
+                 families: tuple[str, ...] = ()) -> None:
         self.runs: dict[str, list[GridResult]] = defaultdict(list)
         self.dev: dict[str, list[GridResult]] = defaultdict(list)
         self.step_s: dict[str, list[float]] = defaultdict(list)
@@ -43,6 +45,8 @@ class Study:
             if step is not None:
                 self.step_s[unit.label].append(step)
         self.variants = tuple(v for v in variants if self.runs.get(v))
+        # families of separately trained models besides "separate" (runs "<family>-<n>"), e.g. separate + head
+        self.families = tuple(f for f in families if any(self.runs.get(f"{f}-{k}") for k in range(1, num_layers)))
         self.num_layers = num_layers
         dims = next(iter(self.runs.values()))[0].dims if self.runs else [64]
         self.key_dims = sorted({d for d in (64, max(dims)) if d in dims})  # a narrow and the full width
@@ -67,9 +71,12 @@ class Study:
             return "-"
         return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
-    def own_depth(self, n: int) -> str:
-        """Label of the separately trained model of depth ``n`` (the full-depth one is ``full``)."""
-        return "full" if n == self.num_layers else f"separate-{n}"
+    def own_depth(self, n: int, family: str = "separate") -> str:
+        """Label of the separately trained model of depth ``n`` in ``family`` (``separate``'s full-depth one is
+        ``full``; another family has no full-depth member, its full-depth control is an ordinary variant)."""
+        if n == self.num_layers:
+            return "full" if family == "separate" else family
+        return f"{family}-{n}"
 
     def bootstrap(self, set_name: str, a: tuple[str, int, int], b: tuple[str, int, int],
                   draws: int) -> dict[str, float] | None:
@@ -103,9 +110,11 @@ def _table(study: Study, set_name: str, labels: list[str]) -> list[str]:
         if study.has(label):
             cells = [study.cell(label, set_name, k, d) for d in study.key_dims for k in range(1, n + 1)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if any(study.has(f"separate-{k}") for k in range(1, n)):
-        cells = [study.cell(study.own_depth(k), set_name, k, d) for d in study.key_dims for k in range(1, n + 1)]
-        lines.append("| separate (model of that depth) | " + " | ".join(cells) + " |")
+    for family in ("separate", *study.families):
+        if any(study.has(f"{family}-{k}") for k in range(1, n)):
+            cells = [study.cell(study.own_depth(k, family), set_name, k, d) for d in study.key_dims
+                     for k in range(1, n + 1)]
+            lines.append(f"| {family} (model of that depth) | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -128,13 +137,18 @@ def _ci_rows(study: Study, draws: int, sets: tuple[str, ...]) -> list[dict[str, 
                 for d in wide:
                     rows.append({"set": s, "comparison": f"2dmse - {base}", "layer": k, "dim": d,
                                  **(study.bootstrap(s, (base, k, d), ("2dmse", k, d), draws) or {})})
-        for label in ("2dmse", "starbucks", "dense", *study.variants):
-            for k in range(1, n):
-                for d in wide:
-                    rows.append({"set": s, "comparison": f"{label} - separate", "layer": k, "dim": d,
-                                 **(study.bootstrap(s, (study.own_depth(k), k, d), (label, k, d), draws) or {})})
+        for family in ("separate", *study.families):
+            compared = ("2dmse", "starbucks", "dense", "ese", *study.variants)
+            compared += tuple(f for f in study.families if f != family) if family == "separate" else ()
+            for label in compared:
+                for k in range(1, n):
+                    for d in wide:
+                        b = (study.own_depth(k, label) if label in study.families else label, k, d)
+                        rows.append({"set": s, "comparison": f"{label} - {family}", "layer": k, "dim": d,
+                                     **(study.bootstrap(s, (study.own_depth(k, family), k, d), b, draws) or {})})
+        members = tuple(f"{f}-" for f in ("separate", *study.families))  # truncated models: no layer N
         for label in study.runs:
-            if label not in ("full", "original") and not label.startswith("separate"):
+            if label not in ("full", "original") and not label.startswith(members):
                 rows.append({"set": s, "comparison": f"{label} - full (full exit)", "layer": n, "dim": full_dim,
                              **(study.bootstrap(s, ("full", n, full_dim), (label, n, full_dim), draws) or {})})
     return [r for r in rows if "delta" in r]
@@ -173,13 +187,17 @@ def _verdicts(study: Study, rows: list[dict[str, Any]]) -> list[str]:
             verdict = "loses nothing measurable" if r["low"] <= 0 <= r["high"] or r["low"] > 0 else "loses"
             out.append(f"- **Full exit of 2DMSE vs plain fine-tuning** ({where}, L{r['layer']} d{r['dim']}): "
                        f"Δ {r['delta']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]: 2DMSE {verdict}.")
-        for label in ("2dmse", "starbucks", "dense", *study.variants):
-            sel = pick(f"{label} - separate", set_name)
+        separates = [c for c in dict.fromkeys(r["comparison"] for r in rows if r["set"] == set_name)
+                     if c.split(" - ")[-1] in ("separate", *study.families)]
+        for comparison in separates:
+            label, family = comparison.split(" - ")
+            sel = pick(comparison, set_name)
             if sel:
                 behind = sum(r["high"] < 0 for r in sel)
                 ahead = sum(r["low"] > 0 for r in sel)
                 within = sum(r["delta"] >= -1.0 for r in sel)
-                out.append(f"- **{label} vs separately trained models of the same depth** ({where}): behind at "
+                what = "separately trained models" if family == "separate" else f"{family} models"
+                out.append(f"- **{label} vs {what} of the same depth** ({where}): behind at "
                            f"{behind}/{len(sel)} exits, ahead at {ahead}/{len(sel)} (CI excluding 0); within 1.0 "
                            f"at {within}/{len(sel)}; mean Δ {np.mean([r['delta'] for r in sel]):+.2f}.")
         full_exit = [r for r in rows if r["comparison"].endswith("full (full exit)") and r["set"] == set_name]
@@ -260,9 +278,9 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
                  num_layers: int) -> Path:
     """Write ``<output_dir>/summary.json``, ``comparisons.json``, plots and ``docs/results.md``."""
     out = Path(study_cfg.output_dir)
-    study = Study(evals, num_layers, tuple(study_cfg.variants))
-    labels = [lab for lab in ("original", "full", "mrl", "layers", "2dmse", "starbucks", "dense", *study_cfg.variants)
-              if study.has(lab)]
+    study = Study(evals, num_layers, tuple(study_cfg.variants), separate_families(study_cfg))
+    labels = [lab for lab in ("original", "full", "mrl", "layers", "2dmse", "starbucks", "dense", "ese",
+                              *study_cfg.variants) if study.has(lab)]
     summary = {label: [{"set": r["set"], "layer": r["layer"], "dim": r["dim"],
                         "spearman": [g.score(r["set"], r["layer"], r["dim"]) for g in runs if r["set"] in g.sets]}
                        for r in runs[0].records] for label, runs in study.runs.items()}

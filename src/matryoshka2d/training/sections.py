@@ -81,6 +81,8 @@ class ModelConfig:
         exit_heads: ``linear`` gives every shallow exit the objective trains a head (identity-initialised
             ``D x D`` map of its pooled vector, see :mod:`matryoshka2d.encoder.heads`); ``none`` adds none (heads the
             model already has are kept and trained). Strategies that train no shallow exit get no heads.
+        head_on_last: also give the LAST exit a head of ``exit_heads``' kind (a control: ``full`` + head,
+            ``separate`` + head tell whether a head's gain comes from the shared model or from any head).
     """
 
     name: str = "minilm"
@@ -88,6 +90,7 @@ class ModelConfig:
     max_seq_length: int | None = None
     gradient_checkpointing: bool = False
     exit_heads: ExitHeads = "none"
+    head_on_last: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -98,6 +101,11 @@ class ModelConfig:
         if self.exit_heads not in EXIT_HEADS:
             invalid("model.exit_heads", self.exit_heads,
                     f"choose one of {', '.join(EXIT_HEADS)} (e.g. model.exit_heads = \"linear\")")
+        if not isinstance(self.head_on_last, bool):
+            invalid("model.head_on_last", self.head_on_last, "expected true or false")
+        if self.head_on_last and self.exit_heads == "none":
+            invalid("model.head_on_last", self.head_on_last,
+                    "a head on the last exit needs a head kind: set model.exit_heads = \"linear\" too")
 
 
 @dataclass

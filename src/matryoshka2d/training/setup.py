@@ -101,7 +101,7 @@ def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, A
     base = build_base_loss(config.loss.name, **config.loss.options)
     _check_loss_fits(base, data, t.batch_size)
     objective = TwoDMatryoshkaLoss(model, base, o, seed=t.seed if o.seed is None else o.seed)
-    _add_exit_heads(model, objective, m.exit_heads, o.strategy)
+    _add_exit_heads(model, objective, m.exit_heads, o.strategy, last=m.head_on_last)
     if t.head_lr is not None and not model.exit_head_layers:
         logger.warning("train.head_lr = %g is unused: the model has no exit heads (model.exit_heads = %r, "
                        "strategy %r)", t.head_lr, m.exit_heads, o.strategy)
@@ -146,15 +146,16 @@ def _check_loss_fits(base: Any, data: Any, batch_size: int) -> None:
         base(emb, labels)
 
 
-def _add_exit_heads(model: Any, objective: Any, kind: str, strategy: str) -> None:
-    """Give the shallow exits the objective trains a head of ``kind`` (``"none"``: add nothing).
+def _add_exit_heads(model: Any, objective: Any, kind: str, strategy: str, *, last: bool = False) -> None:
+    """Give the shallow exits the objective trains a head of ``kind`` (``"none"``: add nothing), and the last
+    exit one too if ``last``.
 
-    Heads go only where a gradient reaches them: the last exit stays the plain backbone output, and
-    ``full``, ``mrl`` and ``separate`` (which train only the last exit) get none.
+    Heads go only where a gradient reaches them: without ``last`` the last exit stays the plain backbone
+    output, and ``full``, ``mrl`` and ``separate`` (which train only the last exit) get none.
     """
     if kind == "none":
         return
-    layers = [n for n in objective.trained_layers if n < model.num_layers]
+    layers = [n for n in objective.trained_layers if n < model.num_layers or last]
     if not layers:
         logger.warning("model.exit_heads = %r adds no head: strategy %r trains only the last exit, which "
                        "never has one", kind, strategy)
