@@ -174,6 +174,22 @@ def test_rerun_skips_finished_shards_and_another_command_is_an_error(tiny_model,
         encode_corpus(job, tmp_path / "mine", model=tiny_model, progress=False)
 
 
+def test_every_shard_hands_the_free_heap_back(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    import platform
+
+    import matryoshka2d.corpus.shards as shards
+
+    calls = []
+    real = shards.release_free_memory
+    monkeypatch.setattr(shards, "release_free_memory", lambda: calls.append(1) or real())
+    paths = write_formats(tmp_path / "in", corpus_texts(50))
+    job = make_job(tiny_model, "tiny", [str(paths["csv"])], "2:16", id_column="id", shard_size=20)
+    assert encode_corpus(job, tmp_path / "out", model=tiny_model, progress=False)["rows"] == 50
+    assert len(calls) == 3  # one trim per shard
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert real() is True  # glibc has malloc_trim
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
