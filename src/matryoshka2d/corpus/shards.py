@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -255,21 +256,22 @@ def release_free_memory() -> bool:
     of varying shapes the heap fragments and a long encode's resident memory creeps up (measured in
     docs/encoding.md: 835 -> 1,386 MiB over 9 shards of MiniLM on BEIR documents, 675 MiB flat with this).
     """
-    global _LIBC
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-        except OSError:
-            libc = None
-        _LIBC = libc if libc is not None and hasattr(libc, "malloc_trim") else False
-    if _LIBC is False:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _LIBC.malloc_trim(0)
+    trim(0)
     return True
 
 
-_LIBC: Any = None  # ctypes handle of the C library once looked up; False: no malloc_trim here
+@functools.cache
+def _malloc_trim() -> Any:
+    """The C library's ``malloc_trim``, looked up once; ``None`` where there is none (not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)
 
 
 def shard_is_done(output: str | Path, spec: ShardSpec, exits: Sequence[Exit]) -> bool:

@@ -62,8 +62,7 @@ class TwoDMatryoshkaLoss(nn.Module):
         options: the objective's options (:class:`~matryoshka2d.losses.options.ObjectiveOptions`: strategy,
             dims, layer_pool, n_layers_per_step, n_dims_per_step, last_weight, prior_weight, kl_weight,
             kl_temperature, kl_space, depth_weighting, detach_teacher, starbucks_pairs, compression_dim), or
-            pass them as
-            keyword arguments instead; unset ones keep their defaults there.
+            pass them as keyword arguments instead; unset ones keep their defaults there.
         seed: seed of the loss's own sampler.
 
     Raises:
@@ -277,9 +276,10 @@ class TwoDMatryoshkaLoss(nn.Module):
         parts: dict[str, Tensor] = {}
         for name, terms in groups.items():
             losses = [c * self.base_loss([p[n][:, :d] for p in pooled], labels) for n, d, c in terms]
+            if self.strategy == "ese":  # learn-to-compress: Dist(n) beside each B(n, k), with its coefficient
+                losses += [c * self._compression_distance([p[n] for p in pooled]) for n, d, c in terms
+                           if d == self.compression_dim]
             parts[f"loss/{name}"] = getattr(self, f"{name}_weight") * torch.stack(losses).sum()
-        if self.strategy == "ese":
-            self._add_compression_terms(parts, pooled, sample["layers"])
         if kl_layers and self.kl_space == "batch":
             teacher = torch.cat([p[n_last] for p in pooled])
             kls = [self._kl_batch(teacher, torch.cat([p[n] for p in pooled])) for n in kl_layers]
@@ -290,32 +290,23 @@ class TwoDMatryoshkaLoss(nn.Module):
         total = torch.stack(list(parts.values())).sum()
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
 
-    def _add_compression_terms(self, parts: dict[str, Tensor], pooled: Sequence[dict[int, Tensor]],
-                               layers: Sequence[int]) -> None:
-        """ESE's learn-to-compress terms, added to ``loss/last`` and ``loss/prior``: ``Dist(h_n[:, :k], P_k(h_n))``
-        for the last layer (coefficient 1) and every shallow layer (``1/(1 + ln(1 + n))`` over their count),
-        averaged over the input columns."""
-        k, n_last = self.compression_dim, self.num_layers
-        plan = {"last": [(n_last, 1.0)], "prior": [(n, ese_depth_weight(n) / len(layers)) for n in layers]}
-        for name, terms in plan.items():
-            if f"loss/{name}" not in parts or not terms:
-                continue
-            dist = torch.stack([c * self._compression_distance(p[n], k) for n, c in terms for p in pooled])
-            parts[f"loss/{name}"] = parts[f"loss/{name}"] + getattr(self, f"{name}_weight") * dist.sum() / len(pooled)
-
-    def _compression_distance(self, pooled: Tensor, k: int) -> Tensor:
-        """``Dist(x, y) = MSE(x, y) + T * KL(softmax(y/T) || softmax(x/T))``, x the first ``k`` dims of the pooled
-        batch, y its target :func:`pca_target` (method.md section 7)."""
-        h, temp = pooled.float(), self.kl_temperature
-        target, x = pca_target(h, k), h[:, :k]
-        kl = F.kl_div(F.log_softmax(x / temp, dim=-1), F.log_softmax(target / temp, dim=-1),
-                      reduction="batchmean", log_target=True)
-        return F.mse_loss(x, target) + temp * kl
+    def _compression_distance(self, columns: Sequence[Tensor]) -> Tensor:
+        """ESE's ``Dist(x, y) = MSE(x, y) + T * KL(softmax(y/T) || softmax(x/T))`` averaged over the input
+        columns, x the first k dims of a column's pooled batch, y its target :func:`pca_target` (method.md
+        section 7)."""
+        k, temp, dists = self.compression_dim, self.kl_temperature, []
+        for pooled in columns:
+            h = pooled.float()
+            target, x = pca_target(h, k), h[:, :k]
+            kl = F.kl_div(F.log_softmax(x / temp, dim=-1), F.log_softmax(target / temp, dim=-1),
+                          reduction="batchmean", log_target=True)
+            dists.append(F.mse_loss(x, target) + temp * kl)
+        return torch.stack(dists).mean()
 
     def _layer_scale(self, layers: Sequence[int]) -> float:
         """How much heavier a step's shallow terms are than their mean: ``len(layers)`` for ``dense`` (each exit
         gets the full weight 2dmse gives its one sampled exit), 1 otherwise (shallow layers averaged)."""
-        return float(len(layers)) if self.strategy == "dense" else 1.0  # ese averages (method.md section 7)
+        return float(len(layers)) if self.strategy == "dense" else 1.0
 
     def _plan(self, sample: dict[str, Any]) -> tuple[dict[str, list[tuple[int, int, float]]], list[int]]:
         """The (layer, dim, coefficient) base-loss terms of ``last`` and ``prior``, and the KL layers.
