@@ -57,3 +57,24 @@ def test_missing_model_and_input_exit_2(tmp_path, capsys, tiny_dir):
 def test_usage_errors_exit_2():
     assert main(["no-such-command"]) == 2
     assert main(["--version"]) == 0
+
+
+def test_max_seq_length_flag_sets_the_token_limit_and_is_range_checked(tiny_dir, tmp_path, capsys):
+    """``--max-seq-length`` overrides the folder's limit (e.g. a model trained on short STS sentences, evaluated on
+    documents); out of range it exits 2 naming the value and the range."""
+    assert main(["info", str(tiny_dir), "--max-seq-length", "5"]) == 0
+    assert "max seq length: 5" in capsys.readouterr().out
+    src = tmp_path / "in.txt"
+    long_text = "a man plays a guitar on the corner of the street in the rain"
+    src.write_text(long_text + "\n", encoding="utf-8")
+    out = tmp_path / "emb.npy"
+    assert main(["encode", str(tiny_dir), "--input", str(src), "--output", str(out), "--max-seq-length", "5"]) == 0
+    expected = MatryoshkaEncoder.from_pretrained(tiny_dir, max_seq_length=5).encode([long_text])
+    full = MatryoshkaEncoder.from_pretrained(tiny_dir).encode([long_text])
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
+    assert not np.allclose(expected, full, atol=1e-3)  # the limit really cut the text
+    capsys.readouterr()
+    for bad in ("0", "100000"):
+        assert main(["info", str(tiny_dir), "--max-seq-length", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--max-seq-length {bad} is out of range 1.." in err and err.count("\n") == 1

@@ -155,6 +155,25 @@ def test_evaluate_retrieval_grid_and_asymmetric(tiny_model, beir_dir: Path, tmp_
     assert res.to_csv().splitlines()[0] == "set,layer,dim,ndcg@10,recall@100,mrr@10,map@100,n"
 
 
+def test_compare_runs_on_the_exits_every_result_has(tiny_model, beir_dir: Path) -> None:
+    """A shallow separate model (layers 1-2) against a deeper one: compared at the shared exits, the rest named."""
+    data = load_beir(beir_dir)
+    deep = evaluate_retrieval(tiny_model, data, layers=[1, 2, 4], dims=[8, 32], model_name="deep")
+    shallow = evaluate_retrieval(tiny_model.truncate(2), data, layers=[1, 2], dims=[8, 16, 32], model_name="shallow")
+    comp = compare_retrieval([deep, shallow], ["deep", "shallow"], draws=100)
+    assert (comp.sets, comp.layers, comp.dims) == (["scifact"], [1, 2], [8, 32])
+    assert comp.left_out == ["layers [4] of deep", "dims [16] of shallow"]
+    assert set(comp.cis[(0, 1)]) == {("scifact", n, d) for n in (1, 2) for d in (8, 32)}
+    for n in (1, 2):  # truncating a model does not change its exits 1..2
+        assert comp.cis[(0, 1)][("scifact", n, 32)]["delta"] == pytest.approx(0, abs=1e-6)
+    text = comp.to_markdown()
+    assert "left out: layers [4] of deep; dims [16] of shallow" in text and "| 4 |" not in text
+    assert comp.to_dict()["layers"] == [1, 2]
+    other = evaluate_retrieval(tiny_model, data, layers=[4], dims=[8], model_name="other")
+    with pytest.raises(ValueError, match=r"no layer is in all of them \(deep \[1, 2, 4\]; other \[4\]; shallow"):
+        compare_retrieval([deep, other, shallow], ["deep", "other", "shallow"], draws=0)
+
+
 def test_ranking_a_document_first_scores_it(tiny_model, tmp_path: Path) -> None:
     # a query equal to a document's text finds that document first at the full exit
     docs = [(f"d{i}", "", t) for i, t in enumerate(["the dog runs in the park", "a man plays the guitar",

@@ -18,14 +18,31 @@ def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow code shipped in the model folder to run"
     )
+    parser.add_argument("--max-seq-length", type=int, default=None,
+                        help="tokens per text (longer input is truncated); default: the model folder's value, "
+                             "e.g. 64 for a model trained on STS-B sentences, so pass 256 or 512 for documents")
 
 
 def load_model(args: argparse.Namespace):  # noqa: ANN201
-    from matryoshka2d.encoder.model import MatryoshkaEncoder
+    """The model of ``args.model`` with the loading flags of :func:`add_model_args`.
 
-    return MatryoshkaEncoder.from_pretrained(
+    Raises:
+        ValueError: ``--max-seq-length`` outside ``1..`` the backbone's position limit.
+    """
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+    from matryoshka2d.encoder.tokenization import default_max_length
+
+    model = MatryoshkaEncoder.from_pretrained(
         args.model, pooling=args.pooling, trust_remote_code=args.trust_remote_code
     )
+    length = getattr(args, "max_seq_length", None)
+    if length is not None:
+        limit = default_max_length(model.backbone, model.tokenizer)
+        if not 1 <= length <= limit:
+            raise ValueError(f"--max-seq-length {length} is out of range 1..{limit} (the positions this model "
+                             f"has); pass a value in 1..{limit}")
+        model.max_seq_length = length
+    return model
 
 
 def int_list(text: str, *, name: str, upper: int, allow_all: bool = True) -> list[int]:
