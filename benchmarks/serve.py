@@ -9,7 +9,8 @@ cycling), until ``--requests`` are done or ``--seconds`` have passed. Every phas
   alternating rounds (median of ``--rounds``); the mixed requests share batches and each row leaves the
   batch after its exit block, so the ideal gain is ``N / mean depth`` (1.5x for 2 and 6 on MiniLM).
 - **soak** (``--soak 20000``): that many requests at concurrency 32; errors and the server's RSS at the
-  start and the end.
+  start and the end, and sampled every second (``rss_trace_mib``). ``--soak-only`` runs only this phase
+  (after the warm-up); ``--trim-interval-s`` is passed to the server (0: it never hands the free heap back).
 - **peer** (``--peer infinity``): infinity-emb in its own venv (``--peer-venv``, created on demand), serving
   the same model folder on the CPU with the same threads, driven by the same full-depth requests. Any
   failure to install or start it is recorded in the output, word for word.
@@ -133,13 +134,15 @@ def batch_means(url: str) -> dict[str, float]:
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in ("m2d_batch_rows_sum", "m2d_batch_rows_count", "m2d_batch_tokens_sum",
-                    "m2d_inference_seconds_sum"):
+                    "m2d_inference_seconds_sum", "m2d_heap_trim_seconds_sum", "m2d_heap_trim_seconds_count"):
             values[name] = float(value)
     count = values.get("m2d_batch_rows_count", 0.0) or 1.0
     return {"batches": values.get("m2d_batch_rows_count", 0.0),
             "mean_rows": round(values.get("m2d_batch_rows_sum", 0.0) / count, 2),
             "mean_padded_tokens": round(values.get("m2d_batch_tokens_sum", 0.0) / count, 1),
-            "inference_seconds": values.get("m2d_inference_seconds_sum", 0.0)}
+            "inference_seconds": values.get("m2d_inference_seconds_sum", 0.0),
+            "heap_trims": values.get("m2d_heap_trim_seconds_count", 0.0),
+            "heap_trim_seconds": values.get("m2d_heap_trim_seconds_sum", 0.0)}
 
 
 def ours(args: argparse.Namespace, texts: list[str], result: dict[str, Any], log_dir: Path) -> None:
@@ -154,60 +157,94 @@ def ours(args: argparse.Namespace, texts: list[str], result: dict[str, Any], log
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", LAUNCH, "-q", "serve", args.model, "--port", str(port), "--threads",
                str(args.threads), "--served-model-name", "model", "--batch-wait-ms", str(args.batch_wait_ms),
-               "--max-batch-tokens", str(args.max_batch_tokens), "--log-level", "warning"]
+               "--max-batch-tokens", str(args.max_batch_tokens), "--trim-interval-s", str(args.trim_interval_s),
+               "--backend", args.backend, "--log-level", "warning"]
     full = [{"input": t, "model": "model", "layer": depth} for t in texts]
     mixed = [{"input": t, "model": "model", "layer": args.mix_layer if i % 2 == 0 else depth}
              for i, t in enumerate(texts)]
     with server_process(command, env, url, "/ready", log_dir / "m2d-serve.log") as process:
         server = psutil.Process(process.pid)
-        result["server"] = {"command": " ".join(command[3:]), "layers": depth}
+        result["server"] = {"command": " ".join(command[3:]), "layers": depth, "backend": args.backend}
         run(drive(url, full, concurrency=8, requests=args.warmup, seconds=60))  # warm-up, discarded
-        levels = []
-        for c in args.concurrency:
-            before = batch_means(url)
-            stats = run(drive(url, full, concurrency=c, requests=args.requests, seconds=args.seconds))
-            after = batch_means(url)
-            stats["mean_rows_per_batch"] = round(stats["ok"] / max(1.0, after["batches"] - before["batches"]), 2)
-            stats["model_busy"] = round((after["inference_seconds"] - before["inference_seconds"]) / stats["seconds"],
-                                        3)
-            levels.append(stats)
-            print(f"ours full depth c={c}: {stats['requests_per_s']} req/s, p50 {stats['p50_ms']} ms, "
-                  f"p95 {stats['p95_ms']} ms, p99 {stats['p99_ms']} ms, errors {stats['errors']}", flush=True)
-        result["levels"] = levels
-        rounds: dict[str, list[dict[str, Any]]] = {"full": [], "mix": []}
-        for _ in range(args.rounds):
-            for name, bodies in (("full", full), ("mix", mixed)):
-                before = batch_means(url)
-                stats = run(drive(url, bodies, concurrency=32, requests=args.mix_requests, seconds=args.seconds))
-                after = batch_means(url)
-                batches = after["batches"] - before["batches"]
-                stats["batches"] = batches
-                stats["mean_rows_per_batch"] = round(stats["ok"] / batches, 2) if batches else None
-                # share of the phase the batcher thread spent in the model (the rest: HTTP, JSON, tokenising)
-                stats["model_busy"] = round((after["inference_seconds"] - before["inference_seconds"])
-                                            / stats["seconds"], 3)
-                rounds[name].append(stats)
-        full_rps = statistics.median(r["requests_per_s"] for r in rounds["full"])
-        mix_rps = statistics.median(r["requests_per_s"] for r in rounds["mix"])
-        mean_depth = (args.mix_layer + depth) / 2
-        result["mix"] = {"concurrency": 32, "mix": f"50% layer {args.mix_layer}, 50% layer {depth}",
-                         "full_requests_per_s": full_rps, "mix_requests_per_s": mix_rps,
-                         "gain": round(mix_rps / full_rps, 3), "ideal_gain": round(depth / mean_depth, 3),
-                         "target_gain": 1.3, "rounds": rounds}
-        print("rounds:", [(k, r["requests_per_s"], r["mean_rows_per_batch"], r["model_busy"])
-                          for k, v in rounds.items() for r in v], flush=True)
-        print(f"mix gain {mix_rps / full_rps:.3f}x ({mix_rps} vs {full_rps} req/s; ideal "
-              f"{depth / mean_depth:.2f}x)", flush=True)
+        if not args.soak_only:
+            phases(args, url, full, mixed, depth, result)
         if args.soak:
-            rss_start = server.memory_info().rss
-            stats = run(drive(url, full, concurrency=32, requests=args.soak, seconds=args.soak_seconds))
-            rss_end = server.memory_info().rss
-            stats.update(rss_start_mib=round(rss_start / 2**20, 1), rss_end_mib=round(rss_end / 2**20, 1),
-                         rss_growth_mib=round((rss_end - rss_start) / 2**20, 1))
-            result["soak"] = stats
-            print(f"soak: {stats['ok']} ok, errors {stats['errors']}, RSS {stats['rss_start_mib']} -> "
-                  f"{stats['rss_end_mib']} MiB", flush=True)
+            result["soak"] = soak(args, url, full, server)
         result["server_batches"] = batch_means(url)
+
+
+def soak(args: argparse.Namespace, url: str, bodies: list[dict[str, Any]], server: psutil.Process
+         ) -> dict[str, Any]:
+    """``--soak`` requests at concurrency 32 while the server's RSS is sampled every second."""
+    import threading
+
+    trace: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            trace.append(round(server.memory_info().rss / 2**20, 1))
+
+    before = batch_means(url)
+    rss_start = server.memory_info().rss
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stats = run(drive(url, bodies, concurrency=32, requests=args.soak, seconds=args.soak_seconds))
+    done.set()
+    sampler.join()
+    rss_end = server.memory_info().rss
+    after = batch_means(url)
+    trims = after["heap_trims"] - before["heap_trims"]
+    stats.update(heap_trims=trims, heap_trim_ms_mean=round(1000 * (after["heap_trim_seconds"]
+                                                                  - before["heap_trim_seconds"]) / trims, 3)
+                 if trims else None)
+    stats.update(rss_start_mib=round(rss_start / 2**20, 1), rss_end_mib=round(rss_end / 2**20, 1),
+                 rss_growth_mib=round((rss_end - rss_start) / 2**20, 1), rss_max_mib=max(trace, default=None),
+                 trim_interval_s=args.trim_interval_s, rss_trace_mib=trace)
+    print(f"soak: {stats['ok']} ok, errors {stats['errors']}, RSS {stats['rss_start_mib']} -> "
+          f"{stats['rss_end_mib']} MiB (max {stats['rss_max_mib']})", flush=True)
+    return stats
+
+
+def phases(args: argparse.Namespace, url: str, full: list[dict[str, Any]], mixed: list[dict[str, Any]], depth: int,
+           result: dict[str, Any]) -> None:
+    """The levels (concurrency 1 / 8 / 32 at full depth) and the mixed-depth rounds."""
+    levels = []
+    for c in args.concurrency:
+        before = batch_means(url)
+        stats = run(drive(url, full, concurrency=c, requests=args.requests, seconds=args.seconds))
+        after = batch_means(url)
+        stats["mean_rows_per_batch"] = round(stats["ok"] / max(1.0, after["batches"] - before["batches"]), 2)
+        stats["model_busy"] = round((after["inference_seconds"] - before["inference_seconds"]) / stats["seconds"],
+                                    3)
+        levels.append(stats)
+        print(f"ours full depth c={c}: {stats['requests_per_s']} req/s, p50 {stats['p50_ms']} ms, "
+              f"p95 {stats['p95_ms']} ms, p99 {stats['p99_ms']} ms, errors {stats['errors']}", flush=True)
+    result["levels"] = levels
+    rounds: dict[str, list[dict[str, Any]]] = {"full": [], "mix": []}
+    for _ in range(args.rounds):
+        for name, bodies in (("full", full), ("mix", mixed)):
+            before = batch_means(url)
+            stats = run(drive(url, bodies, concurrency=32, requests=args.mix_requests, seconds=args.seconds))
+            after = batch_means(url)
+            batches = after["batches"] - before["batches"]
+            stats["batches"] = batches
+            stats["mean_rows_per_batch"] = round(stats["ok"] / batches, 2) if batches else None
+            # share of the phase the batcher thread spent in the model (the rest: HTTP, JSON, tokenising)
+            stats["model_busy"] = round((after["inference_seconds"] - before["inference_seconds"])
+                                        / stats["seconds"], 3)
+            rounds[name].append(stats)
+    full_rps = statistics.median(r["requests_per_s"] for r in rounds["full"])
+    mix_rps = statistics.median(r["requests_per_s"] for r in rounds["mix"])
+    mean_depth = (args.mix_layer + depth) / 2
+    result["mix"] = {"concurrency": 32, "mix": f"50% layer {args.mix_layer}, 50% layer {depth}",
+                     "full_requests_per_s": full_rps, "mix_requests_per_s": mix_rps,
+                     "gain": round(mix_rps / full_rps, 3), "ideal_gain": round(depth / mean_depth, 3),
+                     "target_gain": 1.3, "rounds": rounds}
+    print("rounds:", [(k, r["requests_per_s"], r["mean_rows_per_batch"], r["model_busy"])
+                      for k, v in rounds.items() for r in v], flush=True)
+    print(f"mix gain {mix_rps / full_rps:.3f}x ({mix_rps} vs {full_rps} req/s; ideal "
+          f"{depth / mean_depth:.2f}x)", flush=True)
 
 
 def infinity(args: argparse.Namespace, texts: list[str], result: dict[str, Any], log_dir: Path) -> None:
@@ -306,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--soak", type=int, default=0, help="requests of the soak at concurrency 32 (0: none)")
     parser.add_argument("--soak-seconds", type=float, default=300.0)
+    parser.add_argument("--soak-only", action="store_true", help="only the soak (after the warm-up)")
+    parser.add_argument("--trim-interval-s", type=float, default=2.0, help="the server's --trim-interval-s")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="the server's --backend")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--peer", choices=["none", "infinity"], default="none")

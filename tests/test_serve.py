@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import re
 import signal
 import threading
@@ -202,7 +203,7 @@ def test_models_health_ready_info_metrics(server, client) -> None:
     post(server, {"input": "a dog", "layer": 2})
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("m2d_requests_total", "m2d_queue_rows", "m2d_batch_rows", "m2d_batch_tokens", "m2d_queue_seconds",
-                 "m2d_tokenize_seconds", "m2d_inference_seconds"):
+                 "m2d_tokenize_seconds", "m2d_inference_seconds", "m2d_heap_trim_seconds"):
         assert name in metrics
     assert re.search(r'm2d_requests_total\{layer="2",status="200"\} [1-9]', metrics)
     assert 'layer="5"' not in metrics and 'layer="invalid",status="400"' in metrics  # labels stay bounded
@@ -290,6 +291,43 @@ def test_batcher_waits_for_company_only_when_there_is_some(model) -> None:
     assert len(batches) <= 4 and max(batches[1:-1]) >= len(ids) - 1  # the crowd shared (at most) two batches
 
 
+def test_batcher_hands_the_free_heap_back_at_most_once_per_interval(model, monkeypatch) -> None:
+    """Trim after a batch when ``trim_interval`` has passed, never more often, and never with ``None``."""
+    import matryoshka2d.serve.batcher as batcher_module
+
+    calls: list[float] = []
+    monkeypatch.setattr(batcher_module, "release_free_memory", lambda: calls.append(time.perf_counter()) or True)
+    ids = model.tokenizer(TEXTS)["input_ids"]
+
+    def run(interval: float | None, rounds: int) -> Batcher:
+        batcher = Batcher(model, max_batch_tokens=4096, max_batch_requests=64, batch_wait_ms=1, max_queue=100,
+                          trim_interval=interval)
+
+        async def one_by_one() -> None:
+            for i in range(rounds):
+                await batcher.submit([ids[i % len(ids)]], layer=2)
+                if interval:
+                    await asyncio.sleep(interval / 3)
+
+        batcher.start()
+        try:
+            asyncio.run(one_by_one())
+        finally:
+            batcher.stop()
+        return batcher
+
+    never = run(None, 6)
+    assert calls == [] and never.trims == 0 and never.describe()["trim_interval_s"] is None
+    every = run(0.0, 6)
+    assert len(calls) == every.trims == 6  # interval 0: after every batch
+    calls.clear()
+    began = time.perf_counter()
+    spaced = run(0.3, 9)  # 9 batches at least 100 ms apart: a trim at most every 300 ms
+    wall = time.perf_counter() - began
+    assert 1 <= spaced.trims == len(calls) <= wall / 0.3 + 1
+    assert all(b - a >= 0.3 for a, b in itertools.pairwise(calls))
+
+
 def test_split_by_length_cuts_padding_and_keeps_every_row_once() -> None:
     from matryoshka2d.serve.batcher import split_by_length
 
@@ -301,3 +339,66 @@ def test_split_by_length_cuts_padding_and_keeps_every_row_once() -> None:
     assert padded <= 0.8 * len(lengths) * max(lengths)
     assert len(split_by_length([20] * 16)) == 1  # nothing to gain
     assert len(split_by_length([40, 5, 5])) == 1  # too few rows to split
+
+
+# ----------------------------------------------------------------------------------- the onnx backend
+def test_onnx_runner_matches_the_model_at_every_exit_and_reuses_its_exports(model, heads_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Every exit exported once, mixed-layer batches answered row by row, a still-matching export reused and a
+    stale one exported again."""
+    pytest.importorskip("onnxruntime")
+    from matryoshka2d.serve.runners import OnnxRunner
+
+    runner = OnnxRunner.from_model(model, tmp_path / "onnx", threads=1)
+    assert sorted(runner.encoders) == [1, 2, 3, 4]
+    ids = model.tokenizer(TEXTS)["input_ids"]
+    batcher = Batcher(model, max_batch_tokens=4096, max_batch_requests=64, batch_wait_ms=50, max_queue=100,
+                      runner=runner)
+
+    async def crowd() -> list[np.ndarray]:
+        return await asyncio.gather(*[batcher.submit([row], layer=1 + i % 4) for i, row in enumerate(ids)])
+
+    batcher.start()
+    try:
+        results = asyncio.run(crowd())
+    finally:
+        batcher.stop()
+    for i, (text, vectors) in enumerate(zip(TEXTS, results, strict=True)):
+        expected = model.encode([text], layer=1 + i % 4)
+        assert cosines(vectors, expected).min() >= 0.9999, (i, text)
+    graph = tmp_path / "onnx" / "exit-3" / "model.onnx"
+    stamp = graph.stat().st_mtime_ns
+    OnnxRunner.from_model(model, tmp_path / "onnx", threads=1)
+    assert graph.stat().st_mtime_ns == stamp  # reused: it still reproduces exit 3
+    other = MatryoshkaEncoder.from_pretrained(heads_dir).eval()
+    with torch.no_grad():
+        for head in other.exit_heads.values():
+            head.weight.mul_(-1)
+    OnnxRunner.from_model(other, tmp_path / "onnx", threads=1)
+    assert graph.stat().st_mtime_ns != stamp  # another model: exported again
+
+
+def test_server_on_the_onnx_backend(heads_dir: Path, model, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    with running_server(heads_dir, tmp_path / "server.log", "--backend", "onnx", "--onnx-dir",
+                        str(tmp_path / "graphs"), timeout=180) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        for layer, dim in ((1, 8), (3, 32), (4, 5)):
+            response = client.embeddings.create(model=NAME, input=TEXTS, dimensions=dim, extra_body={"layer": layer})
+            got = np.array([d.embedding for d in response.data], dtype=np.float32)
+            assert cosines(got, model.encode(TEXTS, layer=layer, dim=dim)).min() >= 0.9999
+        info = httpx.get(f"{s.url}/info").json()
+        assert info["backend"] == "onnx" and info["exits"] == [1, 2, 3, 4]
+        _error(post(s, {"input": "a dog", "layer": 5}), 400, "layer 5 is out of range")
+    assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == ["exit-1", "exit-2", "exit-3", "exit-4"]
+
+
+def test_onnx_backend_refuses_what_it_cannot_run(heads_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from matryoshka2d.cli import main
+
+    assert main(["serve", str(heads_dir), "--backend", "onnx", "--dtype", "bf16"]) == 2
+    assert "dtype 'bf16' is torch only" in capsys.readouterr().err
+    assert main(["serve", str(heads_dir), "--backend", "onnx", "--device", "cuda"]) == 2
+    assert "the onnx backend runs on the CPU" in capsys.readouterr().err
+    assert main(["serve", str(heads_dir), "--trim-interval-s", "-1"]) == 2
+    assert "trim_interval_s -1.0 is out of range 0..3600" in capsys.readouterr().err

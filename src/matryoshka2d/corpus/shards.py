@@ -12,15 +12,13 @@ column plus one fixed-size-list column per exit, named ``layer{L}_dim{D}``. Its 
 All exits of a shard come from ONE backbone pass per batch (:func:`~matryoshka2d.encoder.batching.embed_layers`
 stops after the deepest layer; a shallow exit is a prefix of it). A shard file is written through a
 temporary sibling and renamed (:func:`~matryoshka2d.io.atomic.atomic_open`), so it is complete or absent.
-After each shard the C heap's free pages go back to the OS (:func:`release_free_memory`), so the memory a
-long run holds stays that of one shard (docs/encoding.md).
+After each shard the C heap's free pages go back to the OS
+(:func:`~matryoshka2d.encoder.memory.release_free_memory`), so the memory a long run holds stays that of one
+shard (docs/encoding.md).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 
 from matryoshka2d.corpus.readers import CorpusReader, Position, ScanStats, require_pyarrow, take
 from matryoshka2d.encoder.batching import MultiExitModel, embed_layers
+from matryoshka2d.encoder.memory import release_free_memory
 from matryoshka2d.encoder.tokenization import TOKENIZE_CHUNK
 from matryoshka2d.io.atomic import atomic_open
 
@@ -247,31 +246,6 @@ def encode_shard(model: MultiExitModel, reader: CorpusReader, spec: ShardSpec, e
     del vectors, columns, records
     release_free_memory()
     return path
-
-
-def release_free_memory() -> bool:
-    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim(0)``); ``False`` where there is none.
-
-    torch frees a batch's activations to the C allocator, which keeps the pages: over thousands of batches
-    of varying shapes the heap fragments and a long encode's resident memory creeps up (measured in
-    docs/encoding.md: 835 -> 1,386 MiB over 9 shards of MiniLM on BEIR documents, 675 MiB flat with this).
-    """
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """The C library's ``malloc_trim``, looked up once; ``None`` where there is none (not glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return getattr(libc, "malloc_trim", None)
 
 
 def shard_is_done(output: str | Path, spec: ShardSpec, exits: Sequence[Exit]) -> bool:

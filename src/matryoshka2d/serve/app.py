@@ -171,18 +171,23 @@ def tighten_schema(properties: dict[str, Any], *, layers: int, dims: int, vocab:
                 option.update(minimum=1, maximum=upper)
 
 
-def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | None = None) -> FastAPI:
+def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | None = None,
+               runner: Any = None) -> FastAPI:
     """The application serving ``model`` under ``config`` (the batcher starts with the app's lifespan).
 
     Args:
-        model: the encoder, on its device, in eval mode (only the batcher thread runs it).
+        model: the encoder, on its device, in eval mode (only the batcher thread runs it); its tokenizer,
+            limits and exits are what the server checks requests against.
         config: limits and options.
         threads: torch threads of the batcher thread.
+        runner: what runs the batches (:mod:`matryoshka2d.serve.runners`; ``None``: the torch model itself).
+            Pass an :class:`~matryoshka2d.serve.runners.OnnxRunner` with ``config.backend = "onnx"``.
     """
     metrics = Metrics()
     batcher = Batcher(model, max_batch_tokens=config.max_batch_tokens, max_batch_requests=config.max_batch_requests,
                       batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue, on_batch=metrics.on_batch,
-                      threads=threads)
+                      threads=threads, trim_interval=config.trim_interval_s or None, on_trim=metrics.on_trim,
+                      runner=runner)
     tokenizer = model.tokenizer
     max_len = model.max_seq_length
     prefix, suffix = special_tokens(tokenizer)

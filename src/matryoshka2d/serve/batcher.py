@@ -8,15 +8,19 @@ after the oldest row arrived. A burst (clients re-sending as a batch's answers g
 batch instead of being split into small ones. When no request has met another in the server for
 :data:`ALONE_SECONDS` (one client sending one request at a time), the batcher does not wait at all.
 
-Rows of different layers share one batch and run through
-:func:`~matryoshka2d.encoder.mixed_depth.forward_mixed_depth`: the shared blocks run once and each row leaves
-after its exit block. A request's rows may be spread over several batches; its future resolves when the last
-one is done.
+Rows of different layers share one batch and run through the runner (:mod:`~matryoshka2d.serve.runners`): on
+torch, :func:`~matryoshka2d.encoder.mixed_depth.forward_mixed_depth`, where the shared blocks run once and each
+row leaves after its exit block; on ONNX, one graph per exit. A request's rows may be spread over several
+batches; its future resolves when the last one is done.
 
 Rows of very different lengths are split into length-sorted sub-batches when that saves at least
 :data:`SPLIT_SAVING` of the padded tokens (:func:`split_by_length`).
 
 A batch that fails is re-run one request at a time, so only the request that fails gets the error.
+
+After a batch, at most once per ``trim_interval`` seconds, the C heap's free pages go back to the OS
+(:func:`~matryoshka2d.encoder.memory.release_free_memory`), so the server's resident memory does not creep up
+as batches of every shape come and go (docs/serving.md, soak).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from matryoshka2d.encoder.mixed_depth import forward_mixed_depth
+from matryoshka2d.encoder.memory import release_free_memory
 from matryoshka2d.encoder.tokenization import Tokenized
+from matryoshka2d.serve.runners import TorchRunner
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -45,6 +49,7 @@ WAIT_CAP = 8  # the longest wait for more rows, in multiples of batch_wait_ms
 SPLIT_SAVING = 0.2  # split a batch by length when that cuts its padded tokens by at least this share
 SPLIT_MIN_ROWS = 4  # ... and each part keeps at least this many rows
 ALONE_SECONDS = 1.0  # no request met another for this long: run at once, waiting for company is pointless
+TRIM_INTERVAL = 2.0  # seconds between two hand-backs of the free heap (m2d_heap_trim_seconds times them)
 
 
 def split_by_length(lengths: list[int], *, saving: float = SPLIT_SAVING, min_rows: int = SPLIT_MIN_ROWS
@@ -130,17 +135,26 @@ class Batcher:
         max_queue: rows that may wait; :meth:`submit` raises :class:`QueueFullError` beyond.
         on_batch: called (in the worker thread) with the :class:`BatchStats` of each batch.
         threads: torch intra-op threads of the worker (``None``: leave torch's setting).
+        trim_interval: the fewest seconds between two hand-backs of the free C heap after a batch
+            (``None``: never).
+        on_trim: called (in the worker thread) with the seconds each hand-back took.
+        runner: what runs a batch (:mod:`~matryoshka2d.serve.runners`; ``None``: ``TorchRunner(model, threads)``).
     """
 
     def __init__(self, model: MatryoshkaEncoder, *, max_batch_tokens: int, max_batch_requests: int,
                  batch_wait_ms: float, max_queue: int, on_batch: Callable[[BatchStats], None] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, trim_interval: float | None = TRIM_INTERVAL,
+                 on_trim: Callable[[float], None] | None = None, runner: Any = None) -> None:
         self.model = model
+        self.runner = runner if runner is not None else TorchRunner(model, threads=threads)
         self.max_batch_tokens, self.max_batch_requests = max_batch_tokens, max_batch_requests
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.threads = threads
+        self.trim_interval, self.on_trim = trim_interval, on_trim
+        self.trims = 0
+        self._last_trim = time.perf_counter()
         tokenizer = model.tokenizer
         self._pad = (tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right") == "left")
         self._jobs: collections.deque[Job] = collections.deque()
@@ -259,16 +273,13 @@ class Batcher:
         pad_id, left = self._pad
         tokens = Tokenized(input_ids=rows, token_type_ids=None, num_truncated=0, pad_id=pad_id, pad_type_id=0,
                            left=left)
-        device = self.model.device
         padded = 0
         for group in split_by_length([len(r) for r in rows]):
             arrays = tokens.collate(group)
             padded += int(arrays["input_ids"].size)
-            features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
-            def leave(positions: torch.Tensor, pooled: torch.Tensor, group: np.ndarray = group) -> None:
-                vectors = pooled.detach().cpu().numpy()
-                for r, vector in zip(group[positions.numpy()].tolist(), vectors, strict=True):
+            def leave(positions: np.ndarray, vectors: np.ndarray, group: np.ndarray = group) -> None:
+                for r, vector in zip(group[positions].tolist(), vectors, strict=True):
                     job, i = owners[r]
                     if job.out is None:
                         job.out = np.empty((len(job.rows), vectors.shape[1]), dtype=np.float32)
@@ -277,7 +288,7 @@ class Batcher:
                     if job.done == len(job.rows) and not job.failed:
                         job.resolve(job.out)
 
-            forward_mixed_depth(self.model, features, [exits[r] for r in group], on_exit=leave)
+            self.runner(arrays, [exits[r] for r in group], leave)
         return padded
 
     def _fail(self, job: Job, error: BaseException) -> None:
@@ -291,8 +302,7 @@ class Batcher:
                 self._jobs.remove(job)
 
     def _run(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        self.runner.start_thread()
         while True:
             parts = self._take()
             if parts is None:
@@ -302,6 +312,18 @@ class Batcher:
             finally:
                 with self._cond:
                     self._busy = False
+            self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        """Hand the free C heap back if ``trim_interval`` has passed since the last time."""
+        if self.trim_interval is None or time.perf_counter() - self._last_trim < self.trim_interval:
+            return
+        began = time.perf_counter()
+        if release_free_memory():
+            self.trims += 1
+            if self.on_trim is not None:
+                self.on_trim(time.perf_counter() - began)
+        self._last_trim = time.perf_counter()
 
     def _run_batch(self, parts: list[tuple[Job, int, int]]) -> None:
         """Run one batch (re-running its requests one by one if it fails) and report its stats."""
@@ -341,4 +363,5 @@ class Batcher:
     def describe(self) -> dict[str, Any]:
         """The batcher's limits (for ``/info``)."""
         return {"max_batch_tokens": self.max_batch_tokens, "max_batch_requests": self.max_batch_requests,
-                "batch_wait_ms": self.batch_wait * 1000.0, "max_queue": self.max_queue}
+                "batch_wait_ms": self.batch_wait * 1000.0, "max_queue": self.max_queue,
+                "trim_interval_s": self.trim_interval}

@@ -21,7 +21,9 @@ class ServeConfig:
         truncate: cut texts longer than the model's token limit (else 400).
         api_key: when set, ``/v1/*`` and ``/info`` need ``Authorization: Bearer <api_key>``.
         dtype: ``fp32`` or ``bf16`` (what ``/info`` reports).
-        backend: ``torch`` (what ``/info`` reports).
+        backend: ``torch`` or ``onnx`` (one exported graph per exit; fp32 only); what ``/info`` reports.
+        trim_interval_s: the fewest seconds between two hand-backs of the free C heap to the OS after a
+            batch, which keeps resident memory flat over a long run; ``0`` turns it off.
     """
 
     model_name: str = "minilm"
@@ -35,6 +37,7 @@ class ServeConfig:
     api_key: str | None = None
     dtype: str = "fp32"
     backend: str = "torch"
+    trim_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_requests", "max_queue", "max_client_batch", "max_body_bytes"):
@@ -44,10 +47,16 @@ class ServeConfig:
                                  f"{getattr(ServeConfig, name)}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms {self.batch_wait_ms!r} is out of range 0..1000; pass e.g. 2")
+        if isinstance(self.trim_interval_s, bool) or not 0 <= self.trim_interval_s <= 3600:
+            raise ValueError(f"trim_interval_s {self.trim_interval_s!r} is out of range 0..3600 seconds; pass e.g. "
+                             "2, or 0 to never trim")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype {self.dtype!r} is not supported; pass fp32 or bf16")
-        if self.backend != "torch":
-            raise ValueError(f"backend {self.backend!r} is not supported; pass torch")
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"backend {self.backend!r} is not supported; pass torch or onnx")
+        if self.backend == "onnx" and self.dtype != "fp32":
+            raise ValueError(f"dtype {self.dtype!r} is torch only: the onnx backend runs the fp32 graphs; pass "
+                             "--dtype fp32 or --backend torch")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; pass a non-empty key or none")
         if not self.model_name:

@@ -33,6 +33,8 @@ class Metrics:
                                            registry=r)
         self.request_seconds = Histogram("m2d_request_seconds", "embedding request time in the server",
                                          buckets=_SECONDS, registry=r)
+        self.heap_trim_seconds = Histogram("m2d_heap_trim_seconds", "time to hand the free C heap back to the OS",
+                                           buckets=_SECONDS, registry=r)
 
     def on_batch(self, stats: BatchStats) -> None:
         """Record one batch (called by the batcher thread)."""
@@ -44,3 +46,7 @@ class Metrics:
             self.queue_seconds.observe(seconds)
         for layer, rows in stats.layers.items():
             self.inputs.labels(layer=str(layer)).inc(rows)
+
+    def on_trim(self, seconds: float) -> None:
+        """Record one hand-back of the free heap (called by the batcher thread)."""
+        self.heap_trim_seconds.observe(seconds)

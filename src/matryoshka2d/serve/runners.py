@@ -1,0 +1,152 @@
+"""What runs the rows of a batch: the torch encoder (``--backend torch``) or one ONNX graph per exit (``onnx``).
+
+A runner is called by the batcher thread with one padded batch (int64 numpy arrays), the exit layer of each
+row, and ``on_exit(positions, vectors)``, which it calls as rows finish (positions in the batch, float32
+vectors, normalised or not: the server truncates and normalises them again).
+
+- :class:`TorchRunner`: one depth-sorted pass (:func:`~matryoshka2d.encoder.mixed_depth.forward_mixed_depth`):
+  the shared blocks run once, a row leaves after its exit block.
+- :class:`OnnxRunner`: every exit exported to ONNX at full width (physically truncated to ``n`` blocks, pooling,
+  head and normalisation inside the graph), run with onnxruntime. A batch's rows are grouped by exit and each
+  group runs its exit's graph, so a row still runs only the blocks up to its exit; the groups are smaller
+  batches than one shared pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+    from matryoshka2d.export.runtime import OnnxEncoder
+
+logger = logging.getLogger(__name__)
+
+OnExit = Callable[[np.ndarray, np.ndarray], None]
+PROBE = ["a man is playing a guitar on the street", "the dog runs"]  # checks a reused export against the model
+PROBE_TOLERANCE = 1e-4
+
+
+class TorchRunner:
+    """The encoder itself, one mixed-depth pass per batch.
+
+    Args:
+        model: the encoder, on its device, in eval mode.
+        threads: torch intra-op threads of the batcher thread (``None``: leave torch's setting).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: MatryoshkaEncoder, *, threads: int | None = None) -> None:
+        self.model, self.threads = model, threads
+
+    def start_thread(self) -> None:
+        """Called once in the batcher thread before its first batch."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+    def __call__(self, arrays: dict[str, np.ndarray], exits: list[int], on_exit: OnExit) -> None:
+        import torch
+
+        from matryoshka2d.encoder.mixed_depth import forward_mixed_depth
+
+        device = self.model.device
+        features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        forward_mixed_depth(self.model, features, exits, on_exit=lambda positions, pooled: on_exit(
+            positions.numpy(), pooled.detach().float().cpu().numpy()))
+
+
+class OnnxRunner:
+    """One onnxruntime session per exit layer.
+
+    Args:
+        encoders: ``{layer: OnnxEncoder}`` for every exit ``1..N``.
+        left_padding: whether the tokenizer pads on the left (for trimming a group's padding).
+    """
+
+    name = "onnx"
+
+    def __init__(self, encoders: dict[int, OnnxEncoder], *, left_padding: bool = False) -> None:
+        self.encoders, self.left_padding = encoders, left_padding
+
+    def start_thread(self) -> None:
+        """Nothing to set: each session has its own threads."""
+
+    def __call__(self, arrays: dict[str, np.ndarray], exits: list[int], on_exit: OnExit) -> None:
+        depth = np.asarray(exits)
+        for layer in sorted(set(depth.tolist()), reverse=True):
+            rows = np.flatnonzero(depth == layer)
+            mask = arrays["attention_mask"][rows]
+            width = int(mask.sum(1).max())
+            cols = slice(mask.shape[1] - width, None) if self.left_padding else slice(0, width)
+            group = {k: v[rows][:, cols] for k, v in arrays.items()}
+            encoder = self.encoders[layer]
+            if "token_type_ids" in encoder.input_names and "token_type_ids" not in group:
+                group["token_type_ids"] = np.zeros_like(group["input_ids"])
+            on_exit(rows, encoder.run(group))
+
+    @classmethod
+    def from_model(cls, model: MatryoshkaEncoder, folder: str | os.PathLike[str], *,
+                   threads: int | None = None) -> OnnxRunner:
+        """Export every exit of ``model`` to ``folder/exit-<n>`` (reusing exports that still match) and load them.
+
+        An existing ``exit-<n>`` is reused only when its graph reproduces the model's exit on :data:`PROBE`
+        (max abs difference <= :data:`PROBE_TOLERANCE`); otherwise it is exported again.
+
+        Raises:
+            ImportError: onnx / onnxruntime missing (the ``onnx`` extra).
+        """
+        from matryoshka2d.export.exporter import export_model
+        from matryoshka2d.export.runtime import OnnxEncoder, require_onnx
+
+        require_onnx()
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        width = model.hidden_size
+        encoders: dict[int, OnnxEncoder] = {}
+        for n in range(1, model.num_layers + 1):
+            path = root / f"exit-{n}"
+            expected = model.encode(PROBE, layer=n, dim=width)
+            encoder = _reusable(path, expected, threads, model.max_seq_length)
+            if encoder is None:
+                if path.exists():
+                    logger.info("%s does not match the model's exit %d; exporting it again", path, n)
+                    shutil.rmtree(path)
+                export_model(model, path, layer=n, dim=width, format="onnx", verify=False)
+                encoder = OnnxEncoder(path, threads=threads, max_seq_length=model.max_seq_length)
+                diff = float(np.abs(encoder.encode(PROBE) - expected).max())
+                if diff > PROBE_TOLERANCE:
+                    raise RuntimeError(f"the ONNX export of exit {n} differs from the model by {diff:.2g} "
+                                       f"(tolerance {PROBE_TOLERANCE}); serve with --backend torch")
+            encoders[n] = encoder
+        left = getattr(model.tokenizer, "padding_side", "right") == "left"
+        return cls(encoders, left_padding=left)
+
+    def describe(self) -> dict[str, Any]:
+        return {"graphs": {n: str(e.folder / e.file) for n, e in self.encoders.items()}}
+
+
+def _reusable(path: Path, expected: np.ndarray, threads: int | None, max_seq_length: int) -> OnnxEncoder | None:
+    """The session of an existing export at ``path`` when it reproduces ``expected`` on the probe, else ``None``."""
+    from matryoshka2d.export.runtime import OnnxEncoder, exported_format
+
+    if exported_format(path) != "onnx":
+        return None
+    try:
+        encoder = OnnxEncoder(path, threads=threads, max_seq_length=max_seq_length)
+        got = encoder.encode(PROBE)
+    except Exception as error:  # noqa: BLE001 - a broken cached export is exported again
+        logger.info("cannot reuse %s (%s)", path, error)
+        return None
+    if got.shape != expected.shape or float(np.abs(got - expected).max()) > PROBE_TOLERANCE:
+        return None
+    return encoder
