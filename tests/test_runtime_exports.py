@@ -86,6 +86,21 @@ def test_openvino_export_round_trips(bert, openvino_dir):
     assert meta["export"]["verification"]["openvino_f32_vs_source_max_abs_diff"] <= 1e-4
 
 
+def test_openvino_streams_give_the_same_vectors_in_input_order(openvino_dir):
+    """Several batches in flight (THROUGHPUT mode, an AsyncInferQueue): the same numbers, each row in its place."""
+    from matryoshka2d.export.runtime import OpenVinoEncoder, load_exported
+
+    texts = [f"{s} {i}" for i in range(7) for s in SENTENCES]  # many small batches, finishing in any order
+    one = OpenVinoEncoder(openvino_dir, threads=2).encode(texts, batch_size=3)
+    two = load_exported(openvino_dir, threads=2, streams=2)
+    assert two.streams == 2
+    np.testing.assert_allclose(two.encode(texts, batch_size=3), one, atol=1e-5)
+    np.testing.assert_allclose(two.encode(texts[:2], batch_size=8), one[:2], atol=1e-5)  # reusable, one batch
+    for bad in (0, 65, True):
+        with pytest.raises(ValueError, match="streams .* out of range 1..64"):
+            OpenVinoEncoder(openvino_dir, streams=bad)
+
+
 def test_openvino_export_of_an_exit_with_a_head(tiny_dir, tmp_path):
     pytest.importorskip("openvino")
     from matryoshka2d.export.runtime import load_exported
@@ -113,3 +128,9 @@ def test_cli_encode_runs_an_openvino_export(bert, openvino_dir, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"),
                                bert.encode(["a man is playing the guitar", "the dog runs"], layer=2, dim=16),
                                atol=1e-4)
+    many = [f"sentence number {i} about {w}" for i in range(9) for w in ("dogs", "music", "rain")]
+    inputs.write_text("\n".join(many) + "\n", encoding="utf-8")
+    # more texts than one batch: batches in flight at once on two streams, rows still in input order
+    assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(tmp_path / "m.npy"),
+                 "--batch-size", "4", "--threads", "2"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), bert.encode(many, layer=2, dim=16), atol=1e-4)

@@ -72,8 +72,10 @@ DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
 Peer = Literal["sentence-transformers", "sentence-transformers:onnx", "sentence-transformers:onnx-int8",
                "sentence-transformers:openvino"]
 PEERS: tuple[str, ...] = get_args(Peer)
-# our backends in m2d bench: torch (every --dtype), and each exit exported to ONNX / OpenVINO
-Backend = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16"]
+# our backends in m2d bench: torch (every --dtype), and each exit exported to ONNX / OpenVINO; "-streams": OpenVINO
+# with one stream per thread (batches in flight at once) instead of one batch on all threads
+Backend = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-streams",
+                  "openvino-bf16-streams"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 Attention = Literal["auto", "sdpa", "eager"]
 ATTENTIONS: tuple[str, ...] = get_args(Attention)

@@ -148,14 +148,17 @@ def _backend_configs(model: MatryoshkaEncoder, layers: list[int], dims: list[int
             folders["openvino"] = export_model(model, workdir / f"openvino-{n}", layer=n, dim=width,
                                                format="openvino")
         for backend in wanted:
-            runtime, _, precision = backend.partition("-")
+            name, streamed = backend.removesuffix("-streams"), backend.endswith("-streams")
+            runtime, _, precision = name.partition("-")
             if runtime == "onnx":
                 encoder: Any = OnnxEncoder(folders["onnx"], file="model_int8.onnx" if precision else "model.onnx",
                                            threads=threads)
-            else:
-                encoder = OpenVinoEncoder(folders["openvino"], precision=precision or "f32", threads=threads)
-            configs += [TimedConfig(f"{OURS}:{runtime}", precision or "fp32", n, d, _exported_runner(encoder, d),
-                                    depth=n) for d in dims]
+            else:  # -streams: one stream per thread, batches in flight at once
+                encoder = OpenVinoEncoder(folders["openvino"], precision=precision or "f32", threads=threads,
+                                          streams=threads if streamed else 1)
+            label = f"{OURS}:{runtime}" + ("-streams" if streamed else "")
+            configs += [TimedConfig(label, precision or "fp32", n, d, _exported_runner(encoder, d), depth=n)
+                        for d in dims]
     return configs
 
 

@@ -128,31 +128,70 @@ class OpenVinoEncoder(ExportedEncoder):
         folder: the export folder.
         file: the IR inside it.
         precision: ``f32`` (exact) or ``bf16`` (AMX/AVX-512 bf16 CPUs; OpenVINO's own default there).
-        threads: inference threads (``None``: OpenVINO's default).
+        threads: inference threads, all streams together (``None``: OpenVINO's default).
         max_seq_length: tokens per sentence; ``None`` reads the folder's.
+        streams: batches in flight at once. ``1`` (default): one batch at a time on all ``threads``
+            (OpenVINO's LATENCY mode). More: OpenVINO's THROUGHPUT mode with that many streams sharing the
+            threads, batches queued through an ``AsyncInferQueue`` while the next ones are tokenised; the
+            numbers are the same, only the schedule differs (docs/benchmarks.md measures it).
     """
 
     def __init__(self, folder: str | os.PathLike[str], *, file: str = OPENVINO_FILE, precision: str = "f32",
-                 threads: int | None = None, max_seq_length: int | None = None) -> None:
+                 threads: int | None = None, max_seq_length: int | None = None, streams: int = 1) -> None:
         require_openvino()
         import openvino as ov
 
         super().__init__(folder, max_seq_length=max_seq_length)
         if precision not in ("f32", "bf16"):
             raise ValueError(f"OpenVINO precision {precision!r} is not f32 or bf16; pass one of them")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
+            raise ValueError(f"OpenVINO streams {streams!r} is out of range 1..64; pass 1 (one batch at a time) "
+                             "or e.g. the thread count")
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision,
+                                  "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        if streams > 1:
+            config["NUM_STREAMS"] = str(streams)
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.file, self.precision = file, precision
+        self.file, self.precision, self.streams = file, precision, streams
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(Path(folder) / file)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output = self.compiled.output(OUTPUT_NAME)
+        self._queue = ov.AsyncInferQueue(self.compiled, streams) if streams > 1 else None
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
         result = self.request.infer({k: features[k] for k in self.input_names}, share_inputs=True)
         return np.array(result[self.output], dtype=np.float32)  # a copy: the request reuses its buffer
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """As :meth:`ExportedEncoder.encode`; with ``streams > 1`` up to ``streams`` batches run at once."""
+        if self._queue is None:
+            return super().encode(texts, batch_size=batch_size)
+        batches = TokenBatches(self.tokenizer, check_texts(texts), batch_size=batch_size,
+                               max_length=self.max_seq_length)
+        results: list[tuple[Any, np.ndarray]] = []
+        errors: list[BaseException] = []
+
+        def done(request: Any, rows: Any) -> None:  # in an OpenVINO thread; list.append is atomic
+            try:
+                results.append((rows, np.array(request.get_tensor(self.output).data, dtype=np.float32)))
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
+                errors.append(error)
+
+        self._queue.set_callback(done)
+        for rows, features in batches:
+            self._queue.start_async({k: features[k] for k in self.input_names}, userdata=rows)
+        self._queue.wait_all()
+        if errors:
+            raise errors[0]
+        out = np.empty((len(texts), results[0][1].shape[1]), dtype=np.float32)
+        for rows, emb in results:
+            out[rows] = emb
+        if batches.num_truncated:
+            logger.info("%d text(s) were truncated to %d tokens", batches.num_truncated, self.max_seq_length)
+        return out
 
 
 def read_export_meta(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -173,8 +212,10 @@ def exported_format(folder: str | os.PathLike[str]) -> str | None:
 
 
 def load_exported(folder: str | os.PathLike[str], *, int8: bool = False, threads: int | None = None,
-                  precision: str = "f32") -> ExportedEncoder:
+                  precision: str = "f32", streams: int = 1) -> ExportedEncoder:
     """The runner of an ONNX or OpenVINO export; ``int8`` picks its int8 graph (an explicit choice).
+
+    ``precision`` and ``streams`` apply to OpenVINO (:class:`OpenVinoEncoder`).
 
     Raises:
         ValueError: not an onnx/openvino export, or ``int8`` asked of a folder exported without it.
@@ -190,4 +231,4 @@ def load_exported(folder: str | os.PathLike[str], *, int8: bool = False, threads
                          if int8 else f"{Path(folder) / file} is missing; export the model again")
     if fmt == "onnx":
         return OnnxEncoder(folder, file=file, threads=threads)
-    return OpenVinoEncoder(folder, file=file, threads=threads, precision=precision)
+    return OpenVinoEncoder(folder, file=file, threads=threads, precision=precision, streams=streams)
