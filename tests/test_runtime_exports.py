@@ -134,3 +134,20 @@ def test_cli_encode_runs_an_openvino_export(bert, openvino_dir, tmp_path):
     assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(tmp_path / "m.npy"),
                  "--batch-size", "4", "--threads", "2"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"), bert.encode(many, layer=2, dim=16), atol=1e-4)
+    # precision: auto (the default, OpenVINO's choice) and bf16 stay close to fp32; f32 is exact
+    for precision, tolerance in (("f32", 1e-4), ("bf16", 3e-2), ("auto", 3e-2)):
+        out = tmp_path / f"p-{precision}.npy"
+        assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(out), "--precision",
+                     precision, "--batch-size", "4"]) == 0
+        np.testing.assert_allclose(np.load(out), bert.encode(many, layer=2, dim=16), atol=tolerance)
+
+
+def test_cli_precision_is_for_openvino_exports_only(tiny_dir, tmp_path, capsys):
+    from matryoshka2d.cli import main
+
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("the dog runs\n", encoding="utf-8")
+    assert main(["encode", str(tiny_dir), "--input", str(inputs), "--output", str(tmp_path / "e.npy"),
+                 "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision bf16 is for OpenVINO exports" in err and "not one: drop the flag" in err

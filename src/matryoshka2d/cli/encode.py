@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="ONNX/OpenVINO export: run its int8 graph (faster, slightly different numbers)")
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads: torch's (also the local corpus engine's), or an export's runtime")
+    p.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
+                   help="OpenVINO export: auto (default; OpenVINO's choice: bf16 on CPUs with native bf16 such as "
+                        "AMX, else f32), or f32 / bf16")
     c.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once)")
     c.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (Ray CPUs) per actor")
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto); default: a local one")
@@ -69,9 +72,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads {args.threads} must be a positive integer")
     from matryoshka2d.export.runtime import exported_format
 
+    fmt = exported_format(args.model)
+    if args.precision != "auto" and fmt != "openvino":
+        raise ValueError(f"--precision {args.precision} is for OpenVINO exports (m2d export --format openvino); "
+                         f"{args.model} is {'an ONNX export' if fmt else 'not one'}: drop the flag")
     with claim_output(args.output, overwrite=args.overwrite) as out:  # held until the file is in place
         texts = read_sentences(args.input, column=args.column)
-        if exported_format(args.model):
+        if fmt:
             start = time.perf_counter()
             emb = _encode_exported(args, texts)
         else:
@@ -169,9 +176,10 @@ def _encode_exported(args: argparse.Namespace, texts: list[str]) -> np.ndarray:
         raise ValueError("--no-normalize: an exported graph returns L2-normalised embeddings; drop the flag, "
                          "or encode the source model")
     # OpenVINO: with more than one batch, one stream per thread (batches in flight at once; the same numbers,
-    # 1.07-1.23x the sentences/s of one batch on all threads, docs/benchmarks.md)
+    # in bf16 1.14-1.34x the sentences/s of one batch on all threads at exit 6, docs/benchmarks.md)
     streams = (args.threads or os.cpu_count() or 1) if len(texts) > args.batch_size else 1
-    encoder = load_exported(args.model, int8=args.int8, threads=args.threads, streams=streams)
+    encoder = load_exported(args.model, int8=args.int8, threads=args.threads, streams=streams,
+                            precision=args.precision)
     emb = encoder.encode(texts, batch_size=args.batch_size)
     if args.dim is not None and args.dim < width:  # a prefix of the normalised vector, normalised again
         emb = emb[:, : args.dim]

@@ -127,7 +127,8 @@ class OpenVinoEncoder(ExportedEncoder):
     Args:
         folder: the export folder.
         file: the IR inside it.
-        precision: ``f32`` (exact) or ``bf16`` (AMX/AVX-512 bf16 CPUs; OpenVINO's own default there).
+        precision: ``f32`` (exact), ``bf16`` (AMX/AVX-512 bf16 CPUs), or ``auto``: OpenVINO's own default
+            (bf16 where the CPU runs it natively, else f32).
         threads: inference threads, all streams together (``None``: OpenVINO's default).
         max_seq_length: tokens per sentence; ``None`` reads the folder's.
         streams: batches in flight at once. ``1`` (default): one batch at a time on all ``threads``
@@ -142,13 +143,14 @@ class OpenVinoEncoder(ExportedEncoder):
         import openvino as ov
 
         super().__init__(folder, max_seq_length=max_seq_length)
-        if precision not in ("f32", "bf16"):
-            raise ValueError(f"OpenVINO precision {precision!r} is not f32 or bf16; pass one of them")
+        if precision not in ("f32", "bf16", "auto"):
+            raise ValueError(f"OpenVINO precision {precision!r} is not f32, bf16 or auto; pass one of them")
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
             raise ValueError(f"OpenVINO streams {streams!r} is out of range 1..64; pass 1 (one batch at a time) "
                              "or e.g. the thread count")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision,
-                                  "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        if precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = precision
         if streams > 1:
             config["NUM_STREAMS"] = str(streams)
         if threads:

@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -130,9 +130,6 @@ class OnnxRunner:
             encoders[n] = encoder
         left = getattr(model.tokenizer, "padding_side", "right") == "left"
         return cls(encoders, left_padding=left)
-
-    def describe(self) -> dict[str, Any]:
-        return {"graphs": {n: str(e.folder / e.file) for n, e in self.encoders.items()}}
 
 
 def _reusable(path: Path, expected: np.ndarray, threads: int | None, max_seq_length: int) -> OnnxEncoder | None:
