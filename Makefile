@@ -32,7 +32,7 @@ test-all: install
 
 # ruff, then the layer contract of pyproject.toml [tool.importlinter] (no upward import, no circle)
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 
 clean:
