@@ -12,7 +12,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +80,17 @@ class ExportedEncoder:
         batches = TokenBatches(self.tokenizer, check_texts(texts), batch_size=batch_size,
                                max_length=self.max_seq_length)
         out: np.ndarray | None = None
-        for rows, features in batches:
-            emb = self.run(features)
+        for rows, emb in self._embed(batches):
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
             out[rows] = emb
         if batches.num_truncated:
             logger.info("%d text(s) were truncated to %d tokens", batches.num_truncated, self.max_seq_length)
         return out  # type: ignore[return-value]
+
+    def _embed(self, batches: TokenBatches) -> Iterable[tuple[Any, np.ndarray]]:
+        """``(rows, embeddings)`` of every batch, in any order."""
+        return ((rows, self.run(features)) for rows, features in batches)
 
 
 class OnnxEncoder(ExportedEncoder):
@@ -167,12 +170,10 @@ class OpenVinoEncoder(ExportedEncoder):
         result = self.request.infer({k: features[k] for k in self.input_names}, share_inputs=True)
         return np.array(result[self.output], dtype=np.float32)  # a copy: the request reuses its buffer
 
-    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-        """As :meth:`ExportedEncoder.encode`; with ``streams > 1`` up to ``streams`` batches run at once."""
+    def _embed(self, batches: TokenBatches) -> Iterable[tuple[Any, np.ndarray]]:
+        """With ``streams > 1``, up to ``streams`` batches in flight at once (results in completion order)."""
         if self._queue is None:
-            return super().encode(texts, batch_size=batch_size)
-        batches = TokenBatches(self.tokenizer, check_texts(texts), batch_size=batch_size,
-                               max_length=self.max_seq_length)
+            return super()._embed(batches)
         results: list[tuple[Any, np.ndarray]] = []
         errors: list[BaseException] = []
 
@@ -188,12 +189,7 @@ class OpenVinoEncoder(ExportedEncoder):
         self._queue.wait_all()
         if errors:
             raise errors[0]
-        out = np.empty((len(texts), results[0][1].shape[1]), dtype=np.float32)
-        for rows, emb in results:
-            out[rows] = emb
-        if batches.num_truncated:
-            logger.info("%d text(s) were truncated to %d tokens", batches.num_truncated, self.max_seq_length)
-        return out
+        return results
 
 
 def read_export_meta(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

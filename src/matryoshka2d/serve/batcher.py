@@ -151,7 +151,6 @@ class Batcher:
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
-        self.threads = threads
         self.trim_interval, self.on_trim = trim_interval, on_trim
         self.trims = 0
         self._last_trim = time.perf_counter()
