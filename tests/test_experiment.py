@@ -192,3 +192,19 @@ def test_unit_lock_lets_two_workers_share_a_study(tmp_path):
         assert done == [units[0], units[2]]
     for_each_unit(study, units, done.append)  # free again: taken
     assert done[2:] == units
+
+
+def test_reproduce_seeds_runs_only_those_seeds(study_files, monkeypatch, capsys):
+    from matryoshka2d.cli import main
+
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    assert main(["reproduce", "--config", str(study_path), "--seeds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds '3'" in err and "seeds 0,1" in err
+    assert main(["reproduce", "--config", str(study_path), "--seeds", "1"]) == 0
+    runs = Path(load_study(study_path).runs_dir)
+    trained = {p.parent.relative_to(runs).as_posix() for p in runs.rglob("eval.json")}
+    # the lr is chosen at the study's first seed (dev.json only); every evaluated study run is of seed 1
+    assert trained and all(t.endswith("seed1") or t.endswith("base") for t in trained)
+    assert any(p.parent.name == "seed0" for p in runs.rglob("dev.json"))

@@ -9,6 +9,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run the reproduction study from a TOML file (resumes)")
     p.add_argument("--config", required=True, help="study TOML, e.g. configs/reproduce-stsb-minilm.toml")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    p.add_argument("--seeds", default=None, metavar="S[,S...]",
+                   help="run only these of the study's seeds now (e.g. 0 on a CPU, the rest later); the report "
+                        "covers every run that is finished")
     p.set_defaults(func=run)
 
 
@@ -18,8 +21,21 @@ def run(args: argparse.Namespace) -> int:
     from matryoshka2d.study.runner import run_study
 
     study = load_study(args.config)
+    seeds = None if args.seeds is None else _seed_subset(args.seeds, study.seeds)
     for key in ("runs_dir", "output_dir"):  # each unit takes its own lock inside
         check_writable(getattr(study, key), kind="folder", overwrite=True, flag=f"[study] {key}")
-    report = run_study(study, report_only=args.report_only)
+    report = run_study(study, report_only=args.report_only, seeds=seeds)
     print(f"wrote {report}")
     return 0
+
+
+def _seed_subset(text: str, seeds: list[int]) -> list[int]:
+    """The seeds of ``--seeds`` (a comma-separated subset of the study's ``seeds``), in the study's order."""
+    try:
+        chosen = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        chosen = set()
+    if not chosen or not chosen <= set(seeds):
+        raise ValueError(f"--seeds {text!r}: expected a comma-separated subset of the study's seeds "
+                         f"{','.join(map(str, seeds))}, e.g. --seeds {seeds[0]}")
+    return [s for s in seeds if s in chosen]

@@ -146,8 +146,12 @@ def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> 
                          "mean": mean, "chosen": best}
 
 
-def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
-    """Run what is missing, then write the report. Returns the report path."""
+def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int] | None = None) -> Path:
+    """Run what is missing, then write the report. Returns the report path.
+
+    ``seeds``: only these of the study's seeds (``None``: all); the learning rate is still chosen at the
+    study's first seed, and the report covers only the runs of these seeds, so every strategy in it has the
+    same seeds."""
     from matryoshka2d.data.datasets import load_sts
     from matryoshka2d.encoder.model import MatryoshkaEncoder
     from matryoshka2d.study.report import write_report
@@ -159,7 +163,7 @@ def run_study(study: StudyConfig, *, report_only: bool = False) -> Path:
     from matryoshka2d.training.config import load_config
 
     base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
-    units = plan_units(study, base.num_layers, lr)
+    units = [u for u in plan_units(study, base.num_layers, lr) if seeds is None or u.seed is None or u.seed in seeds]
     sets = {} if report_only else {name: load_sts(name, "test") for name in study.eval_sets}
     first = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
     dev = {study.selection_set: load_sts(study.selection_set, "dev")} if study.dev_eval and not report_only else {}
