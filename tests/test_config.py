@@ -122,6 +122,8 @@ def test_unknown_and_ambiguous_keys_name_the_fix(tmp_path: Path) -> None:
     ("objective.strategy", "separate", "objective.separate_layers = None is invalid: strategy 'separate'"),
     ("train.batch_size", 0, "train.batch_size = 0 is invalid: expected an integer in 1 or more"),
     ("train.lr", float("nan"), "train.lr = nan is invalid: expected a finite number > 0"),
+    ("train.layer_lr_decay", 0, r"train.layer_lr_decay = 0.0 is invalid: expected a finite number > 0.0 and <= 1.0"),
+    ("train.layer_lr_decay", 1.5, r"train.layer_lr_decay = 1.5 is invalid: expected a finite number > 0.0 and <= 1"),
     ("train.warmup_ratio", 1.5, r"warmup_ratio = 1.5 is invalid: expected a finite number >= 0.0 and <= 1.0"),
     ("train.mixed_precision", "fp8", "mixed_precision = 'fp8' is invalid: choose one of no, fp16, bf16"),
     ("train.max_steps", 1.5, "train.max_steps = 1.5 is invalid: expected an integer"),

@@ -297,6 +297,41 @@ def test_build_adds_heads_where_the_objective_trains_and_groups_their_lr(tiny_di
         assert "train.head_lr = 0.01 is unused: the model has no exit heads" in caplog.text
 
 
+def test_layer_lr_decay_gives_each_block_its_lr_and_keeps_the_heads_lr(tiny_dir, data_dir, tmp_path):
+    from matryoshka2d.encoder.architectures import get_blocks
+    from matryoshka2d.training.setup import build, make_optimizer
+
+    config = _config(tiny_dir, data_dir, tmp_path / "a", **{"train.layer_lr_decay": 0.5, "train.lr": 1e-3})
+    model, _, _, objective = build(config)
+    optimizer, _ = make_optimizer(objective, config, 10)
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    n_last = model.num_layers
+    for n, block in enumerate(get_blocks(model.backbone), start=1):
+        assert [lr_of[id(p)] for p in block.parameters()] == pytest.approx([1e-3 * 0.5 ** (n_last - n)] * len(
+            list(block.parameters()))), n
+    embeddings = model.backbone.embeddings.word_embeddings.weight
+    assert lr_of[id(embeddings)] == pytest.approx(1e-3 * 0.5 ** n_last)
+    assert {lr_of[id(p)] for p in model.exit_heads.parameters()} == {1e-2}  # head_lr, not decayed by depth
+    assert len(lr_of) == len(list(objective.parameters()))  # every weight in exactly one group
+    assert optimizer.param_groups[0]["name"] == "backbone" and optimizer.param_groups[0]["initial_lr"] == 1e-3
+    decayed = [g for g in optimizer.param_groups if g["weight_decay"] > 0]
+    assert all(p.ndim >= 2 for g in decayed for p in g["params"])  # biases and LayerNorms stay undecayed
+    plain = _config(tiny_dir, data_dir, tmp_path / "b")
+    names = [g["name"] for g in make_optimizer(build(plain)[3], plain, 10)[0].param_groups]
+    assert names == ["backbone", "backbone-no-decay", "heads"]  # 1.0: the groups of every earlier run
+
+
+def test_layer_lr_decay_trains_and_logs_the_top_lr(tiny_dir, data_dir, tmp_path):
+    import json
+
+    from matryoshka2d.training.loop import train
+
+    out = tmp_path / "run"
+    train(_config(tiny_dir, data_dir, out, **{"train.layer_lr_decay": 0.8}))
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert lines and all(0 < x["lr"] <= 1e-3 and x["head_lr"] > x["lr"] for x in lines[1:])
+
+
 @pytest.mark.parametrize(("strategy", "extra", "layers"), [
     ("full", {}, [4]),
     ("separate", {"objective.separate_layers": 2}, [2]),

@@ -208,3 +208,21 @@ def test_reproduce_seeds_runs_only_those_seeds(study_files, monkeypatch, capsys)
     # the lr is chosen at the study's first seed (dev.json only); every evaluated study run is of seed 1
     assert trained and all(t.endswith("seed1") or t.endswith("base") for t in trained)
     assert any(p.parent.name == "seed0" for p in runs.rglob("dev.json"))
+
+
+STUDY_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")
+                       if "\n[study]\n" in f"\n{p.read_text(encoding='utf-8')}")
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: p.name)
+def test_shipped_study_configs_load_and_plan(path: Path) -> None:
+    from matryoshka2d.training.config import load_config
+
+    study = load_study(path)
+    root = path.parents[1]
+    load_config(root / study.train_config)  # the training config it names exists and is valid
+    units = plan_units(study, num_layers=6, lr=1e-4)
+    labels = [(u.label, u.seed) for u in units]
+    assert units and len(labels) == len(set(labels))  # no run planned twice
+    for unit in units:
+        load_config(root / study.train_config, overrides={**study.overrides, **dict(unit.overrides)})

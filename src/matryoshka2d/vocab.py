@@ -45,7 +45,7 @@ def pooling_from_st(name: str) -> PoolingMode | None:
 # ----------------------------------------------------------------------------------- training
 Strategy = Literal["full", "mrl", "layers", "2dmse", "starbucks", "separate", "dense", "ese"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-DepthWeighting = Literal["none", "linear", "log"]
+DepthWeighting = Literal["none", "linear", "log", "rising"]
 DEPTH_WEIGHTINGS: tuple[str, ...] = get_args(DepthWeighting)
 KLSpace = Literal["coordinates", "batch"]
 KL_SPACES: tuple[str, ...] = get_args(KLSpace)

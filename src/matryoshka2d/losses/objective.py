@@ -314,7 +314,7 @@ class TwoDMatryoshkaLoss(nn.Module):
         Terms with a zero group weight are left out (their exits are not computed).
         """
         n_last, d_full = self.num_layers, self.hidden_size
-        lam = partial(depth_weight, mode=self.depth_weighting)
+        lam = partial(depth_weight, mode=self.depth_weighting, num_layers=n_last)
         if self.strategy == "starbucks":  # each pair once; the mean over pairs keeps the scale of one B
             k = len(self.starbucks_pairs)
             last = [(n, d, 1 / k) for n, d in self.starbucks_pairs if n == n_last]

@@ -51,12 +51,20 @@ def default_starbucks_pairs(
     return tuple((-(-i * num_layers // k), d) for i, d in zip(range(1, k + 1), pool[-k:], strict=True))
 
 
-def depth_weight(layer: int, mode: DepthWeighting) -> float:
-    """lambda(n): 1 (``none``), ``1/n`` (``linear``) or ``1/(1 + ln n)`` (``log``)."""
+def depth_weight(layer: int, mode: DepthWeighting, num_layers: int | None = None) -> float:
+    """lambda(n): 1 (``none``), ``1/n`` (``linear``), ``1/(1 + ln n)`` (``log``) or ``2n/N`` (``rising``).
+
+    ``rising`` leans the shallow terms towards the deep exits: its mean over ``n = 1..N-1`` is exactly 1, so
+    the shallow terms keep their total weight (N = 6: 0.33, 0.67, 1, 1.33, 1.67). It needs ``num_layers``.
+    """
     if mode == "linear":
         return 1.0 / layer
     if mode == "log":
         return 1.0 / (1.0 + math.log(layer))
+    if mode == "rising":
+        if num_layers is None:
+            raise ValueError("depth_weighting 'rising' needs the model's depth N (num_layers)")
+        return 2.0 * layer / num_layers
     return 1.0
 
 
@@ -108,7 +116,7 @@ class ObjectiveOptions:
             coordinates) or ``batch`` (each row's softmax over its cosine similarities to every other row of
             the batch: the last exit's in-batch similarity distribution is distilled into the shallow exit;
             use a small T such as 0.05, cosines lie in [-1, 1]).
-        depth_weighting: lambda(n) on the shallow terms.
+        depth_weighting: lambda(n) on the shallow terms (``none``, ``linear``, ``log`` or ``rising``).
         detach_teacher: stop the KL gradient through the last layer.
         starbucks_pairs: the fixed ``(layer, dim)`` pairs of ``starbucks``; ``None`` derives them.
         compression_dim: ESE's k, the width every shallow exit is trained at, in ``1..D-1``; ``None`` means

@@ -134,15 +134,16 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
             max_norm = t.max_grad_norm or math.inf  # inf: measure the norm (for logs and checks), never clip
             grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), max_norm))
             _check_finite(step, record, grad_norm, fp16=t.mixed_precision == "fp16")
-            lrs = scheduler.get_last_lr()
+            lrs = scheduler.get_last_lr()  # the first group is the backbone at the full lr
             lr = lrs[0]
+            heads = [x for g, x in zip(optimizer.param_groups, lrs, strict=True) if g.get("name") == "heads"]
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - tick
             record = {"step": step, "epoch": round(order.epochs_done, 4), "lr": lr,
-                      **({"head_lr": lrs[2]} if len(lrs) > 2 else {}), **record,
+                      **({"head_lr": heads[0]} if heads else {}), **record,
                       "grad_norm": grad_norm, "layers": sorted(layers), "dims": sorted(dims),
                       "samples_per_s": round(t.batch_size * accum / seconds, 2), "step_s": round(seconds, 4)}
             if log is not None and (step % config.run.log_every == 0 or step == total):

@@ -205,6 +205,8 @@ class TrainConfig:
         max_steps: optimizer steps; ``None`` derives them from ``epochs``.
         lr: peak learning rate of AdamW.
         head_lr: peak learning rate of the exit heads (same schedule); ``None`` means ``lr``.
+        layer_lr_decay: layer-wise lr decay g in (0, 1]: block n of N learns at ``lr * g**(N - n)``, the
+            embeddings at ``lr * g**N``; 1 (the default) trains every backbone weight at ``lr``.
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         warmup_ratio: share of the steps with a linear warm-up.
         warmup_steps: warm-up steps; overrides ``warmup_ratio`` when set.
@@ -219,6 +221,7 @@ class TrainConfig:
     max_steps: int | None = None
     lr: float = 2e-5
     head_lr: float | None = None
+    layer_lr_decay: float = 1.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None
@@ -227,7 +230,7 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        _to_float(self, "epochs", "lr", "weight_decay", "warmup_ratio", "max_grad_norm")
+        _to_float(self, "epochs", "lr", "layer_lr_decay", "weight_decay", "warmup_ratio", "max_grad_norm")
         _int("train.batch_size", self.batch_size, 1)
         _int("train.grad_accumulation", self.grad_accumulation, 1)
         _float("train.epochs", self.epochs, open_low=True)
@@ -239,6 +242,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value) or value <= 0:
                 invalid("train.head_lr", value, "expected a finite number > 0 (e.g. 1e-3, often 10-100x train.lr), "
                       "or leave it unset to train the exit heads at train.lr")
+        _float("train.layer_lr_decay", self.layer_lr_decay, 0.0, 1.0, open_low=True)
         _float("train.weight_decay", self.weight_decay)
         _float("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _int("train.warmup_steps", self.warmup_steps, 0, optional=True)

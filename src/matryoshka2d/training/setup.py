@@ -167,19 +167,41 @@ def _add_exit_heads(model: Any, objective: Any, kind: str, strategy: str, *, las
 def make_optimizer(objective: torch.nn.Module, config: Config, total: int) -> tuple[Any, Any]:
     """AdamW with param groups: backbone weights (decayed), biases and LayerNorms (not decayed), and, when
     the model has exit heads, the heads at ``train.head_lr`` without decay (decay would pull them toward zero,
-    not toward their identity start); then a linear warm-up and decay of every group's lr."""
+    not toward their identity start); then a linear warm-up and decay of every group's lr.
+
+    With ``train.layer_lr_decay = g < 1`` block n of N learns at ``lr * g**(N - n)`` and the weights outside
+    the blocks (the embeddings) at ``lr * g**N``: one decayed and one undecayed group per depth, after the
+    groups at the full lr. Every group has a ``name`` (``backbone``, ``backbone-no-decay``, ``heads``,
+    ``block-n``...) so the loop logs the right ones."""
     from transformers import get_linear_schedule_with_warmup
+
+    from matryoshka2d.encoder.architectures import get_blocks
 
     t = config.train
     model: Any = objective.model
     head_ids = {id(p) for p in model.exit_heads.parameters()}
     params = [p for p in objective.parameters() if p.requires_grad]
-    decay = [p for p in params if id(p) not in head_ids and p.ndim >= 2]
-    no_decay = [p for p in params if id(p) not in head_ids and p.ndim < 2]  # biases, LayerNorm
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    depth = {id(p): 0 for p in model.backbone.parameters()}  # outside the blocks: below block 1
+    for n, block in enumerate(get_blocks(model.backbone), start=1):
+        depth.update({id(p): n for p in block.parameters()})
+    n_last = model.num_layers
+
+    def steps_down(p: torch.nn.Parameter) -> int:  # how many layers below the top: 0 keeps the full lr
+        return 0 if t.layer_lr_decay == 1.0 or id(p) not in depth else n_last - depth[id(p)]
+
+    body = [p for p in params if id(p) not in head_ids]
+    groups: list[dict[str, Any]] = []
+    for k in sorted({steps_down(p) for p in body}):
+        label = "backbone" if k == 0 else ("embeddings" if k == n_last else f"block-{n_last - k}")
+        scale = {} if k == 0 else {"lr": t.lr * t.layer_lr_decay ** k}
+        groups.append({"name": label, "params": [p for p in body if steps_down(p) == k and p.ndim >= 2],
+                       "weight_decay": t.weight_decay, **scale})
+        groups.append({"name": f"{label}-no-decay", "weight_decay": 0.0, **scale,  # biases, LayerNorm
+                       "params": [p for p in body if steps_down(p) == k and p.ndim < 2]})
     head_params = [p for p in params if id(p) in head_ids]
     if head_params:
-        groups.append({"params": head_params, "weight_decay": 0.0, "lr": t.head_lr or t.lr})
+        groups.append({"name": "heads", "params": head_params, "weight_decay": 0.0, "lr": t.head_lr or t.lr})
+    groups = [g for g in groups if g["params"] or g["name"].startswith("backbone")]
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     return optimizer, get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
