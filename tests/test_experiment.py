@@ -226,3 +226,66 @@ def test_shipped_study_configs_load_and_plan(path: Path) -> None:
     assert units and len(labels) == len(set(labels))  # no run planned twice
     for unit in units:
         load_config(root / study.train_config, overrides={**study.overrides, **dict(unit.overrides)})
+
+
+def _beir_files(folder: Path, seed: int = 0) -> None:
+    """A tiny BEIR set: 40 documents, one relevant document per query, train / dev / test qrels."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(40)]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.tsv").write_text("doc_id\ttitle\ttext\n" + "".join(f"d{i}\t\t{t}\n" for i, t in enumerate(docs)))
+    (folder / "queries.tsv").write_text("query_id\ttext\n" + "".join(  # 1 word of its document, 4 random
+        f"q{i}\t{' '.join(rng.sample(docs[i].split(), 1) + [rng.choice(WORDS) for _ in range(4)])}\n"
+        for i in range(40)))
+    for split, ids in (("train", range(0, 24)), ("dev", range(24, 32)), ("test", range(32, 40))):
+        (folder / "qrels" / f"{split}.tsv").write_text("query_id\tdoc_id\tscore\n" + "".join(
+            f"q{i}\td{i}\t1\n" for i in ids))
+
+
+def test_retrieval_study_trains_evaluates_and_compares_over_queries(tmp_path, tiny_dir, monkeypatch):
+    """Issue 19 step 4 through the study runner: a BEIR set as the test set (retrieval.json per run, nDCG@10
+    over the corpus), the lr chosen on its dev split, CIs from a paired bootstrap over queries."""
+    from matryoshka2d.evaluation.retrieval_compare import compare_retrieval
+    from matryoshka2d.evaluation.retrieval_result import RetrievalResult
+
+    data = tmp_path / "data"
+    _beir_files(data / "nfcorpus")
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    train_cfg = tmp_path / "train.toml"
+    train_cfg.write_text(
+        f'[model]\nname = "{tiny_dir}"\n[data]\nsource = "nfcorpus"\ndata_dir = "{data}"\n[loss]\nname = "ibn"\n'
+        '[train]\nbatch_size = 8\nmax_steps = 6\nlr = 1e-2\n[run]\nsave_every = 0\nprogress_bar = false\n')
+    study_path = tmp_path / "study.toml"
+    study_path.write_text(
+        f'[study]\nname = "tiny retrieval"\ntrain_config = "{train_cfg}"\nstrategies = ["full", "separate"]\n'
+        'seeds = [0]\nseparate_layers = [2]\nlr_grid = [1e-2, 1e-3]\nselection_strategies = ["full"]\n'
+        'selection_set = "nfcorpus"\neval_sets = ["nfcorpus"]\ndev_eval = true\ndims = [8, 32]\n'
+        f'runs_dir = "{tmp_path / "runs"}"\noutput_dir = "{tmp_path / "out"}"\nreport = "{tmp_path / "r.md"}"\n'
+        'draws = 50\n[study.variants.dense-heads]\n"objective.strategy" = "dense"\n"model.exit_heads" = "linear"\n')
+    study = load_study(study_path)
+    assert study.retrieval and study.result_tag == "retrieval"
+    md = run_study(study).read_text()
+    assert "## nfcorpus test: every strategy" in md and "nDCG@10 x100" in md and "resamples of queries" in md
+    assert "| dense-heads |" in md and "| separate (model of that depth) |" in md and "STS12-16" not in md
+    assert "- **dense-heads vs separately trained models of the same depth** (NFCorpus test)" in md
+    selection = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert selection["set"] == "nfcorpus dev" and "ndcg@10" in selection["rule"]
+    runs = Path(study.runs_dir)
+    assert not list(runs.rglob("eval.json")) and len(list(runs.rglob("retrieval.json"))) == 3
+    assert len(list(runs.rglob("retrieval.preds.npz"))) == 3  # the per-query scores the bootstrap needs
+    rows = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    row = next(r for r in rows if r["comparison"] == "dense-heads - separate" and (r["layer"], r["dim"]) == (2, 32))
+    # one seed: the report's CI is compare_retrieval's (the same resamples of the same queries)
+    sep, dense = (RetrievalResult.load(next(runs.glob(f"{label}-lr*/seed0/retrieval.json")))
+                  for label in ("separate-2", "dense-heads"))
+    ci = compare_retrieval([sep, dense], draws=50, seed=0).cis[(0, 1)][("nfcorpus", 2, 32)]
+    assert (row["delta"], row["low"], row["high"]) == pytest.approx((ci["delta"], ci["low"], ci["high"]), abs=1e-4)
+    assert row["low"] < row["high"]  # the queries disagree: a real interval
+
+
+def test_study_sets_of_one_kind(tmp_path):
+    with pytest.raises(ValueError, match=r"mixes STS and retrieval sets; a study evaluates one kind"):
+        StudyConfig(eval_sets=["stsb", "scifact"])
+    with pytest.raises(ValueError, match=r"unknown set 'msmarco'; known sets: .* \(STS\) and scifact, nfcorpus"):
+        StudyConfig(eval_sets=["msmarco"])
+    assert StudyConfig(eval_sets=["scifact"]).result_tag == "retrieval" and StudyConfig().result_tag == "eval"

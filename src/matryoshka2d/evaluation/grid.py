@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class GridResult:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     gold: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    metric: ClassVar[str] = "spearman"  # the headline, as RetrievalResult.metric names its own
 
     def __post_init__(self) -> None:
         self._index = {(r["set"], int(r["layer"]), int(r["dim"])): r for r in self.records}

@@ -32,6 +32,12 @@ def query_resamples(n: int, *, draws: int = 1000, seed: int | Sequence[int] = 0)
     return counts.reshape(draws, n).astype(np.float32)
 
 
+def set_resamples(set_name: str, n: int, *, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """:func:`query_resamples` of one set's ``n`` queries, on the set's own stream from ``seed`` and its name
+    (every comparison of that set, here or in a study report, draws the same resamples)."""
+    return query_resamples(n, draws=draws, seed=[seed, zlib.crc32(set_name.encode())])
+
+
 def _summary(observed: float, diffs: np.ndarray, confidence: float) -> dict[str, float]:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence!r} must be in (0, 1); pass e.g. 0.95")
@@ -179,7 +185,7 @@ def compare_retrieval(results: Sequence[RetrievalResult], labels: Sequence[str] 
     comp.cis = {p: {} for p in pairs}
     res0 = results[0]
     for s in sets:
-        counts = query_resamples(res0.n_pairs(s), draws=draws, seed=[seed, zlib.crc32(s.encode())])
+        counts = set_resamples(s, res0.n_pairs(s), draws=draws, seed=seed)
         for n in layers:
             for d in dims:
                 values = [r.query_scores(s, n, d, metric).astype(np.float64) for r in results]

@@ -144,6 +144,25 @@ class RetrievalResult:
     def asymmetric_dims(self) -> list[int]:
         return sorted({int(r["dim"]) for r in self.asymmetric})
 
+    def merged(self, other: RetrievalResult) -> RetrievalResult:
+        """This result plus ``other``'s sets (same layers, dims and metrics; a set in both keeps this one's).
+
+        Raises:
+            ValueError: the two grids have different layers, dims or metrics.
+        """
+        if (other.layers, other.dims, other.metrics) != (self.layers, self.dims, self.metrics):
+            raise ValueError(f"cannot merge retrieval grids with layers/dims/metrics {self.layers}/{self.dims}/"
+                             f"{self.metrics} and {other.layers}/{other.dims}/{other.metrics}; evaluate both "
+                             "with the same layers, dims and metrics")
+        new = [s for s in other.sets if s not in self.sets]
+        timings = {**(other.metadata.get("timings") or {}), **(self.metadata.get("timings") or {})}
+        meta = {**other.metadata, **self.metadata, **({"timings": timings} if timings else {})}
+        return RetrievalResult(
+            self.model, [*self.records, *(r for r in other.records if r["set"] in new)], self.metrics,
+            {**{s: other.per_query[s] for s in new if s in other.per_query}, **self.per_query},
+            {**{s: other.query_ids[s] for s in new if s in other.query_ids}, **self.query_ids}, meta,
+            [*self.asymmetric, *(r for r in other.asymmetric if r["set"] in new)])
+
     # ----------------------------------------------------------------------------------- views
     def to_dict(self) -> dict[str, Any]:
         """``{"format_version", "kind", "model", "metric", "metrics", "metadata", "results", "asymmetric"}``."""
@@ -239,3 +258,11 @@ def result_kind(path: str | os.PathLike[str]) -> str:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return "sts"
     return KIND if isinstance(obj, dict) and obj.get("kind") == KIND else "sts"
+
+
+def load_result(path: str | os.PathLike[str]) -> Any:
+    """The result at ``path``, STS (:class:`~matryoshka2d.evaluation.grid.GridResult`) or retrieval
+    (:class:`RetrievalResult`), whichever its JSON holds, with its per-pair / per-query sidecar."""
+    from matryoshka2d.evaluation.grid import GridResult
+
+    return RetrievalResult.load(path) if result_kind(path) == KIND else GridResult.load(path)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matryoshka2d.data.beir import BEIR_SETS
 from matryoshka2d.data.datasets import STS_SETS
 from matryoshka2d.training.config import tomllib
 from matryoshka2d.vocab import STRATEGIES
@@ -34,8 +35,10 @@ class StudyConfig:
         lr_grid: learning rates tried on the dev set (seed ``seeds[0]``) before the study; empty: keep the
             training config's.
         selection_strategies: strategies whose dev score picks the learning rate.
-        selection_set: dev set used to choose (never a test set).
-        eval_sets: evaluation sets (test split).
+        selection_set: dev set used to choose (never a test set): an STS set, or a BEIR set with a dev split
+            (``nfcorpus``; SciFact has none).
+        eval_sets: evaluation sets (test split): STS sets (Spearman), or BEIR sets (``scifact``, ``nfcorpus``:
+            nDCG@10 and the other retrieval metrics over the whole corpus), not both.
         priority_sets: the sets of ``eval_sets`` evaluated right after each run; the others are evaluated once
             every run is trained, so an interrupted study holds the primary results of every strategy first.
         dev_eval: also evaluate every run on the ``selection_set`` dev split (``dev.json``), for ablations
@@ -85,8 +88,28 @@ class StudyConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study.seeds {self.seeds!r}: expected distinct integers, e.g. [0, 1, 2]")
         for s in [*self.eval_sets, *self.priority_sets, self.selection_set]:
-            if s not in STS_SETS:
-                raise ValueError(f"study: unknown set {s!r}; known sets: {', '.join(STS_SETS)}")
+            if s not in STS_SETS and s not in BEIR_SETS:
+                raise ValueError(f"study: unknown set {s!r}; known sets: {', '.join(STS_SETS)} (STS) and "
+                                 f"{', '.join(BEIR_SETS)} (retrieval)")
+        if not self.eval_sets:
+            raise ValueError("study.eval_sets is empty; name the test sets, e.g. [\"stsb\", \"sickr\"] or "
+                             "[\"scifact\"]")
+        kinds = {s in BEIR_SETS for s in self.eval_sets}
+        if len(kinds) > 1:
+            raise ValueError(f"study.eval_sets {self.eval_sets} mixes STS and retrieval sets; a study evaluates "
+                             "one kind: split it into two studies, which may share runs_dir (each run's STS "
+                             "results go to eval.json, its retrieval results to retrieval.json)")
+
+    @property
+    def retrieval(self) -> bool:
+        """Whether the study evaluates retrieval (BEIR sets, nDCG@10) rather than STS (Spearman)."""
+        return bool(self.eval_sets) and self.eval_sets[0] in BEIR_SETS
+
+    @property
+    def result_tag(self) -> str:
+        """The stem of each run's test result: ``eval`` (STS) or ``retrieval``, so that an STS study and a
+        retrieval study can share ``runs_dir`` (and its trained models)."""
+        return "retrieval" if self.retrieval else "eval"
 
 
 def load_study(path: str | os.PathLike[str]) -> StudyConfig:

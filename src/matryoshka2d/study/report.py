@@ -1,6 +1,7 @@
 """The reproduction study's report: mean +- std over seeds, paired bootstrap CIs, plots and verdicts.
 
-Everything in ``docs/results.md`` is computed here from the per-run ``eval.json`` files, so the report is
+Everything in ``docs/results.md`` is computed here from the per-run ``eval.json`` files (``retrieval.json`` for
+a retrieval study: nDCG@10 on BEIR sets, bootstrap over queries instead of pairs), so the report is
 regenerated, never edited by hand.
 """
 
@@ -13,9 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from matryoshka2d.data.datasets import STS_SETS
 from matryoshka2d.evaluation.compare import PairedBootstrap
 from matryoshka2d.evaluation.grid import GridResult
 from matryoshka2d.evaluation.plots import load_benchmark, new_figure, plot_dim_curves, save_figure, styled
+from matryoshka2d.evaluation.retrieval_compare import set_resamples
+from matryoshka2d.evaluation.retrieval_result import RetrievalResult, load_result, metric_label
 from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
 from matryoshka2d.study.config import separate_families
 
@@ -30,17 +34,18 @@ OVERLAP_NOTE = ("STS12-16 share sentence pairs with STS-B train (PROVENANCE.md),
 
 
 class Study:
-    """The loaded results: ``runs[label] = [GridResult per seed]`` with per-pair predictions."""
+    """The loaded results: ``runs[label] = [result per seed]``, each a GridResult with per-pair predictions
+    or (a retrieval study) a RetrievalResult with per-query scores."""
 
     def __init__(self, evals: dict[Unit, Path], num_layers: int, variants: tuple[str, ...] = (),
                  families: tuple[str, ...] = ()) -> None:
-        self.runs: dict[str, list[GridResult]] = defaultdict(list)
-        self.dev: dict[str, list[GridResult]] = defaultdict(list)
+        self.runs: dict[str, list[Any]] = defaultdict(list)
+        self.dev: dict[str, list[Any]] = defaultdict(list)
         self.step_s: dict[str, list[float]] = defaultdict(list)
         for unit, path in evals.items():
-            self.runs[unit.label].append(GridResult.load(path))
+            self.runs[unit.label].append(load_result(path))
             if (path.parent / "dev.json").is_file():
-                self.dev[unit.label].append(GridResult.load(path.parent / "dev.json"))
+                self.dev[unit.label].append(load_result(path.parent / "dev.json"))
             step = _median_step_s(path.parent / "log.jsonl")
             if step is not None:
                 self.step_s[unit.label].append(step)
@@ -50,7 +55,12 @@ class Study:
         self.num_layers = num_layers
         dims = next(iter(self.runs.values()))[0].dims if self.runs else [64]
         self.key_dims = sorted({d for d in (64, max(dims)) if d in dims})  # a narrow and the full width
-        self._boot: dict[str, PairedBootstrap] = {}
+        first = next(iter(self.runs.values()))[0] if self.runs else GridResult("", [])
+        self.metric = first.metric  # "spearman", or the retrieval headline ("ndcg@10")
+        self.label = metric_label(self.metric).removesuffix(" x100") if isinstance(first, RetrievalResult) \
+            else "Spearman"  # "nDCG@10"
+        self.units = "queries" if isinstance(first, RetrievalResult) else "pairs"  # what the bootstrap resamples
+        self._boot: dict[str, Any] = {}
 
     def has(self, label: str) -> bool:
         return bool(self.runs.get(label))
@@ -80,26 +90,36 @@ class Study:
 
     def bootstrap(self, set_name: str, a: tuple[str, int, int], b: tuple[str, int, int],
                   draws: int) -> dict[str, float] | None:
-        """CI of mean-over-seeds Spearman(b) - Spearman(a): each resample of pairs scores every seed's
-        predictions, the seeds are averaged per model, then differenced (seed spread is reported apart)."""
+        """CI of mean-over-seeds score(b) - score(a): each resample of pairs (STS) or queries (retrieval) scores
+        every seed's predictions, the seeds are averaged per model, then differenced (seed spread is reported
+        apart). Every run of a set is resampled the same way (paired)."""
         if not (self.has(a[0]) and self.has(b[0])):
             return None
-        if set_name not in self._boot:
-            gold = self.runs[a[0]][0].gold[set_name]
-            self._boot[set_name] = PairedBootstrap(gold, draws=draws, seed=0)
-        boot = self._boot[set_name]
 
         def mean_draws(label: str, layer: int, dim: int) -> tuple[np.ndarray, float]:
-            per_seed = []
-            for r in self.runs[label]:
-                i, j = r.layers.index(layer), r.dims.index(dim)
-                per_seed.append(boot.spearman_draws(r.predictions[set_name][i, j]))
+            per_seed = [self._draws(r, set_name, layer, dim, draws) for r in self.runs[label]]
             return np.mean(per_seed, axis=0), float(self.values(label, set_name, layer, dim).mean())
 
         da, ma = mean_draws(*a)
         db, mb = mean_draws(*b)
         low, high = np.nanpercentile(db - da, [2.5, 97.5])
         return {"delta": mb - ma, "low": float(low), "high": float(high)}
+
+    def _draws(self, result: Any, set_name: str, layer: int, dim: int, draws: int) -> np.ndarray:
+        """The exit's score on each of the set's ``draws`` shared resamples."""
+        if isinstance(result, RetrievalResult):
+            if set_name not in self._boot:
+                counts = set_resamples(set_name, result.n_queries(set_name), draws=draws, seed=0)
+                self._boot[set_name] = (counts, result.query_ids[set_name])
+            counts, ids = self._boot[set_name]
+            if result.query_ids[set_name] != ids:
+                raise ValueError(f"{result.model}: its {set_name} queries differ from the other runs'; evaluate "
+                                 "every run on the same set")
+            return counts @ result.query_scores(set_name, layer, dim).astype(np.float64) / counts.shape[1]
+        if set_name not in self._boot:
+            self._boot[set_name] = PairedBootstrap(result.gold[set_name], draws=draws, seed=0)
+        i, j = result.layers.index(layer), result.dims.index(dim)
+        return self._boot[set_name].spearman_draws(result.predictions[set_name][i, j])
 
 
 def _table(study: Study, set_name: str, labels: list[str]) -> list[str]:
@@ -154,8 +174,8 @@ def _ci_rows(study: Study, draws: int, sets: tuple[str, ...]) -> list[dict[str, 
     return [r for r in rows if "delta" in r]
 
 
-def _ci_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| set | comparison | layer | dim | Δ Spearman | 95% CI | CI excludes 0 |",
+def _ci_markdown(rows: list[dict[str, Any]], label: str = "Spearman") -> list[str]:
+    lines = [f"| set | comparison | layer | dim | Δ {label} | 95% CI | CI excludes 0 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         sign = "yes (+)" if r["low"] > 0 else ("yes (−)" if r["high"] < 0 else "no")
@@ -164,15 +184,15 @@ def _ci_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _verdicts(study: Study, rows: list[dict[str, Any]]) -> list[str]:
-    names = {"stsb": "STS-B test", "sickr": "SICK-R test"}
+def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...] = PRIMARY) -> list[str]:
+    names = {"stsb": "STS-B test", "sickr": "SICK-R test", "scifact": "SciFact test", "nfcorpus": "NFCorpus test"}
 
     def pick(comparison: str, set_name: str) -> list[dict[str, Any]]:
         return [r for r in rows if r["comparison"] == comparison and r["set"] == set_name]
 
     out = []
-    for set_name in [s for s in PRIMARY if any(r["set"] == s for r in rows)]:
-        where = names[set_name]
+    for set_name in [s for s in sets if any(r["set"] == s for r in rows)]:
+        where = names.get(set_name, f"{set_name} test")
         for base in ("full", "mrl"):
             sel = pick(f"2dmse - {base}", set_name)
             if sel:
@@ -216,7 +236,7 @@ def _plots(study: Study, out: Path, benchmark: str | None) -> list[str]:
         return []
     lines = []
     labels = [lab for lab in ("full", "mrl", "layers", "2dmse", "starbucks") if study.has(lab)]
-    for set_name in PRIMARY:
+    for set_name in [s for s in PRIMARY if study.metric == "spearman"]:  # the figure 3 of the paper: STS only
         means = []
         for label in labels:
             first = study.runs[label][0]
@@ -282,32 +302,35 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
     labels = [lab for lab in ("original", "full", "mrl", "layers", "2dmse", "starbucks", "dense", "ese",
                               *study_cfg.variants) if study.has(lab)]
     summary = {label: [{"set": r["set"], "layer": r["layer"], "dim": r["dim"],
-                        "spearman": [g.score(r["set"], r["layer"], r["dim"]) for g in runs if r["set"] in g.sets]}
+                        study.metric: [g.score(r["set"], r["layer"], r["dim"]) for g in runs if r["set"] in g.sets]}
                        for r in runs[0].records] for label, runs in study.runs.items()}
     atomic_write_json(out / "summary.json", {"seeds": {k: len(v) for k, v in study.runs.items()}, "runs": summary})
-    sets = tuple(s for s in PRIMARY if any(s in r[0].sets for r in study.runs.values()))
+    primary = tuple(study_cfg.eval_sets) if study_cfg.retrieval else PRIMARY
+    sets = tuple(s for s in primary if any(s in r[0].sets for r in study.runs.values()))
     rows = _ci_rows(study, study_cfg.draws, sets)
     atomic_write_json(out / "comparisons.json", rows)
     seeds = ", ".join(map(str, sorted({u.seed for u in evals if u.seed is not None}) or study_cfg.seeds))  # run
     md = [f"# {study_cfg.name}", "",
-          f"Generated by `{study_cfg.command}`; do not edit by hand. Spearman x100 of cosine, mean ± std over seeds "
-          f"({seeds}); `separate (model of that depth)` is a model physically truncated to n layers and "
-          "fine-tuned alone (n = N is `full`).", "",
-          *_selection(selection), "", OVERLAP_NOTE, ""]
+          f"Generated by `{study_cfg.command}`; do not edit by hand. "
+          + ("Spearman x100 of cosine" if study.metric == "spearman" else
+             f"{study.label} x100 (exact cosine search over each set's whole corpus)")
+          + f", mean ± std over seeds ({seeds}); `separate (model of that depth)` is a model physically truncated "
+          "to n layers and fine-tuned alone (n = N is `full`).", "",
+          *_selection(selection), "", *([OVERLAP_NOTE, ""] if set(sets) & set(STS_SETS) else [])]
     for s in sets:
         dims = " and ".join(map(str, study.key_dims))
         md += [f"## {s} test: every strategy at layers 1..{num_layers}, dims {dims}", "",
                *_table(study, s, labels), ""]
     md += [*_dev_and_cost(study, labels, study_cfg.selection_set),
-           f"## Paired bootstrap 95% CIs ({study_cfg.draws:,} resamples of pairs; seed-averaged)", "",
-           *_ci_markdown(rows), "",
-           "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows), "",
+           f"## Paired bootstrap 95% CIs ({study_cfg.draws:,} resamples of {study.units}; seed-averaged)", "",
+           *_ci_markdown(rows, study.label), "",
+           "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows, sets), "",
            "## Plots", "", *_plots(study, out, study_cfg.benchmark), "",
            "## Full grids (mean ± std over seeds)", ""]
     for label in labels:
         for s in sets:
             md += [f"### {label}, {s}", "", *_grid(study, label, s), ""]
-    other = [s for s in study_cfg.eval_sets if s not in PRIMARY]
+    other = [s for s in study_cfg.eval_sets if s not in sets and s in STS_SETS]
     if other:
         md += ["## STS12-16 (not clean transfer sets)", "", OVERLAP_NOTE, ""]
         for s in other:
@@ -340,7 +363,7 @@ def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
     head = ("| strategy | " + " | ".join(f"dev L{k} d{width}" for k in range(1, n + 1))
             + " | dev mean (dims ≥ 64) | step s (median, as run) |")
     lines = [f"## {dev_set} dev (for choosing) and training cost", "",
-             "Dev Spearman x100 (mean over seeds); the mean is over every exit with dim ≥ 64. Step time is the "
+             f"Dev {study.label} x100 (mean over seeds); the mean is over every exit with dim ≥ 64. Step time is the "
              "median wall time of one optimiser step in each run's log, averaged over seeds; runs shared the machine "
              "differently (one or two workers, other jobs), so it is only indicative: compare training cost with "
              "`benchmarks/train_step.py`, which interleaves the strategies in one process.",
@@ -351,7 +374,7 @@ def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
         for k in range(1, n + 1):
             vals = [g.score(dev_set, k, max(g.dims)) for g in dev if k in g.layers]
             cells.append(f"{np.mean(vals):.2f}" if vals else "-")
-        wide = [r["spearman"] for g in dev for r in g.records if r["dim"] >= min(64, max(g.dims))]
+        wide = [r[g.metric] for g in dev for r in g.records if r["dim"] >= min(64, max(g.dims))]
         step = float(np.mean(study.step_s[lab])) if study.step_s.get(lab) else None
         lines.append(f"| {lab} | " + " | ".join(cells) + (f" | {np.mean(wide):.2f}" if wide else " | -")
                      + (f" | {step:.2f} |" if step else " | - |"))

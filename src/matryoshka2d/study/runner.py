@@ -88,34 +88,51 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
     return result.final_dir
 
 
+def load_sets(names: list[str], split: str) -> dict[str, Any]:
+    """``{name: set}`` of the ``split`` of each named STS set (``ScoredPairs``) or BEIR set (``BeirSet``)."""
+    from matryoshka2d.data.beir import BEIR_SETS, load_beir
+    from matryoshka2d.data.datasets import load_sts
+
+    return {name: load_beir(name, split) if name in BEIR_SETS else load_sts(name, split) for name in names}
+
+
 def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[str, Any], *,
                   tag: str = "eval") -> Path:
     """Evaluate the whole grid of ``unit`` on the sets of ``sets`` that ``<tag>.json`` does not hold yet (they
-    are added to it). Returns the JSON path."""
+    are added to it): STS sets by Spearman (:func:`~matryoshka2d.evaluation.grid.evaluate_grid`), BEIR sets by
+    retrieval over their corpus (:func:`~matryoshka2d.evaluation.retrieval.evaluate_retrieval`). Returns the
+    JSON path."""
+    from matryoshka2d.data.beir import BeirSet
     from matryoshka2d.encoder.model import MatryoshkaEncoder
-    from matryoshka2d.evaluation.grid import GridResult, evaluate_grid
+    from matryoshka2d.evaluation.retrieval_result import load_result
 
     out = unit.folder(Path(study.runs_dir)) / f"{tag}.json"
-    done = GridResult.load(out) if out.is_file() else None
+    done = load_result(out) if out.is_file() else None
     missing = {k: v for k, v in sets.items() if done is None or k not in done.sets}
     if not missing:
         return out
     model = MatryoshkaEncoder.from_pretrained(model_dir)
     dims = [d for d in study.dims or [] if d <= model.hidden_size] or None
-    result = evaluate_grid(model, missing, dims=dims, batch_size=study.eval_batch_size,
-                           model_name=f"{unit.label}/{'base' if unit.seed is None else f'seed{unit.seed}'}")
+    name = f"{unit.label}/{'base' if unit.seed is None else f'seed{unit.seed}'}"
+    if all(isinstance(v, BeirSet) for v in missing.values()):
+        from matryoshka2d.evaluation.retrieval import evaluate_retrieval
+
+        result = evaluate_retrieval(model, missing, dims=dims, batch_size=study.eval_batch_size, model_name=name)
+    else:
+        from matryoshka2d.evaluation.grid import evaluate_grid
+
+        result = evaluate_grid(model, missing, dims=dims, batch_size=study.eval_batch_size, model_name=name)
     (result if done is None else done.merged(result)).save(out)
     return out
 
 
 def select_lr(study: StudyConfig) -> tuple[float | None, dict[str, Any]]:
-    """Choose the learning rate on the dev set: the best mean dev Spearman over every exit with dim >= 64,
+    """Choose the learning rate on the dev set: the best mean dev score (Spearman, or nDCG@10 on a BEIR dev
+    split) over every exit with dim >= 64,
     averaged over ``selection_strategies`` (seed ``seeds[0]``). Test sets are never looked at."""
     if not study.lr_grid:
         return None, {}
-    from matryoshka2d.data.datasets import load_sts
-
-    dev = {study.selection_set: load_sts(study.selection_set, "dev")}
+    dev = load_sets([study.selection_set], "dev")
     units = _selection_units(study)
     for_each_unit(study, list(units.values()), lambda u: evaluate_unit(study, u, train_unit(study, u), dev, tag="dev"),
                   " (learning-rate selection)")
@@ -130,18 +147,20 @@ def _selection_units(study: StudyConfig) -> dict[tuple[str, str], Unit]:
 
 def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> tuple[float | None, dict[str, Any]]:
     """The learning rate whose selection runs have the best mean dev score (their ``dev.json`` must exist)."""
-    from matryoshka2d.evaluation.grid import GridResult
+    from matryoshka2d.evaluation.retrieval_result import load_result
 
     scores: dict[str, dict[str, float]] = {}
+    metric = "spearman"
     for (lr, strategy), unit in units.items():
-        result = GridResult.load(unit.folder(Path(study.runs_dir)) / "dev.json")
+        result = load_result(unit.folder(Path(study.runs_dir)) / "dev.json")
         floor = min(64, max(result.dims))  # narrow models: their widest dim
-        values = [r["spearman"] for r in result.records if r["dim"] >= floor]
+        metric = result.metric
+        values = [r[metric] for r in result.records if r["dim"] >= floor]
         scores.setdefault(lr, {})[strategy] = sum(values) / len(values)
     mean = {lr: sum(v.values()) / len(v) for lr, v in scores.items()}
     best = max(mean, key=mean.__getitem__)
     logger.info("learning rate chosen on %s dev: %s (%s)", study.selection_set, best, mean)
-    return float(best), {"set": f"{study.selection_set} dev", "rule": "mean Spearman over exits with dim >= 64, "
+    return float(best), {"set": f"{study.selection_set} dev", "rule": f"mean {metric} over exits with dim >= 64, "
                          f"averaged over {', '.join(study.selection_strategies)}", "scores": scores,
                          "mean": mean, "chosen": best}
 
@@ -152,7 +171,6 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
     ``seeds``: only these of the study's seeds (``None``: all); the learning rate is still chosen at the
     study's first seed, and the report covers only the runs of these seeds, so every strategy in it has the
     same seeds."""
-    from matryoshka2d.data.datasets import load_sts
     from matryoshka2d.encoder.model import MatryoshkaEncoder
     from matryoshka2d.study.report import write_report
 
@@ -164,22 +182,22 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
 
     base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
     units = [u for u in plan_units(study, base.num_layers, lr) if seeds is None or u.seed is None or u.seed in seeds]
-    sets = {} if report_only else {name: load_sts(name, "test") for name in study.eval_sets}
+    sets = {} if report_only else load_sets(study.eval_sets, "test")
     first = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
-    dev = {study.selection_set: load_sts(study.selection_set, "dev")} if study.dev_eval and not report_only else {}
+    dev = load_sets([study.selection_set], "dev") if study.dev_eval and not report_only else {}
 
     def work(unit: Unit) -> None:
         model_dir = train_unit(study, unit)
-        evaluate_unit(study, unit, model_dir, first)
+        evaluate_unit(study, unit, model_dir, first, tag=study.result_tag)
         if dev:
             evaluate_unit(study, unit, model_dir, dev, tag="dev")
 
     if not report_only:
         for_each_unit(study, units, work)
         if len(first) < len(sets):  # the other sets, once every run is trained
-            for_each_unit(study, units, lambda u: evaluate_unit(study, u, train_unit(study, u), sets),
-                          ": the other sets")
-    evals = {u: u.folder(Path(study.runs_dir)) / "eval.json" for u in units}
+            for_each_unit(study, units, lambda u: evaluate_unit(study, u, train_unit(study, u), sets,
+                                                                tag=study.result_tag), ": the other sets")
+    evals = {u: u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json" for u in units}
     return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
 
 
