@@ -149,12 +149,11 @@ def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> 
     """The learning rate whose selection runs have the best mean dev score (their ``dev.json`` must exist)."""
     from matryoshka2d.evaluation.retrieval_result import load_result
 
+    results = {key: load_result(unit.folder(Path(study.runs_dir)) / "dev.json") for key, unit in units.items()}
+    metric = next(iter(results.values())).metric  # every run is scored on the same dev set
     scores: dict[str, dict[str, float]] = {}
-    metric = "spearman"
-    for (lr, strategy), unit in units.items():
-        result = load_result(unit.folder(Path(study.runs_dir)) / "dev.json")
+    for (lr, strategy), result in results.items():
         floor = min(64, max(result.dims))  # narrow models: their widest dim
-        metric = result.metric
         values = [r[metric] for r in result.records if r["dim"] >= floor]
         scores.setdefault(lr, {})[strategy] = sum(values) / len(values)
     mean = {lr: sum(v.values()) / len(v) for lr, v in scores.items()}
