@@ -210,6 +210,24 @@ def test_reproduce_seeds_runs_only_those_seeds(study_files, monkeypatch, capsys)
     assert any(p.parent.name == "seed0" for p in runs.rglob("dev.json"))
 
 
+def test_first_moves_matching_units_to_the_front_and_a_typo_is_an_error(study_files, monkeypatch, capsys):
+    from matryoshka2d.cli import main
+    from matryoshka2d.study.runner import units_first
+
+    units = [Unit("full", 0), Unit("2dmse", 0), Unit("separate-2", 0), Unit("dense-heads", 0),
+             Unit("separate-head-2", 0), Unit("separate-head-4", 0), Unit("full", 1)]
+    ordered = units_first(units, ["dense-heads", "separate-head-*"])
+    assert [(u.label, u.seed) for u in ordered] == [
+        ("dense-heads", 0), ("separate-head-2", 0), ("separate-head-4", 0),  # pattern order, then plan order
+        ("full", 0), ("2dmse", 0), ("separate-2", 0), ("full", 1)]  # every other unit still runs, in plan order
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    assert main(["reproduce", "--config", str(study_path), "--seeds", "0", "--first", "2dms"]) == 2
+    err = capsys.readouterr().err
+    assert "--first '2dms' matches none" in err and "2dmse" in err
+    assert not list(Path(load_study(study_path).runs_dir).rglob("final"))  # refused before any training
+
+
 STUDY_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")
                        if "\n[study]\n" in f"\n{p.read_text(encoding='utf-8')}")
 

@@ -12,6 +12,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, metavar="S[,S...]",
                    help="run only these of the study's seeds now (e.g. 0 on a CPU, the rest later); the report "
                         "covers every run that is finished")
+    p.add_argument("--first", default=None, metavar="PATTERN[,PATTERN...]",
+                   help="train the units whose label matches one of these shell patterns before the others "
+                        "(e.g. 'dense-heads,separate-head-*' to get the decisive runs of a long CPU study first)")
     p.set_defaults(func=run)
 
 
@@ -24,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = None if args.seeds is None else _seed_subset(args.seeds, study.seeds)
     for key in ("runs_dir", "output_dir"):  # each unit takes its own lock inside
         check_writable(getattr(study, key), kind="folder", overwrite=True, flag=f"[study] {key}")
-    report = run_study(study, report_only=args.report_only, seeds=seeds)
+    first = None if args.first is None else [part.strip() for part in args.first.split(",") if part.strip()]
+    report = run_study(study, report_only=args.report_only, seeds=seeds, first=first)
     print(f"wrote {report}")
     return 0
 

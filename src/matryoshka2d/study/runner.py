@@ -164,23 +164,28 @@ def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> 
                          "mean": mean, "chosen": best}
 
 
-def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int] | None = None) -> Path:
+def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int] | None = None,
+              first: list[str] | None = None) -> Path:
     """Run what is missing, then write the report. Returns the report path.
 
     ``seeds``: only these of the study's seeds (``None``: all); the learning rate is still chosen at the
     study's first seed, and the report covers only the runs of these seeds, so every strategy in it has the
-    same seeds."""
+    same seeds. ``first``: shell patterns (``fnmatch``) of unit labels trained before the others, in the
+    order of the patterns; every unit still runs."""
     from matryoshka2d.encoder.model import MatryoshkaEncoder
     from matryoshka2d.study.report import write_report
+    from matryoshka2d.training.config import load_config
 
+    base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
+    if first:  # a typo in a pattern fails now, not after the learning-rate runs
+        units_first(plan_units(study, base.num_layers, None), first)
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lr, selection = select_lr(study) if not report_only else _saved_selection(study, out)
     atomic_write_json(out / "selection.json", selection)
-    from matryoshka2d.training.config import load_config
-
-    base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
     units = [u for u in plan_units(study, base.num_layers, lr) if seeds is None or u.seed is None or u.seed in seeds]
+    if first:
+        units = units_first(units, first)
     sets = {} if report_only else load_sets(study.eval_sets, "test")
     first = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
     dev = load_sets([study.selection_set], "dev") if study.dev_eval and not report_only else {}
@@ -198,6 +203,23 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
                                                                 tag=study.result_tag), ": the other sets")
     evals = {u: u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json" for u in units}
     return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
+
+
+def units_first(units: list[Unit], patterns: list[str]) -> list[Unit]:
+    """``units`` with those whose label matches a pattern moved to the front (pattern order, then plan order).
+
+    Raises ``ValueError`` naming the pattern and the labels when a pattern matches no unit (a typo would
+    otherwise silently change nothing)."""
+    from fnmatch import fnmatchcase
+
+    labels = list(dict.fromkeys(u.label for u in units))
+    for pattern in patterns:
+        if not any(fnmatchcase(label, pattern) for label in labels):
+            raise ValueError(f"--first {pattern!r} matches none of the study's units; its labels are "
+                             f"{', '.join(labels)} (shell patterns such as 'separate-head-*' are allowed)")
+    rank = {id(u): next((i for i, p in enumerate(patterns) if fnmatchcase(u.label, p)), len(patterns))
+            for u in units}
+    return sorted(units, key=lambda u: rank[id(u)])  # sorted is stable: plan order within a rank
 
 
 def _saved_selection(study: StudyConfig, out: Path) -> tuple[float | None, dict[str, Any]]:
