@@ -74,6 +74,26 @@ def test_study_runs_resumes_and_reports(study_files, monkeypatch):
     assert [p.stat().st_mtime for p in finals] == mtimes and len(finals) == 2 * 2 + 2 + 2  # sweep + runs
 
 
+def test_a_finished_unit_trained_with_other_settings_is_refused_not_reused(study_files, monkeypatch):
+    from dataclasses import replace
+
+    from matryoshka2d.study.runner import train_unit
+
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    study = load_study(study_path)
+    unit = Unit("full", 0, (("objective.strategy", "full"),), 1e-3)
+    final = train_unit(study, unit)
+    mtime = (final / "model.safetensors").stat().st_mtime
+    # where and how often it saved or logged does not change the model: reused as it is
+    assert train_unit(replace(study, overrides={"run.save_every": 1, "run.log_every": 2}), unit) == final
+    for change, key in (({"train.weight_decay": 0.5}, "train.weight_decay"), ({"train.max_steps": 6}, "train.max_steps"),
+                        ({"loss.name": "cosine"}, "loss.name")):
+        with pytest.raises(ValueError, match=rf"trained with other settings .*{key} \(run: .*delete .* to retrain"):
+            train_unit(replace(study, overrides=change), unit)
+    assert (final / "model.safetensors").stat().st_mtime == mtime  # nothing was retrained or deleted
+
+
 def test_bad_study_files(tmp_path):
     bad = tmp_path / "s.toml"
     bad.write_text('[study]\nstrategies = ["2dmse", "magic"]\n')

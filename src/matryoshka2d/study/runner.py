@@ -65,21 +65,34 @@ def for_each_unit(study: StudyConfig, units: list[Unit], work: Callable[[Unit], 
 
 
 def train_unit(study: StudyConfig, unit: Unit) -> Path:
-    """Train ``unit`` unless its ``final/`` exists; resume a run that was cut off. Returns the model folder."""
-    from matryoshka2d.training.config import load_config
+    """Train ``unit`` unless its ``final/`` exists; resume a run that was cut off. Returns the model folder.
+
+    Raises:
+        ValueError: ``final/`` exists but was trained with settings the study no longer asks for (its
+            ``config.resolved.toml`` differs in a field other than where and how often it saved and logged).
+    """
+    from matryoshka2d.training.config import RESUMABLE_CHANGES, config_differences, load_config
     from matryoshka2d.training.loop import train
+    from matryoshka2d.training.setup import CONFIG_FILE
 
     if unit.label == ORIGINAL:
         return Path(load_config(study.train_config).model.name)
     folder = unit.folder(Path(study.runs_dir))
     final = folder / "final"
-    if final.is_dir():
-        return final
     overrides = {**study.overrides, **dict(unit.overrides), "train.seed": unit.seed,
                  "run.output_dir": str(folder), "run.progress_bar": False}
     if unit.lr is not None:
         overrides["train.lr"] = unit.lr
     config = load_config(study.train_config, overrides=overrides)
+    if final.is_dir():
+        if (folder / CONFIG_FILE).is_file():  # the training budget matters for a finished run, unlike a resumed one
+            ignore = RESUMABLE_CHANGES - {"train.max_steps", "train.epochs"}
+            diff = config_differences(load_config(folder / CONFIG_FILE), config, ignore=ignore)
+            if diff:
+                raise ValueError(f"{final} was trained with other settings than the study asks for now: "
+                                 f"{'; '.join(diff)}; restore the study's settings, or delete {folder} to "
+                                 f"retrain it")
+        return final
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     logger.info("training %s seed %s -> %s%s", unit.label, unit.seed, folder, " (resuming)" if resume else "")
     start = time.perf_counter()
