@@ -87,8 +87,8 @@ def test_a_finished_unit_trained_with_other_settings_is_refused_not_reused(study
     mtime = (final / "model.safetensors").stat().st_mtime
     # where and how often it saved or logged does not change the model: reused as it is
     assert train_unit(replace(study, overrides={"run.save_every": 1, "run.log_every": 2}), unit) == final
-    for change, key in (({"train.weight_decay": 0.5}, "train.weight_decay"), ({"train.max_steps": 6}, "train.max_steps"),
-                        ({"loss.name": "cosine"}, "loss.name")):
+    for change, key in (({"train.weight_decay": 0.5}, "train.weight_decay"),
+                        ({"train.max_steps": 6}, "train.max_steps"), ({"loss.name": "cosine"}, "loss.name")):
         with pytest.raises(ValueError, match=rf"trained with other settings .*{key} \(run: .*delete .* to retrain"):
             train_unit(replace(study, overrides=change), unit)
     assert (final / "model.safetensors").stat().st_mtime == mtime  # nothing was retrained or deleted
