@@ -94,6 +94,24 @@ def test_a_finished_unit_trained_with_other_settings_is_refused_not_reused(study
     assert (final / "model.safetensors").stat().st_mtime == mtime  # nothing was retrained or deleted
 
 
+def test_a_study_that_swaps_the_model_reports_the_swapped_models_layers(study_files, monkeypatch, tmp_path):
+    """``"model.name"`` in a study's overrides (the mpnet study on a MiniLM training config) is the base model:
+    the original is that model, and the report's layers are its layers, not the training config's model's."""
+    from conftest import build_tiny_model
+
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    deeper = build_tiny_model(tmp_path / "six", layers=6)  # the training config names a 4-layer model
+    text = study_path.read_text().replace('"original", "full", "2dmse", "separate"', '"original", "full"')
+    text = text.replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [1e-3, 1e-4]\n", "")
+    study_path.write_text(text + f'[study.overrides]\n"model.name" = "{deeper}"\n')
+    study = load_study(study_path)
+    md = run_study(study).read_text()
+    assert "every strategy at layers 1..6" in md and "| L6 d32 |" in md
+    original = json.loads((Path(study.runs_dir) / "original" / "base" / "eval.json").read_text())
+    assert max(r["layer"] for r in original["results"]) == 6  # the swapped model was evaluated, not the config's
+
+
 def test_bad_study_files(tmp_path):
     bad = tmp_path / "s.toml"
     bad.write_text('[study]\nstrategies = ["2dmse", "magic"]\n')

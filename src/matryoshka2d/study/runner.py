@@ -76,7 +76,7 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
     from matryoshka2d.training.setup import CONFIG_FILE
 
     if unit.label == ORIGINAL:
-        return Path(load_config(study.train_config).model.name)
+        return Path(base_model_name(study))
     folder = unit.folder(Path(study.runs_dir))
     final = folder / "final"
     overrides = {**study.overrides, **dict(unit.overrides), "train.seed": unit.seed,
@@ -99,6 +99,14 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
     result = train(config, resume=resume, overwrite=folder.exists() and not resume)
     logger.info("trained %s seed %s in %.0fs", unit.label, unit.seed, time.perf_counter() - start)
     return result.final_dir
+
+
+def base_model_name(study: StudyConfig) -> str:
+    """The model every run starts from: the training config's ``model.name`` with the study's ``overrides``
+    applied (a study may swap the model, e.g. ``"model.name" = "mpnet"``; its depth sets the report's layers)."""
+    from matryoshka2d.training.config import load_config
+
+    return load_config(study.train_config, overrides=dict(study.overrides)).model.name
 
 
 def load_sets(names: list[str], split: str) -> dict[str, Any]:
@@ -187,9 +195,8 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
     order of the patterns; every unit still runs."""
     from matryoshka2d.encoder.model import MatryoshkaEncoder
     from matryoshka2d.study.report import write_report
-    from matryoshka2d.training.config import load_config
 
-    base = MatryoshkaEncoder.from_pretrained(load_config(study.train_config).model.name)
+    base = MatryoshkaEncoder.from_pretrained(base_model_name(study))
     if first:  # a typo in a pattern fails now, not after the learning-rate runs
         units_first(plan_units(study, base.num_layers, None), first)
     out = Path(study.output_dir)
