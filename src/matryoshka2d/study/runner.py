@@ -71,9 +71,9 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
         ValueError: ``final/`` exists but was trained with settings the study no longer asks for (its
             ``config.resolved.toml`` differs in a field other than where and how often it saved and logged).
     """
-    from matryoshka2d.training.config import RESUMABLE_CHANGES, config_differences, load_config
+    from matryoshka2d.training.config import load_config
     from matryoshka2d.training.loop import train
-    from matryoshka2d.training.setup import CONFIG_FILE
+    from matryoshka2d.training.setup import check_finished_run
 
     if unit.label == ORIGINAL:
         return Path(base_model_name(study))
@@ -85,13 +85,7 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
         overrides["train.lr"] = unit.lr
     config = load_config(study.train_config, overrides=overrides)
     if final.is_dir():
-        if (folder / CONFIG_FILE).is_file():  # the training budget matters for a finished run, unlike a resumed one
-            ignore = RESUMABLE_CHANGES - {"train.max_steps", "train.epochs"}
-            diff = config_differences(load_config(folder / CONFIG_FILE), config, ignore=ignore)
-            if diff:
-                raise ValueError(f"{final} was trained with other settings than the study asks for now: "
-                                 f"{'; '.join(diff)}; restore the study's settings, or delete {folder} to "
-                                 f"retrain it")
+        check_finished_run(config)
         return final
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     logger.info("training %s seed %s -> %s%s", unit.label, unit.seed, folder, " (resuming)" if resume else "")
@@ -207,18 +201,18 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
     if first:
         units = units_first(units, first)
     sets = {} if report_only else load_sets(study.eval_sets, "test")
-    first = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
+    priority = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
     dev = load_sets([study.selection_set], "dev") if study.dev_eval and not report_only else {}
 
     def work(unit: Unit) -> None:
         model_dir = train_unit(study, unit)
-        evaluate_unit(study, unit, model_dir, first, tag=study.result_tag)
+        evaluate_unit(study, unit, model_dir, priority, tag=study.result_tag)
         if dev:
             evaluate_unit(study, unit, model_dir, dev, tag="dev")
 
     if not report_only:
         for_each_unit(study, units, work)
-        if len(first) < len(sets):  # the other sets, once every run is trained
+        if len(priority) < len(sets):  # the other sets, once every run is trained
             for_each_unit(study, units, lambda u: evaluate_unit(study, u, train_unit(study, u), sets,
                                                                 tag=study.result_tag), ": the other sets")
     evals = {u: u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json" for u in units}
@@ -237,9 +231,10 @@ def units_first(units: list[Unit], patterns: list[str]) -> list[Unit]:
         if not any(fnmatchcase(label, pattern) for label in labels):
             raise ValueError(f"--first {pattern!r} matches none of the study's units; its labels are "
                              f"{', '.join(labels)} (shell patterns such as 'separate-head-*' are allowed)")
-    rank = {id(u): next((i for i, p in enumerate(patterns) if fnmatchcase(u.label, p)), len(patterns))
-            for u in units}
-    return sorted(units, key=lambda u: rank[id(u)])  # sorted is stable: plan order within a rank
+    def rank(unit: Unit) -> int:  # the first pattern it matches; unmatched units after every pattern
+        return next((i for i, p in enumerate(patterns) if fnmatchcase(unit.label, p)), len(patterns))
+
+    return sorted(units, key=rank)  # sorted is stable: plan order within a rank
 
 
 def _saved_selection(study: StudyConfig, out: Path) -> tuple[float | None, dict[str, Any]]:

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 
 from matryoshka2d.training import checkpoint as ckpt
-from matryoshka2d.training.config import Config, check_against_model, config_differences, load_config
+from matryoshka2d.training.config import (
+    RESUMABLE_CHANGES,
+    Config,
+    check_against_model,
+    config_differences,
+    load_config,
+)
 
 logger = logging.getLogger("matryoshka2d.training.loop")  # the name these messages had before the split
 
@@ -55,6 +61,25 @@ def check_run_dir(config: Config, *, resume: bool, overwrite: bool) -> Path | No
             raise FileExistsError(f"{run_dir} is not a matryoshka2d run folder (no {CONFIG_FILE}); refusing "
                                   f"to delete it with --overwrite; choose another --output-dir")
     return None
+
+
+def check_finished_run(config: Config) -> None:
+    """Check that the finished run in ``config.run.output_dir`` was trained with ``config``'s settings, before it
+    is reused in its place (a study does): every field counts but where and how often it saved and logged, and,
+    unlike :func:`check_run_dir`'s resume, the training budget counts too. A folder without
+    ``config.resolved.toml`` is not checked.
+
+    Raises:
+        ValueError: naming the fields that differ and the fix.
+    """
+    run_dir = Path(config.run.output_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        return
+    ignore = RESUMABLE_CHANGES - {"train.max_steps", "train.epochs"}
+    diff = config_differences(load_config(run_dir / CONFIG_FILE), config, ignore=ignore)
+    if diff:
+        raise ValueError(f"{run_dir / 'final'} was trained with other settings than the study asks for now: "
+                         f"{'; '.join(diff)}; restore the study's settings, or delete {run_dir} to retrain it")
 
 
 def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, Any], Any]:
