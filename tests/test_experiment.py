@@ -266,6 +266,33 @@ def test_first_moves_matching_units_to_the_front_and_a_typo_is_an_error(study_fi
     assert not list(Path(load_study(study_path).runs_dir).rglob("final"))  # refused before any training
 
 
+def test_only_trains_the_matching_units_and_the_report_keeps_every_finished_run(study_files, monkeypatch, capsys):
+    from matryoshka2d.cli import main
+    from matryoshka2d.study.runner import units_only
+
+    units = [Unit("full", 0), Unit("2dmse", 0), Unit("separate-2", 0), Unit("separate-head-2", 0), Unit("full", 1)]
+    assert [(u.label, u.seed) for u in units_only(units, ["separate*", "2dmse"])] == [
+        ("2dmse", 0), ("separate-2", 0), ("separate-head-2", 0)]  # plan order, not pattern order
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    for bad in ("2dms", ","):  # a typo and an empty list are refused before any training
+        assert main(["reproduce", "--config", str(study_path), "--seeds", "0", "--only", bad]) == 2
+        assert "--only" in capsys.readouterr().err
+    runs = Path(load_study(study_path).runs_dir)
+    assert not list(runs.rglob("final"))
+
+    def evaluated() -> set[str]:  # study runs (not the lr choice, which leaves dev.json only) with test results
+        return {p.parent.parent.name.split("-lr")[0] for p in runs.rglob("seed0/eval.json")}
+
+    assert main(["reproduce", "--config", str(study_path), "--seeds", "0", "--only", "2dmse"]) == 0
+    assert evaluated() == {"2dmse"}  # full was trained for the lr choice, but only 2dmse was evaluated
+    assert main(["reproduce", "--config", str(study_path), "--seeds", "0", "--only", "separate-*"]) == 0
+    assert evaluated() == {"2dmse", "separate-2"}
+    report = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote "))
+    text = report.read_text()
+    assert "2dmse" in text and "separate (model of that depth)" in text  # the earlier call's run is reported
+
+
 STUDY_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")
                        if "\n[study]\n" in f"\n{p.read_text(encoding='utf-8')}")
 

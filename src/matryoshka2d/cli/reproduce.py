@@ -15,6 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first", default=None, metavar="PATTERN[,PATTERN...]",
                    help="train the units whose label matches one of these shell patterns before the others "
                         "(e.g. 'dense-heads,separate-head-*' to get the decisive runs of a long CPU study first)")
+    p.add_argument("--only", default=None, metavar="PATTERN[,PATTERN...]",
+                   help="train only the units whose label matches one of these shell patterns now, the rest in a "
+                        "later call (e.g. two workers: --only '2dmse,starbucks' and --only 'separate-head-*'); "
+                        "the report covers every finished run")
     p.set_defaults(func=run)
 
 
@@ -27,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     seeds = None if args.seeds is None else _seed_subset(args.seeds, study.seeds)
     for key in ("runs_dir", "output_dir"):  # each unit takes its own lock inside
         check_writable(getattr(study, key), kind="folder", overwrite=True, flag=f"[study] {key}")
-    first = None if args.first is None else [part.strip() for part in args.first.split(",") if part.strip()]
-    report = run_study(study, report_only=args.report_only, seeds=seeds, first=first)
+    first, only = (None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+                   for text in (args.first, args.only))
+    if only == []:
+        raise ValueError(f"--only {args.only!r} names no pattern; give unit labels or shell patterns such as "
+                         "'separate-head-*', or leave --only out to train every unit")
+    report = run_study(study, report_only=args.report_only, seeds=seeds, first=first, only=only)
     print(f"wrote {report}")
     return 0
 

@@ -180,26 +180,30 @@ def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> 
 
 
 def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int] | None = None,
-              first: list[str] | None = None) -> Path:
+              first: list[str] | None = None, only: list[str] | None = None) -> Path:
     """Run what is missing, then write the report. Returns the report path.
 
     ``seeds``: only these of the study's seeds (``None``: all); the learning rate is still chosen at the
     study's first seed, and the report covers only the runs of these seeds, so every strategy in it has the
     same seeds. ``first``: shell patterns (``fnmatch``) of unit labels trained before the others, in the
-    order of the patterns; every unit still runs."""
+    order of the patterns; every unit still runs. ``only``: shell patterns of the unit labels to train now (the
+    others wait for a later call, so two workers can split a long study); the report still covers every
+    finished run of ``seeds``."""
     from matryoshka2d.encoder.model import MatryoshkaEncoder
     from matryoshka2d.study.report import write_report
 
     base = MatryoshkaEncoder.from_pretrained(base_model_name(study))
-    if first:  # a typo in a pattern fails now, not after the learning-rate runs
-        units_first(plan_units(study, base.num_layers, None), first)
+    for flag, patterns in (("--first", first), ("--only", only)):  # a typo fails now, not after the lr runs
+        if patterns:
+            check_patterns(plan_units(study, base.num_layers, None), patterns, flag)
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lr, selection = select_lr(study) if not report_only else _saved_selection(study, out)
     atomic_write_json(out / "selection.json", selection)
     units = [u for u in plan_units(study, base.num_layers, lr) if seeds is None or u.seed is None or u.seed in seeds]
+    todo = units_only(units, only) if only else units
     if first:
-        units = units_first(units, first)
+        todo = units_first(todo, first)
     sets = {} if report_only else load_sets(study.eval_sets, "test")
     priority = {k: v for k, v in sets.items() if k in study.priority_sets} or sets
     dev = load_sets([study.selection_set], "dev") if study.dev_eval and not report_only else {}
@@ -211,26 +215,42 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
             evaluate_unit(study, unit, model_dir, dev, tag="dev")
 
     if not report_only:
-        for_each_unit(study, units, work)
+        for_each_unit(study, todo, work)
         if len(priority) < len(sets):  # the other sets, once every run is trained
-            for_each_unit(study, units, lambda u: evaluate_unit(study, u, train_unit(study, u), sets,
+            for_each_unit(study, todo, lambda u: evaluate_unit(study, u, train_unit(study, u), sets,
                                                                 tag=study.result_tag), ": the other sets")
     evals = {u: u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json" for u in units}
     return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
 
 
-def units_first(units: list[Unit], patterns: list[str]) -> list[Unit]:
-    """``units`` with those whose label matches a pattern moved to the front (pattern order, then plan order).
-
-    Raises ``ValueError`` naming the pattern and the labels when a pattern matches no unit (a typo would
-    otherwise silently change nothing)."""
+def check_patterns(units: list[Unit], patterns: list[str], flag: str) -> None:
+    """Raise ``ValueError`` naming the pattern, ``flag`` and the labels when a pattern matches no unit's label
+    (a typo would otherwise silently change nothing)."""
     from fnmatch import fnmatchcase
 
     labels = list(dict.fromkeys(u.label for u in units))
     for pattern in patterns:
         if not any(fnmatchcase(label, pattern) for label in labels):
-            raise ValueError(f"--first {pattern!r} matches none of the study's units; its labels are "
+            raise ValueError(f"{flag} {pattern!r} matches none of the study's units; its labels are "
                              f"{', '.join(labels)} (shell patterns such as 'separate-head-*' are allowed)")
+
+
+def units_only(units: list[Unit], patterns: list[str]) -> list[Unit]:
+    """The ``units`` whose label matches one of the shell ``patterns``, in plan order."""
+    from fnmatch import fnmatchcase
+
+    check_patterns(units, patterns, "--only")
+    return [u for u in units if any(fnmatchcase(u.label, p) for p in patterns)]
+
+
+def units_first(units: list[Unit], patterns: list[str]) -> list[Unit]:
+    """``units`` with those whose label matches a pattern moved to the front (pattern order, then plan order).
+
+    Raises ``ValueError`` when a pattern matches no unit (see ``check_patterns``)."""
+    from fnmatch import fnmatchcase
+
+    check_patterns(units, patterns, "--first")
+
     def rank(unit: Unit) -> int:  # the first pattern it matches; unmatched units after every pattern
         return next((i for i, p in enumerate(patterns) if fnmatchcase(unit.label, p)), len(patterns))
 
