@@ -232,6 +232,18 @@ def test_heatmap_and_curves_write_pngs(seven: GridResult, tmp_path: Path) -> Non
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+def test_exit_gap_plot_draws_each_comparison_and_refuses_no_rows(tmp_path: Path) -> None:
+    from matryoshka2d.evaluation.plots import plot_exit_gaps
+
+    rows = [{"comparison": f"{m} - separate", "layer": k, "dim": d, "delta": k - 2.0 + d / 256,
+             "low": k - 3.0, "high": k - 1.0 + d / 128} for m in ("dense", "2dmse") for k in (2, 4) for d in (64, 256)]
+    path = plot_exit_gaps(rows, tmp_path / "g.png", set_name="stsb")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="at least one comparison"):
+        plot_exit_gaps([], tmp_path / "none.png", set_name="stsb")
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_plots_without_matplotlib_say_how_to_install(seven: GridResult, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from matryoshka2d.evaluation.plots import plot_heatmaps

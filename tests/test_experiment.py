@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -67,6 +68,9 @@ def test_study_runs_resumes_and_reports(study_files, monkeypatch):
     assert selection["chosen"] in ("0.001", "0.0001") and set(selection["scores"]) == {"0.001", "0.0001"}
     comparisons = json.loads((Path(study.output_dir) / "comparisons.json").read_text())
     assert any(r["comparison"] == "2dmse - full" and r["low"] <= r["delta"] <= r["high"] for r in comparisons)
+    if importlib.util.find_spec("matplotlib"):  # the gap figure: 2dmse's layer-2 exit minus separate-2
+        gaps = Path(study.output_dir) / "gaps_stsb.png"
+        assert gaps.read_bytes()[:4] == b"\x89PNG" and f"({gaps.parent.name}/gaps_stsb.png)" in text
     # a second run trains nothing: every unit's final/ and eval.json is reused
     finals = sorted(Path(study.runs_dir).rglob("final"))
     mtimes = [p.stat().st_mtime for p in finals]
@@ -291,6 +295,26 @@ def test_only_trains_the_matching_units_and_the_report_keeps_every_finished_run(
     report = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote "))
     text = report.read_text()
     assert "2dmse" in text and "separate (model of that depth)" in text  # the earlier call's run is reported
+
+
+def test_report_only_without_finished_runs_is_refused_and_keeps_the_report(study_files, monkeypatch, capsys):
+    from matryoshka2d.cli import main
+
+    study_path, data = study_files
+    monkeypatch.setenv("M2D_DATA_DIR", str(data))
+    study = load_study(study_path)
+    out = Path(study.output_dir)
+    out.mkdir(parents=True)
+    (out / "selection.json").write_text("{not json")  # a damaged file is named, not a bare JSON error
+    assert main(["reproduce", "--config", str(study_path), "--report-only"]) == 2
+    assert f"{out / 'selection.json'}: not valid JSON" in capsys.readouterr().err
+    kept = {"summary.json": '{"runs": {"full": []}}', "selection.json": '{"chosen": "0.001", "scores": {}}'}
+    for name, text in kept.items():
+        (out / name).write_text(text)
+    assert main(["reproduce", "--config", str(study_path), "--seeds", "0", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished run of seeds 0" in err and str(study.runs_dir) in err and "Traceback" not in err
+    assert {name: (out / name).read_text() for name in kept} == kept  # nothing overwritten
 
 
 STUDY_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")

@@ -139,6 +139,56 @@ def plot_dim_curves(results: Sequence[GridResult], path: str | os.PathLike[str],
     return save_figure(fig, path)
 
 
+@styled
+def plot_exit_gaps(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, set_name: str,
+                   tolerance: float = 1.0, metric_label: str = "Spearman") -> Path:
+    """The gap of each shared model's exit to the separately trained model of that depth, vs dim.
+
+    ``rows``: paired-bootstrap rows (``comparison`` "<model> - <baseline>", ``layer``, ``dim``, ``delta``,
+    ``low``, ``high``) of one set. One panel per comparison, one line per exit layer, its 95% CI shaded; the
+    band ``[-tolerance, 0]`` is the "within ``tolerance``" goal, so a point above its bottom edge meets it.
+
+    Returns:
+        ``path``.
+    """
+    comparisons = list(dict.fromkeys(str(r["comparison"]) for r in rows))
+    if not comparisons:
+        raise ValueError("plot_exit_gaps needs at least one comparison row")
+    from matplotlib import colormaps
+
+    cols = min(3, len(comparisons))
+    nrows = -(-len(comparisons) // cols)
+    fig = new_figure(5.0 * cols + 0.8, 4.0 * nrows)
+    # each panel its own y range: a gap of -30 in one must not flatten a gap of -0.5 in another
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    layers_all = sorted({int(r["layer"]) for r in rows})
+    cmap = colormaps["viridis"]
+    for ax, comparison in zip(axes, comparisons, strict=False):
+        mine = [r for r in rows if r["comparison"] == comparison]
+        ax.axhspan(-tolerance, 0.0, color="0.85", zorder=0, label=f"within {tolerance:g}")
+        ax.axhline(0.0, color="0.4", linewidth=0.8)
+        for layer in sorted({int(r["layer"]) for r in mine}):
+            at = sorted((r for r in mine if int(r["layer"]) == layer), key=lambda r: r["dim"])
+            dims = [int(r["dim"]) for r in at]
+            color = cmap(layers_all.index(layer) / max(1, len(layers_all) - 1))
+            ax.plot(dims, [r["delta"] for r in at], marker="o", markersize=3.5, color=color, label=f"layer {layer}")
+            ax.fill_between(dims, [r["low"] for r in at], [r["high"] for r in at], color=color, alpha=0.12)
+        dims_all = sorted({int(r["dim"]) for r in mine})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(dims_all, [str(d) for d in dims_all])
+        ax.minorticks_off()
+        ax.set_xlabel("embedding dim d (log scale)")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(comparison, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right", ncols=2 if len(layers_all) > 5 else 1)
+    for ax in axes[::cols]:
+        ax.set_ylabel(f"Δ {metric_label} x100 (95% CI)")
+    for ax in axes[len(comparisons):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{set_name}: each exit minus the separately trained model of its depth")
+    return save_figure(fig, path)
+
+
 def load_benchmark(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[dict[str, Any]]:
     """The ``records`` of a benchmark JSON (a path or an already-parsed mapping).
 

@@ -17,7 +17,14 @@ import numpy as np
 from matryoshka2d.data.datasets import STS_SETS
 from matryoshka2d.evaluation.compare import PairedBootstrap
 from matryoshka2d.evaluation.grid import GridResult
-from matryoshka2d.evaluation.plots import load_benchmark, new_figure, plot_dim_curves, save_figure, styled
+from matryoshka2d.evaluation.plots import (
+    load_benchmark,
+    new_figure,
+    plot_dim_curves,
+    plot_exit_gaps,
+    save_figure,
+    styled,
+)
 from matryoshka2d.evaluation.retrieval_compare import set_resamples
 from matryoshka2d.evaluation.retrieval_result import RetrievalResult, load_result, metric_label
 from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
@@ -229,12 +236,18 @@ def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...] = 
     return out
 
 
-def _plots(study: Study, out: Path, benchmark: str | None) -> list[str]:
+def _plots(study: Study, out: Path, benchmark: str | None, rows: list[dict[str, Any]]) -> list[str]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return []
     lines = []
+    families = ("separate", *study.families)
+    for set_name in dict.fromkeys(r["set"] for r in rows):  # each shared model vs the separate models
+        gaps = [r for r in rows if r["set"] == set_name and r["comparison"].split(" - ")[-1] in families]
+        if gaps:
+            path = plot_exit_gaps(gaps, out / f"gaps_{set_name}.png", set_name=set_name, metric_label=study.label)
+            lines.append(f"![gap to the separate model of each depth, {set_name}]({out.name}/{path.name})")
     labels = [lab for lab in ("full", "mrl", "layers", "2dmse", "starbucks") if study.has(lab)]
     for set_name in PRIMARY if not study.retrieval else ():  # the figure 3 of the paper: STS only
         means = []
@@ -325,7 +338,7 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
            f"## Paired bootstrap 95% CIs ({study_cfg.draws:,} resamples of {study.units}; seed-averaged)", "",
            *_ci_markdown(rows, study.label), "",
            "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows, sets), "",
-           "## Plots", "", *_plots(study, out, study_cfg.benchmark), "",
+           "## Plots", "", *_plots(study, out, study_cfg.benchmark, rows), "",
            "## Full grids (mean ± std over seeds)", ""]
     for label in labels:
         for s in sets:

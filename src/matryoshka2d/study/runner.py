@@ -199,8 +199,13 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lr, selection = select_lr(study) if not report_only else _saved_selection(study, out)
-    atomic_write_json(out / "selection.json", selection)
     units = [u for u in plan_units(study, base.num_layers, lr) if seeds is None or u.seed is None or u.seed in seeds]
+    if report_only and not any((u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json").is_file() for u in units):
+        which = "" if seeds is None else f" of seeds {','.join(map(str, seeds))}"
+        raise ValueError(f"--report-only: no finished run{which} of this study under {study.runs_dir}, so the report "
+                         "and its results are left as they are; train and evaluate first (the same command "
+                         "without --report-only), or point runs_dir at the runs")
+    atomic_write_json(out / "selection.json", selection)
     todo = units_only(units, only) if only else units
     if first:
         todo = units_first(todo, first)
@@ -263,7 +268,11 @@ def _saved_selection(study: StudyConfig, out: Path) -> tuple[float | None, dict[
     path = out / "selection.json"
     if not path.is_file():
         return _selection_from_runs(study)
-    selection = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        selection = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); delete it and the learning-rate choice is read from the "
+                         "runs' dev results again") from None
     return (float(selection["chosen"]) if selection.get("chosen") else None), selection
 
 
