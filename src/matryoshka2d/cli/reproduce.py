@@ -17,8 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(e.g. 'dense-heads,separate-head-*' to get the decisive runs of a long CPU study first)")
     p.add_argument("--only", default=None, metavar="PATTERN[,PATTERN...]",
                    help="train only the units whose label matches one of these shell patterns now, the rest in a "
-                        "later call (e.g. two workers: --only '2dmse,starbucks' and --only 'separate-head-*'); "
-                        "the report covers every finished run")
+                        "later call (e.g. two workers: --only '2dmse,starbucks,separate-[0-9]*' and "
+                        "--only 'separate-head-*'); the report covers every finished run")
     p.set_defaults(func=run)
 
 
