@@ -200,7 +200,8 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
     out.mkdir(parents=True, exist_ok=True)
     lr, selection = select_lr(study) if not report_only else _saved_selection(study, out)
     units = [u for u in plan_units(study, base.num_layers, lr) if seeds is None or u.seed is None or u.seed in seeds]
-    if report_only and not any((u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json").is_file() for u in units):
+    evals = {u: u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json" for u in units}
+    if report_only and not any(p.is_file() for p in evals.values()):
         which = "" if seeds is None else f" of seeds {','.join(map(str, seeds))}"
         raise ValueError(f"--report-only: no finished run{which} of this study under {study.runs_dir}, so the report "
                          "and its results are left as they are; train and evaluate first (the same command "
@@ -224,7 +225,6 @@ def run_study(study: StudyConfig, *, report_only: bool = False, seeds: list[int]
         if len(priority) < len(sets):  # the other sets, once every run is trained
             for_each_unit(study, todo, lambda u: evaluate_unit(study, u, train_unit(study, u), sets,
                                                                 tag=study.result_tag), ": the other sets")
-    evals = {u: u.folder(Path(study.runs_dir)) / f"{study.result_tag}.json" for u in units}
     return write_report(study, {u: p for u, p in evals.items() if p.is_file()}, selection, base.num_layers)
 
 
@@ -241,20 +241,17 @@ def check_patterns(units: list[Unit], patterns: list[str], flag: str) -> None:
 
 
 def units_only(units: list[Unit], patterns: list[str]) -> list[Unit]:
-    """The ``units`` whose label matches one of the shell ``patterns``, in plan order."""
+    """The ``units`` whose label matches one of the shell ``patterns``, in plan order (``run_study`` checks the
+    patterns first, see ``check_patterns``)."""
     from fnmatch import fnmatchcase
 
-    check_patterns(units, patterns, "--only")
     return [u for u in units if any(fnmatchcase(u.label, p) for p in patterns)]
 
 
 def units_first(units: list[Unit], patterns: list[str]) -> list[Unit]:
-    """``units`` with those whose label matches a pattern moved to the front (pattern order, then plan order).
-
-    Raises ``ValueError`` when a pattern matches no unit (see ``check_patterns``)."""
+    """``units`` with those whose label matches a pattern moved to the front (pattern order, then plan order;
+    ``run_study`` checks the patterns first, see ``check_patterns``)."""
     from fnmatch import fnmatchcase
-
-    check_patterns(units, patterns, "--first")
 
     def rank(unit: Unit) -> int:  # the first pattern it matches; unmatched units after every pattern
         return next((i for i, p in enumerate(patterns) if fnmatchcase(unit.label, p)), len(patterns))
