@@ -244,6 +244,21 @@ def test_exit_gap_plot_draws_each_comparison_and_refuses_no_rows(tmp_path: Path)
     assert not (tmp_path / "none.png").exists()
 
 
+def test_exit_gap_legend_sits_outside_the_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matryoshka2d.evaluation import plots
+
+    figures = []
+    real_save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    rows = [{"comparison": f"{m} - separate", "layer": k, "dim": d, "delta": -0.5, "low": -1.0, "high": 0.0}
+            for m in ("dense", "2dmse") for k in (2, 4) for d in (64, 256)]
+    plots.plot_exit_gaps(rows, tmp_path / "g.png", set_name="stsb")
+    (fig,) = figures
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no panel's lines hidden under a legend box
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["within 1", "layer 2", "layer 4"]
+
+
 def test_plots_without_matplotlib_say_how_to_install(seven: GridResult, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from matryoshka2d.evaluation.plots import plot_heatmaps

@@ -180,11 +180,18 @@ def plot_exit_gaps(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         ax.set_xlabel("embedding dim d (log scale)")
         ax.grid(True, alpha=0.3)
         ax.set_title(comparison, fontsize=10)
-        ax.legend(fontsize=7, loc="lower right", ncols=2 if len(layers_all) > 5 else 1)
     for ax in axes[::cols]:
         ax.set_ylabel(f"Δ {metric_label} x100 (95% CI)")
     for ax in axes[len(comparisons):]:
         ax.set_visible(False)
+    # one legend for the figure, below the panels: a legend inside a panel hides the lines it explains
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="0.85", label=f"within {tolerance:g}")]
+    handles += [Line2D([], [], marker="o", markersize=3.5, color=cmap(i / max(1, len(layers_all) - 1)),
+                       label=f"layer {layer}") for i, layer in enumerate(layers_all)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=8)
     fig.suptitle(f"{set_name}: each exit minus the separately trained model of its depth")
     return save_figure(fig, path)
 
