@@ -388,6 +388,11 @@ def test_retrieval_study_trains_evaluates_and_compares_over_queries(tmp_path, ti
     ci = compare_retrieval([sep, dense], draws=50, seed=0).cis[(0, 1)][("nfcorpus", 2, 32)]
     assert (row["delta"], row["low"], row["high"]) == pytest.approx((ci["delta"], ci["low"], ci["high"]), abs=1e-4)
     assert row["low"] < row["high"]  # the queries disagree: a real interval
+    assert "## nfcorpus dev (for choosing) and training cost" in md
+    for dev in runs.rglob("dev.json"):  # a set without a dev split (SciFact): only the training cost
+        dev.unlink()
+    md = run_study(study, report_only=True).read_text()
+    assert "## Training cost" in md and "dev (for choosing)" not in md and "| dense-heads | " in md
 
 
 def test_study_sets_of_one_kind(tmp_path):

@@ -372,14 +372,19 @@ def _dev_and_cost(study: Study, labels: list[str], dev_set: str) -> list[str]:
     rows = [lab for lab in labels if lab != "original" and (study.dev.get(lab) or study.step_s.get(lab))]
     if not rows:
         return []
+    cost_note = ("Step time is the median wall time of one optimiser step in each run's log, averaged over seeds; "
+                 "runs shared the machine differently (one or two workers, other jobs), so it is only indicative: "
+                 "compare training cost with `benchmarks/train_step.py`, which interleaves the strategies in one "
+                 "process.")
+    if not any(study.dev.get(lab) for lab in rows):  # no dev evaluation (e.g. SciFact has no dev split)
+        lines = ["## Training cost", "", cost_note, "", "| strategy | step s (median, as run) |", "|---|---|"]
+        lines += [f"| {lab} | {float(np.mean(study.step_s[lab])):.2f} |" for lab in rows]
+        return [*lines, ""]
     n, width = study.num_layers, max(study.key_dims)
     head = ("| strategy | " + " | ".join(f"dev L{k} d{width}" for k in range(1, n + 1))
             + " | dev mean (dims ≥ 64) | step s (median, as run) |")
     lines = [f"## {dev_set} dev (for choosing) and training cost", "",
-             f"Dev {study.label} x100 (mean over seeds); the mean is over every exit with dim ≥ 64. Step time is the "
-             "median wall time of one optimiser step in each run's log, averaged over seeds; runs shared the machine "
-             "differently (one or two workers, other jobs), so it is only indicative: compare training cost with "
-             "`benchmarks/train_step.py`, which interleaves the strategies in one process.",
+             f"Dev {study.label} x100 (mean over seeds); the mean is over every exit with dim ≥ 64. {cost_note}",
              "", head, "|---|" + "---|" * (n + 2)]
     for lab in rows:
         dev = study.dev.get(lab, [])
