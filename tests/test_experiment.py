@@ -154,6 +154,17 @@ def test_results_merge_missing_sets_only(study_files, monkeypatch, tiny_dir):
         first.merged(narrow)
 
 
+def test_units_are_evaluated_on_the_gpu_when_torch_sees_one(monkeypatch):
+    import torch
+
+    from matryoshka2d.study.runner import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device() == "cuda"
+
+
 def test_priority_sets_first_dev_eval_and_variants(study_files, monkeypatch):
     study_path, data = study_files
     monkeypatch.setenv("M2D_DATA_DIR", str(data))

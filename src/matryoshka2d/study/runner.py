@@ -111,6 +111,14 @@ def load_sets(names: list[str], split: str) -> dict[str, Any]:
     return {name: load_beir(name, split) if name in BEIR_SETS else load_sts(name, split) for name in names}
 
 
+def eval_device() -> str:
+    """Where units are evaluated: the first CUDA device when torch sees one (training uses it too through
+    accelerate), else the CPU. Embeddings come back as float32 numpy either way."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[str, Any], *,
                   tag: str = "eval") -> Path:
     """Evaluate the whole grid of ``unit`` on the sets of ``sets`` that ``<tag>.json`` does not hold yet (they
@@ -126,7 +134,7 @@ def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[st
     missing = {k: v for k, v in sets.items() if done is None or k not in done.sets}
     if not missing:
         return out
-    model = MatryoshkaEncoder.from_pretrained(model_dir)
+    model = MatryoshkaEncoder.from_pretrained(model_dir).to(eval_device())
     dims = [d for d in study.dims or [] if d <= model.hidden_size] or None
     name = f"{unit.label}/{'base' if unit.seed is None else f'seed{unit.seed}'}"
     if all(isinstance(v, BeirSet) for v in missing.values()):
