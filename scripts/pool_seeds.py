@@ -1,0 +1,157 @@
+"""Pool the per-seed reports of one study into a table over seeds, from their ``comparisons.json`` alone.
+
+``m2d reproduce --report-only`` averages seeds itself (a seed-averaged paired bootstrap over pairs), but it needs
+every seed's runs in one ``runs_dir``. When the seeds were run in different places and only their reports are
+left (``--seeds 1`` on one machine, ``--seeds 2`` on another, each written with ``--report-only``), this script
+pools what the reports hold: for each comparison and exit, the seed-mean of the per-seed deltas, their standard
+deviation, a t interval over seeds, and in how many seeds the per-seed bootstrap CI is wholly below or above 0.
+It does not re-run or re-score anything. Usage::
+
+    python scripts/pool_seeds.py 0=docs/research/controls 1=docs/research/controls-seed1 \\
+        2=docs/research/controls-seed2 --out docs/research/controls-pooled \\
+        --report docs/research-controls-pooled.md --title "controls, MiniLM STS-B, seeds 0-2 pooled"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
+
+MIN_DIM = 64  # the issue's goals count exits with dims >= 64 (method.md)
+WITHIN = 1.0  # "within 1.0 of the separate model of its depth"
+FULL_EXIT = 0.5  # "the full exit stays within 0.5 of plain fine-tuning"
+SET_NAMES = {"stsb": "STS-B test", "sickr": "SICK-R test"}
+
+
+def _parse_dirs(items: list[str]) -> dict[int, Path]:
+    dirs: dict[int, Path] = {}
+    for item in items:
+        seed, sep, path = item.partition("=")
+        if not sep or not seed.isdigit():
+            raise SystemExit(f"error: {item!r} is not SEED=DIR (e.g. 1=docs/research/controls-seed1)")
+        if int(seed) in dirs:
+            raise SystemExit(f"error: seed {seed} is given twice; give each seed's report folder once")
+        for name in ("comparisons.json", "selection.json"):
+            if not (Path(path) / name).is_file():
+                raise SystemExit(f"error: {Path(path) / name} does not exist; give the output_dir of a report "
+                                 "written by `m2d reproduce` for that seed")
+        dirs[int(seed)] = Path(path)
+    if len(dirs) < 2:
+        raise SystemExit(f"error: {len(dirs)} seed folder(s) given; pooling needs at least 2")
+    return dirs
+
+
+def pool(dirs: dict[int, Path]) -> list[dict]:
+    """One row per (set, comparison, layer, dim) present in every seed's ``comparisons.json``."""
+    chosen = {s: json.loads((d / "selection.json").read_text())["chosen"] for s, d in dirs.items()}
+    if len(set(chosen.values())) > 1:
+        raise SystemExit(f"error: the seeds were trained at different learning rates {chosen}; they are not one "
+                         "study and cannot be pooled")
+    by_key: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for seed, d in dirs.items():
+        for r in json.loads((d / "comparisons.json").read_text()):
+            by_key[(r["set"], r["comparison"], r["layer"], r["dim"])][seed] = r
+    rows = []
+    n = len(dirs)
+    for (set_name, comparison, layer, dim), per in by_key.items():
+        if len(per) < n:  # a comparison not in every seed's report is left out, not pooled over fewer seeds
+            continue
+        deltas = np.array([per[s]["delta"] for s in sorted(per)])
+        half = stats.t.ppf(0.975, n - 1) * deltas.std(ddof=1) / np.sqrt(n)
+        rows.append({"set": set_name, "comparison": comparison, "layer": layer, "dim": dim,
+                     "seeds": sorted(per), "deltas": deltas.tolist(), "mean": float(deltas.mean()),
+                     "std": float(deltas.std(ddof=1)), "t_low": float(deltas.mean() - half),
+                     "t_high": float(deltas.mean() + half),
+                     "seeds_behind": sum(per[s]["high"] < 0 for s in per),
+                     "seeds_ahead": sum(per[s]["low"] > 0 for s in per)})
+    return rows
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    for set_name in dict.fromkeys(r["set"] for r in rows):
+        where = SET_NAMES.get(set_name, set_name)
+        for comparison in dict.fromkeys(r["comparison"] for r in rows if r["set"] == set_name):
+            sel = [r for r in rows if r["set"] == set_name and r["comparison"] == comparison and r["dim"] >= MIN_DIM]
+            if comparison.endswith("(full exit)"):
+                r = max(sel, key=lambda r: r["dim"])
+                ok = "met" if r["mean"] >= -FULL_EXIT else "missed"
+                out.append(f"- **{comparison}** ({where}, d{r['dim']}): seed-mean Δ {r['mean']:+.2f} "
+                           f"(per seed {', '.join(f'{v:+.2f}' for v in r['deltas'])}); goal within {FULL_EXIT}: {ok}.")
+                continue
+            within = sum(r["mean"] >= -WITHIN for r in sel)
+            narrow = [r for r in sel if r["dim"] <= 128]
+            wide = [r for r in sel if r["dim"] > 128]
+            out.append(f"- **{comparison}** ({where}, {len(sel)} exits, dims >= {MIN_DIM}): seed-mean Δ within "
+                       f"{WITHIN} at {within}/{len(sel)} (dims <= 128: {sum(r['mean'] >= -WITHIN for r in narrow)}/"
+                       f"{len(narrow)}, dims > 128: {sum(r['mean'] >= -WITHIN for r in wide)}/{len(wide)}); mean Δ "
+                       f"{np.mean([r['mean'] for r in sel]):+.2f}; behind (bootstrap CI below 0) in every seed at "
+                       f"{sum(r['seeds_behind'] == len(r['seeds']) for r in sel)}/{len(sel)}, ahead in every seed "
+                       f"at {sum(r['seeds_ahead'] == len(r['seeds']) for r in sel)}/{len(sel)}.")
+    return out
+
+
+def table(rows: list[dict], set_name: str, comparison: str) -> list[str]:
+    sel = {(r["layer"], r["dim"]): r for r in rows if r["set"] == set_name and r["comparison"] == comparison}
+    layers = sorted({k for k, _ in sel})
+    dims = sorted({d for _, d in sel if d >= MIN_DIM})
+    md = ["| layer | " + " | ".join(f"d{d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+    for k in layers:
+        cells = []
+        for d in dims:
+            r = sel.get((k, d))
+            cells.append("-" if r is None else f"{r['mean']:+.2f} ± {r['std']:.2f}"
+                         + (" **" + ("behind" if r["seeds_behind"] == len(r["seeds"]) else "ahead") + "**"
+                            if len(r["seeds"]) in (r["seeds_behind"], r["seeds_ahead"]) else ""))
+        md.append(f"| L{k} | " + " | ".join(cells) + " |")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="+", metavar="SEED=DIR", help="each seed's report folder (its output_dir)")
+    parser.add_argument("--out", required=True, help="folder for pooled.json")
+    parser.add_argument("--report", required=True, help="the Markdown report to write")
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--main", default="all-sum-heads - separate-head",
+                        help="the comparison tabulated per exit (default: %(default)s)")
+    args = parser.parse_args(argv)
+    dirs = _parse_dirs(args.dirs)
+    rows = pool(dirs)
+    if not rows:
+        raise SystemExit("error: the seed folders share no comparison; are they reports of one study?")
+    out, report = Path(args.out), Path(args.report)
+    atomic_write_json(out / "pooled.json", rows)
+    seeds = ", ".join(map(str, sorted(dirs)))
+    links = ", ".join(f"seed {s}: `{Path(os.path.relpath(d, report.parent)).as_posix()}/`"
+                      for s, d in sorted(dirs.items()))
+    command = "python scripts/pool_seeds.py " + " ".join(
+        [*(f"{s}={d.as_posix()}" for s, d in sorted(dirs.items())), "--out", out.as_posix(), "--report",
+         report.as_posix(), "--title", f'"{args.title}"'])
+    md = [f"# {args.title}", "",
+          f"Generated by `{command}`; do not edit by hand. Seeds {seeds} ({links}), pooled from each seed's "
+          "`comparisons.json`: per exit, the seed-mean of the per-seed deltas ± their std over seeds; **behind** / "
+          "**ahead** marks an exit whose per-seed paired bootstrap 95% CI (over pairs) is wholly below / above 0 "
+          "in every seed. `t_low`/`t_high` in `pooled.json` is a t interval over seeds. Nothing is re-scored.", "",
+          "## Verdicts", "", *verdicts(rows), ""]
+    for set_name in dict.fromkeys(r["set"] for r in rows):
+        for comparison in dict.fromkeys(r["comparison"] for r in rows if r["set"] == set_name):
+            if comparison == args.main or comparison.startswith(args.main.split(" - ")[0] + " - separate"):
+                md += [f"## {SET_NAMES.get(set_name, set_name)}: {comparison}, seed-mean Δ ± std", "",
+                       *table(rows, set_name, comparison), ""]
+    atomic_write_text(report, "\n".join(md) + "\n")
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
