@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,11 +24,11 @@ import numpy as np
 from scipy import stats
 
 from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
+from matryoshka2d.study.report import relative_link, set_title
 
 MIN_DIM = 64  # the goals count exits with dims >= 64 (method.md)
 WITHIN = 1.0  # "within 1.0 of the separate model of its depth"
 FULL_EXIT = 0.5  # "the full exit stays within 0.5 of plain fine-tuning"
-SET_NAMES = {"stsb": "STS-B test", "sickr": "SICK-R test"}
 
 
 def _parse_dirs(items: list[str]) -> dict[int, Path]:
@@ -66,10 +65,11 @@ def pool(dirs: dict[int, Path]) -> list[dict]:
         if len(per) < n:  # a comparison not in every seed's report is left out, not pooled over fewer seeds
             continue
         deltas = np.array([per[s]["delta"] for s in sorted(per)])
-        half = stats.t.ppf(0.975, n - 1) * deltas.std(ddof=1) / np.sqrt(n)
+        std = float(deltas.std(ddof=1))
+        half = stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)
         rows.append({"set": set_name, "comparison": comparison, "layer": layer, "dim": dim,
                      "seeds": sorted(per), "deltas": deltas.tolist(), "mean": float(deltas.mean()),
-                     "std": float(deltas.std(ddof=1)), "t_low": float(deltas.mean() - half),
+                     "std": std, "t_low": float(deltas.mean() - half),
                      "t_high": float(deltas.mean() + half),
                      "seeds_behind": sum(per[s]["high"] < 0 for s in per),
                      "seeds_ahead": sum(per[s]["low"] > 0 for s in per)})
@@ -79,7 +79,7 @@ def pool(dirs: dict[int, Path]) -> list[dict]:
 def verdicts(rows: list[dict]) -> list[str]:
     out = []
     for set_name in dict.fromkeys(r["set"] for r in rows):
-        where = SET_NAMES.get(set_name, set_name)
+        where = set_title(set_name)
         for comparison in dict.fromkeys(r["comparison"] for r in rows if r["set"] == set_name):
             sel = [r for r in rows if r["set"] == set_name and r["comparison"] == comparison and r["dim"] >= MIN_DIM]
             if comparison.endswith("(full exit)"):
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out, report = Path(args.out), Path(args.report)
     atomic_write_json(out / "pooled.json", rows)
     seeds = ", ".join(map(str, sorted(dirs)))
-    links = ", ".join(f"seed {s}: `{Path(os.path.relpath(d, report.parent)).as_posix()}/`"
+    links = ", ".join(f"seed {s}: `{relative_link(d, report)}/`"
                       for s, d in sorted(dirs.items()))
     command = "python scripts/pool_seeds.py " + " ".join(
         [*(f"{s}={d.as_posix()}" for s, d in sorted(dirs.items())), "--out", out.as_posix(), "--report",
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for set_name in dict.fromkeys(r["set"] for r in rows):
         for comparison in dict.fromkeys(r["comparison"] for r in rows if r["set"] == set_name):
             if comparison == args.main or comparison.startswith(args.main.split(" - ")[0] + " - separate"):
-                md += [f"## {SET_NAMES.get(set_name, set_name)}: {comparison}, seed-mean Δ ± std", "",
+                md += [f"## {set_title(set_name)}: {comparison}, seed-mean Δ ± std", "",
                        *table(rows, set_name, comparison), ""]
     atomic_write_text(report, "\n".join(md) + "\n")
     print(f"wrote {report}")

@@ -51,7 +51,7 @@ def test_pools_deltas_over_seeds_and_writes_the_report(tmp_path):
     assert "seed 0: `research/pooled/`" not in text and "seed 0: `../s0/`" in text  # links from the report
 
 
-def test_refuses_seeds_of_different_studies_and_missing_folders(tmp_path, capsys):
+def test_refuses_seeds_of_different_studies_and_missing_folders(tmp_path):
     a, b = _report(tmp_path / "s0", 0.0), _report(tmp_path / "s1", 0.4, lr="5e-05")
     args = ["--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.md"), "--title", "T"]
     with pytest.raises(SystemExit, match=r"different learning rates .*cannot be pooled"):

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRIMARY = ("stsb", "sickr")
+SET_TITLES = {"stsb": "STS-B test", "sickr": "SICK-R test", "scifact": "SciFact test", "nfcorpus": "NFCorpus test"}
 OVERLAP_NOTE = ("STS12-16 share sentence pairs with STS-B train (PROVENANCE.md), so they are not clean "
                 "transfer sets; STS-B test is in-domain, SICK-R test is the transfer set.")
 
@@ -192,15 +193,18 @@ def _ci_markdown(rows: list[dict[str, Any]], label: str = "Spearman") -> list[st
     return lines
 
 
-def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...] = PRIMARY) -> list[str]:
-    names = {"stsb": "STS-B test", "sickr": "SICK-R test", "scifact": "SciFact test", "nfcorpus": "NFCorpus test"}
+def set_title(set_name: str) -> str:
+    """How a report names a test set: ``STS-B test`` for ``stsb``."""
+    return SET_TITLES.get(set_name, f"{set_name} test")
 
+
+def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...] = PRIMARY) -> list[str]:
     def pick(comparison: str, set_name: str) -> list[dict[str, Any]]:
         return [r for r in rows if r["comparison"] == comparison and r["set"] == set_name]
 
     out = []
     for set_name in [s for s in sets if any(r["set"] == s for r in rows)]:
-        where = names.get(set_name, f"{set_name} test")
+        where = set_title(set_name)
         for base in ("full", "mrl"):
             sel = pick(f"2dmse - {base}", set_name)
             if sel:
@@ -346,7 +350,7 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
            f"## Paired bootstrap 95% CIs ({study_cfg.draws:,} resamples of {study.units}; seed-averaged)", "",
            *_ci_markdown(rows, study.label), "",
            "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows, sets), "",
-           "## Plots", "", *_plots(study, out, study_cfg.benchmark, rows, _link(out, report)), "",
+           "## Plots", "", *_plots(study, out, study_cfg.benchmark, rows, relative_link(out, report)), "",
            "## Full grids (mean ± std over seeds)", ""]
     for label in labels:
         for s in sets:
@@ -363,9 +367,9 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
     return report
 
 
-def _link(out: Path, report: Path) -> str:
-    """``out`` relative to the report's folder, with ``/`` separators: what a Markdown image link needs."""
-    return Path(os.path.relpath(out.resolve(), report.resolve().parent)).as_posix()
+def relative_link(target: Path, report: Path) -> str:
+    """``target`` relative to the report's folder, with ``/`` separators: what a Markdown link needs."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(report).resolve().parent)).as_posix()
 
 
 def _median_step_s(log: Path) -> float | None:
