@@ -84,6 +84,20 @@ def tiny_model(tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def heads_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT (mean pooling) with trained-looking (random, non-identity) linear exit heads on layers 1..3,
+    saved as ``tiny-heads`` (so served exits and exported graphs carry heads)."""
+    from matryoshka2d import MatryoshkaEncoder
+
+    model = MatryoshkaEncoder.from_pretrained(tiny_dir, pooling="mean")
+    model.add_exit_heads("linear")
+    torch.manual_seed(3)
+    for head in model.exit_heads.values():
+        torch.nn.init.normal_(head.weight, std=0.3)
+    return model.save(tmp_path_factory.mktemp("serve") / "tiny-heads")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")

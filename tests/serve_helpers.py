@@ -36,14 +36,20 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model: Path | str, log: Path, *args: str, timeout: float = 90.0) -> Iterator[Server]:
-    """``m2d serve model args`` until the context ends (then SIGTERM, then kill if it hangs)."""
+def running_server(model: Path | str, log: Path, *args: str, timeout: float = 90.0,
+                   new_session: bool = False) -> Iterator[Server]:
+    """``m2d serve model args`` until the context ends (then SIGTERM, then kill if it hangs).
+
+    ``new_session``: the server leads its own process group (only the signals a test sends reach it), killed
+    whole if it hangs (``--replicas``: the local Ray cluster's processes with it).
+    """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", str(model), "--port", str(port),
-                                    "--threads", "1", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                    "--threads", "1", "--backend", "torch", *args],  # args may pick another
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
         deadline = time.monotonic() + timeout
@@ -63,7 +69,7 @@ def running_server(model: Path | str, log: Path, *args: str, timeout: float = 90
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(30)
+                process.wait(120 if new_session else 30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL) if new_session else process.kill()
                 process.wait()

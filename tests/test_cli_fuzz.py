@@ -42,6 +42,8 @@ def _serve_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     server's run loop returns at once here (SERVED counts the vectors that got that far)."""
     uvicorn = pytest.importorskip("uvicorn")
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: SERVED.append(self.config.port))
+    # --backend auto would export every exit to OpenVINO first (seconds each): the fuzz draws torch or onnx
+    monkeypatch.setattr("matryoshka2d.serve.launch.default_backend", lambda **_: ("torch", "auto (fuzz): torch"))
 
 
 SERVED: list[int] = []

@@ -77,7 +77,7 @@ def test_openvino_export_round_trips(bert, openvino_dir):
     assert (openvino_dir / "openvino_model.xml").is_file() and not (openvino_dir / "model.onnx").exists()
     assert _config(openvino_dir)["matryoshka_dimensions"] == [8, 16]
     ours = bert.encode(SENTENCES, layer=2, dim=16)
-    got = load_exported(openvino_dir).encode(SENTENCES, batch_size=3)
+    got = load_exported(openvino_dir, precision="f32").encode(SENTENCES, batch_size=3)
     assert isinstance(load_exported(openvino_dir), OpenVinoEncoder)
     np.testing.assert_allclose(got, ours, atol=1e-4)
     assert float((got * ours).sum(1).min()) >= 0.999
@@ -91,8 +91,8 @@ def test_openvino_streams_give_the_same_vectors_in_input_order(openvino_dir):
     from matryoshka2d.export.runtime import OpenVinoEncoder, load_exported
 
     texts = [f"{s} {i}" for i in range(7) for s in SENTENCES]  # many small batches, finishing in any order
-    one = OpenVinoEncoder(openvino_dir, threads=2).encode(texts, batch_size=3)
-    two = load_exported(openvino_dir, threads=2, streams=2)
+    one = OpenVinoEncoder(openvino_dir, threads=2, precision="f32", streams=1).encode(texts, batch_size=3)
+    two = load_exported(openvino_dir, threads=2, streams=2, precision="f32")
     assert two.streams == 2
     np.testing.assert_allclose(two.encode(texts, batch_size=3), one, atol=1e-5)
     np.testing.assert_allclose(two.encode(texts[:2], batch_size=8), one[:2], atol=1e-5)  # reusable, one batch
@@ -110,8 +110,8 @@ def test_openvino_export_of_an_exit_with_a_head(tiny_dir, tmp_path):
     with torch.no_grad():
         headed.exit_heads["2"].weight.add_(0.1)
     folder = export_model(headed, tmp_path / "ov", layer=2, dim=16, format="openvino")
-    np.testing.assert_allclose(load_exported(folder).encode(SENTENCES), headed.encode(SENTENCES, layer=2, dim=16),
-                               atol=1e-4)
+    np.testing.assert_allclose(load_exported(folder, precision="f32").encode(SENTENCES),
+                               headed.encode(SENTENCES, layer=2, dim=16), atol=1e-4)
 
 
 def test_openvino_refuses_quantize(bert, tmp_path):
@@ -124,7 +124,8 @@ def test_cli_encode_runs_an_openvino_export(bert, openvino_dir, tmp_path):
 
     inputs = tmp_path / "in.txt"
     inputs.write_text("a man is playing the guitar\nthe dog runs\n", encoding="utf-8")
-    assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(tmp_path / "e.npy")]) == 0
+    assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(tmp_path / "e.npy"),
+                 "--precision", "f32"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"),
                                bert.encode(["a man is playing the guitar", "the dog runs"], layer=2, dim=16),
                                atol=1e-4)
@@ -132,9 +133,9 @@ def test_cli_encode_runs_an_openvino_export(bert, openvino_dir, tmp_path):
     inputs.write_text("\n".join(many) + "\n", encoding="utf-8")
     # more texts than one batch: batches in flight at once on two streams, rows still in input order
     assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(tmp_path / "m.npy"),
-                 "--batch-size", "4", "--threads", "2"]) == 0
+                 "--batch-size", "4", "--threads", "2", "--precision", "f32"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"), bert.encode(many, layer=2, dim=16), atol=1e-4)
-    # precision: auto (the default, OpenVINO's choice) and bf16 stay close to fp32; f32 is exact
+    # precision: auto (the default: bf16 where native and the export's checks allow) and bf16 stay close
     for precision, tolerance in (("f32", 1e-4), ("bf16", 3e-2), ("auto", 3e-2)):
         out = tmp_path / f"p-{precision}.npy"
         assert main(["encode", str(openvino_dir), "--input", str(inputs), "--output", str(out), "--precision",

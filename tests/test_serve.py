@@ -30,17 +30,6 @@ MAX_CLIENT_BATCH, MAX_QUEUE, MAX_BODY = 64, 48, 200_000
 
 
 @pytest.fixture(scope="module")
-def heads_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT with trained-looking (random, non-identity) exit heads on layers 1..3, saved."""
-    model = MatryoshkaEncoder.from_pretrained(tiny_dir, pooling="mean")
-    model.add_exit_heads("linear")
-    torch.manual_seed(3)
-    for head in model.exit_heads.values():
-        torch.nn.init.normal_(head.weight, std=0.3)
-    return model.save(tmp_path_factory.mktemp("serve") / NAME)
-
-
-@pytest.fixture(scope="module")
 def model(heads_dir: Path) -> MatryoshkaEncoder:
     return MatryoshkaEncoder.from_pretrained(heads_dir).eval()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 from typing import IO
@@ -50,8 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads: torch's (also the local corpus engine's), or an export's runtime")
     p.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
-                   help="OpenVINO export: auto (default; OpenVINO's choice: bf16 on CPUs with native bf16 such as "
-                        "AMX, else f32), or f32 / bf16")
+                   help="OpenVINO export: auto (default; bf16 on CPUs with native bf16 such as AMX when the "
+                        "export's recorded bf16 checks hold, else f32; the same rule as load_exported and m2d "
+                        "serve), or f32 / bf16")
     c.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once)")
     c.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (Ray CPUs) per actor")
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto); default: a local one")
@@ -175,11 +175,10 @@ def _encode_exported(args: argparse.Namespace, texts: list[str]) -> np.ndarray:
     if not args.normalize:
         raise ValueError("--no-normalize: an exported graph returns L2-normalised embeddings; drop the flag, "
                          "or encode the source model")
-    # OpenVINO: with more than one batch, one stream per thread (batches in flight at once; the same numbers,
-    # in bf16 1.14-1.34x the sentences/s of one batch on all threads at exit 6, docs/benchmarks.md)
-    streams = (args.threads or os.cpu_count() or 1) if len(texts) > args.batch_size else 1
-    encoder = load_exported(args.model, int8=args.int8, threads=args.threads, streams=streams,
-                            precision=args.precision)
+    # OpenVINO: the library's defaults (export.runtime.auto_precision, auto_streams): with more than one batch,
+    # one stream per thread (the same numbers, in bf16 1.14-1.34x the sentences/s of one batch on all threads
+    # at exit 6, docs/benchmarks.md)
+    encoder = load_exported(args.model, int8=args.int8, threads=args.threads, precision=args.precision)
     emb = encoder.encode(texts, batch_size=args.batch_size)
     if args.dim is not None and args.dim < width:  # a prefix of the normalised vector, normalised again
         emb = emb[:, : args.dim]

@@ -2,9 +2,9 @@
 
 ``openvino.convert_model`` reads the traced ONNX graph directly (no optimum-intel, so no transformers pin);
 ``openvino_model.xml`` / ``.bin`` keep fp32 weights. The folder is accepted only if OpenVINO in f32 reproduces
-the source exit within :data:`MAX_ABS_DIFF`. On CPUs with bf16 (AMX / AVX-512 bf16) OpenVINO would run in bf16
-by default; :class:`matryoshka2d.export.runtime.OpenVinoEncoder` asks for f32 unless told otherwise, and the
-export records bf16's agreement with f32 beside it.
+the source exit within :data:`MAX_ABS_DIFF`. On CPUs with native bf16 (AMX / AVX-512 bf16) the export records
+bf16's agreement with f32 (and, given an STS set, bf16's Spearman beside the source's): the facts by which
+:func:`matryoshka2d.export.runtime.auto_precision` lets ``auto`` run it in bf16.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
 from matryoshka2d.export.checks import ScoredPairsLike
 from matryoshka2d.export.onnx import write_onnx
-from matryoshka2d.export.runtime import OPENVINO_FILE, OpenVinoEncoder, require_openvino
+from matryoshka2d.export.runtime import OPENVINO_FILE, OpenVinoEncoder, cpu_has_bf16, require_openvino
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -26,13 +26,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_ABS_DIFF = 1e-4  # OpenVINO (f32) vs the source exit, per coordinate of the normalised embedding
-
-
-def cpu_has_bf16() -> bool:
-    """True when OpenVINO's CPU plugin reports bf16 among its optimisation capabilities."""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def write_openvino(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int | None, texts: list[str],
@@ -62,7 +55,7 @@ def write_openvino(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: i
     onnx_path = folder / "model.onnx"
     ov.save_model(ov.convert_model(str(onnx_path)), str(folder / OPENVINO_FILE), compress_to_fp16=False)
     onnx_path.unlink()  # the IR is the model now; the ONNX graph was its intermediate
-    f32 = OpenVinoEncoder(folder, max_seq_length=model.max_seq_length)
+    f32 = OpenVinoEncoder(folder, precision="f32", max_seq_length=model.max_seq_length)
     got = f32.encode(texts)
     check: dict[str, Any] = {
         "openvino_f32_vs_source_max_abs_diff": float(np.abs(got - reference).max()),
@@ -73,13 +66,15 @@ def write_openvino(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: i
         raise ValueError(f"OpenVINO's embeddings differ from the source exit by "
                          f"{check['openvino_f32_vs_source_max_abs_diff']:.2e} (limit {MAX_ABS_DIFF:.0e}); "
                          "export --format onnx instead")
-    if cpu_has_bf16():
-        bf16 = OpenVinoEncoder(folder, precision="bf16", max_seq_length=model.max_seq_length).encode(texts)
-        cos = row_cosines(bf16, got)
+    bf16 = OpenVinoEncoder(folder, precision="bf16", max_seq_length=model.max_seq_length) if cpu_has_bf16() else None
+    if bf16 is not None:
+        cos = row_cosines(bf16.encode(texts), got)
         check.update({"openvino_bf16_vs_f32_mean_cosine": round(float(cos.mean()), 7),
                       "openvino_bf16_vs_f32_min_cosine": round(float(cos.min()), 7)})
-    if sts is not None:
+    if sts is not None:  # bf16's STS score is what auto precision (export.runtime.auto_precision) reads
         check[f"{sts.name}_spearman_openvino_f32"] = round(sts_spearman(f32.encode, sts), 4)
+        if bf16 is not None:
+            check[f"{sts.name}_spearman_openvino_bf16"] = round(sts_spearman(bf16.encode, sts), 4)
         check[f"{sts.name}_spearman_source"] = round(
             sts_spearman(lambda t: model.encode(t, layer=model.num_layers, dim=dim), sts), 4)
     info: dict[str, Any] = {

@@ -124,56 +124,142 @@ class OnnxEncoder(ExportedEncoder):
         return self.session.run([OUTPUT_NAME], {k: features[k] for k in self.input_names})[0]
 
 
+BF16_MIN_COSINE = 0.999  # bf16 vs f32 on the export's check texts, the least a bf16 default needs
+BF16_MAX_STS_DROP = 0.2  # bf16's STS Spearman (x100, as recorded) at most this far from the source's
+
+
+def cpu_has_bf16() -> bool:
+    """True when OpenVINO's CPU plugin reports bf16 among its optimisation capabilities (AMX, AVX-512 bf16)."""
+    require_openvino()
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def auto_precision(meta: dict[str, Any] | None) -> tuple[str, str]:
+    """The precision ``auto`` means for an OpenVINO export, and why: the one rule of the library, the CLI and
+    the server.
+
+    bf16 where the CPU runs it natively and every bf16 fact the export recorded holds (the cosine to f32 on its
+    check texts >= :data:`BF16_MIN_COSINE`; an STS set's Spearman within :data:`BF16_MAX_STS_DROP` of the
+    source's, where the export measured one); f32 otherwise.
+
+    Args:
+        meta: the export's ``matryoshka2d.json`` (:func:`read_export_meta`).
+
+    Returns:
+        ``("bf16" | "f32", reason)``.
+    """
+    if not cpu_has_bf16():
+        return "f32", "this CPU has no native bf16"
+    check = ((meta or {}).get("export") or {}).get("verification") or {}
+    cosine = check.get("openvino_bf16_vs_f32_min_cosine")
+    if cosine is not None and cosine < BF16_MIN_COSINE:
+        return "f32", f"the export's bf16 min cosine to f32 is {cosine} (< {BF16_MIN_COSINE})"
+    facts = [f"native bf16; bf16 min cosine to f32 {cosine}" if cosine is not None else "native bf16"]
+    suffix = "_spearman_openvino_bf16"
+    for key in sorted(k for k in check if k.endswith(suffix)):
+        name = key[: -len(suffix)]
+        source = check.get(f"{name}_spearman_source")
+        if source is None:
+            continue
+        drop = float(source) - float(check[key])
+        if abs(drop) > BF16_MAX_STS_DROP:
+            return "f32", (f"the export's bf16 {name} Spearman is {check[key]} against the source's {source} "
+                           f"(more than {BF16_MAX_STS_DROP} points apart)")
+        facts.append(f"{name} Spearman bf16 {check[key]} vs source {source}")
+    if len(facts) == 1:
+        facts.append("no STS check recorded in the export")
+    return "bf16", "; ".join(facts)
+
+
+def auto_streams(threads: int | None, batches: int) -> int:
+    """OpenVINO streams for ``batches`` batches: one batch runs alone on every thread (LATENCY); more than one
+    run one stream per thread (THROUGHPUT), ``threads`` or the machine's CPUs. The rule of the library, the CLI
+    and the server (which has batches in flight over its life).
+    """
+    return max(1, threads or os.cpu_count() or 1) if batches > 1 else 1
+
+
 class OpenVinoEncoder(ExportedEncoder):
     """Run an exported OpenVINO folder (``openvino_model.xml`` + ``.bin``) on the CPU.
 
     Args:
         folder: the export folder.
         file: the IR inside it.
-        precision: ``f32`` (exact), ``bf16`` (AMX/AVX-512 bf16 CPUs), or ``auto``: OpenVINO's own default
-            (bf16 where the CPU runs it natively, else f32).
+        precision: ``f32`` (exact), ``bf16``, or ``auto`` (:func:`auto_precision`: bf16 where the CPU runs it
+            natively and the export's recorded bf16 checks hold, else f32). ``precision`` is what was resolved,
+            ``precision_reason`` why.
         threads: inference threads, all streams together (``None``: OpenVINO's default).
         max_seq_length: tokens per sentence; ``None`` reads the folder's.
-        streams: batches in flight at once. ``1`` (default): one batch at a time on all ``threads``
-            (OpenVINO's LATENCY mode). More: OpenVINO's THROUGHPUT mode with that many streams sharing the
-            threads, batches queued through an ``AsyncInferQueue`` while the next ones are tokenised; the
-            numbers are the same, only the schedule differs (docs/benchmarks.md measures it).
+        streams: batches in flight at once. ``None`` (default): :func:`auto_streams` for each :meth:`encode`
+            (one batch: one stream on all threads, OpenVINO's LATENCY mode; more: one stream per thread,
+            THROUGHPUT mode, each mode compiled once when first needed). An int fixes it: ``1`` is LATENCY;
+            more is THROUGHPUT with that many streams sharing the threads, batches queued through an
+            ``AsyncInferQueue`` while the next ones are tokenised. The numbers are the same, only the schedule
+            differs (docs/benchmarks.md measures it).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, file: str = OPENVINO_FILE, precision: str = "f32",
-                 threads: int | None = None, max_seq_length: int | None = None, streams: int = 1) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, file: str = OPENVINO_FILE, precision: str = "auto",
+                 threads: int | None = None, max_seq_length: int | None = None, streams: int | None = None) -> None:
         require_openvino()
         import openvino as ov
 
         super().__init__(folder, max_seq_length=max_seq_length)
         if precision not in ("f32", "bf16", "auto"):
             raise ValueError(f"OpenVINO precision {precision!r} is not f32, bf16 or auto; pass one of them")
-        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
-            raise ValueError(f"OpenVINO streams {streams!r} is out of range 1..64; pass 1 (one batch at a time) "
-                             "or e.g. the thread count")
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
-        if precision != "auto":
-            config["INFERENCE_PRECISION_HINT"] = precision
-        if streams > 1:
-            config["NUM_STREAMS"] = str(streams)
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.file, self.precision, self.streams = file, precision, streams
-        core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(Path(folder) / file)), "CPU", config)
+        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int)
+                                    or not 1 <= streams <= 64):
+            raise ValueError(f"OpenVINO streams {streams!r} is out of range 1..64; pass 1 (one batch at a time), "
+                             "e.g. the thread count, or None (automatic)")
+        if precision == "auto":
+            self.precision, self.precision_reason = auto_precision(read_export_meta(folder))
+        else:
+            self.precision, self.precision_reason = precision, "asked for"
+        self.file, self.threads, self.streams = file, threads, streams
+        self._core = ov.Core()
+        self._model = self._core.read_model(str(Path(folder) / file))
+        self._compiled: dict[int, Any] = {}
+        self._queues: dict[int, Any] = {}
+        self.compiled = self.compile(streams or 1)
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output = self.compiled.output(OUTPUT_NAME)
-        self._queue = ov.AsyncInferQueue(self.compiled, streams) if streams > 1 else None
+        self.last_streams: int | None = None  # the streams of the last encode call
 
-    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        result = self.request.infer({k: features[k] for k in self.input_names}, share_inputs=True)
+    def compile(self, streams: int) -> Any:
+        """The model compiled for ``streams`` streams at this precision and thread count (compiled once)."""
+        if streams not in self._compiled:
+            import openvino as ov
+
+            config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+                                      "INFERENCE_PRECISION_HINT": self.precision}
+            if streams > 1:
+                config["NUM_STREAMS"] = str(streams)
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = int(self.threads)
+            self._compiled[streams] = self._core.compile_model(self._model, "CPU", config)
+            if streams > 1:
+                self._queues[streams] = ov.AsyncInferQueue(self._compiled[streams], streams)
+        return self._compiled[streams]
+
+    def run(self, features: dict[str, np.ndarray], request: Any = None) -> np.ndarray:
+        """Embeddings of one tokenized batch, on ``request`` (one of :meth:`compile`'s models'; default: the
+        encoder's own, which only one thread may use at a time)."""
+        request = self.request if request is None else request
+        result = request.infer({k: features[k] for k in self.input_names}, share_inputs=True)
         return np.array(result[self.output], dtype=np.float32)  # a copy: the request reuses its buffer
 
     def _embed(self, batches: TokenBatches) -> Iterable[tuple[Any, np.ndarray]]:
-        """With ``streams > 1``, up to ``streams`` batches in flight at once (results in completion order)."""
-        if self._queue is None:
+        """With more than one stream, up to that many batches in flight at once (results in completion order)."""
+        streams = self.streams
+        if streams is None:
+            streams = auto_streams(self.threads, -(-len(batches) // batches.batch_size))
+        self.last_streams = streams
+        if streams == 1:
             return super()._embed(batches)
+        self.compile(streams)
+        queue = self._queues[streams]
         results: list[tuple[Any, np.ndarray]] = []
         errors: list[BaseException] = []
 
@@ -183,10 +269,10 @@ class OpenVinoEncoder(ExportedEncoder):
             except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
                 errors.append(error)
 
-        self._queue.set_callback(done)
+        queue.set_callback(done)
         for rows, features in batches:
-            self._queue.start_async({k: features[k] for k in self.input_names}, userdata=rows)
-        self._queue.wait_all()
+            queue.start_async({k: features[k] for k in self.input_names}, userdata=rows)
+        queue.wait_all()
         if errors:
             raise errors[0]
         return results
@@ -210,10 +296,11 @@ def exported_format(folder: str | os.PathLike[str]) -> str | None:
 
 
 def load_exported(folder: str | os.PathLike[str], *, int8: bool = False, threads: int | None = None,
-                  precision: str = "f32", streams: int = 1) -> ExportedEncoder:
+                  precision: str = "auto", streams: int | None = None) -> ExportedEncoder:
     """The runner of an ONNX or OpenVINO export; ``int8`` picks its int8 graph (an explicit choice).
 
-    ``precision`` and ``streams`` apply to OpenVINO (:class:`OpenVinoEncoder`).
+    ``precision`` and ``streams`` apply to OpenVINO and default to :class:`OpenVinoEncoder`'s (automatic: the
+    same choice as ``m2d encode EXPORT`` and ``m2d serve --backend openvino``).
 
     Raises:
         ValueError: not an onnx/openvino export, or ``int8`` asked of a folder exported without it.

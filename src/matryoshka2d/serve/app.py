@@ -364,6 +364,7 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
             else None,
             "pooling": model.pooling, "max_seq_length": max_len, "dtype": config.dtype, "backend": config.backend,
             "precisions": ["float32", "int8", "uint8", "binary", "ubinary"], "limits": config.limits(),
+            "runner": batcher.runner.describe() if hasattr(batcher.runner, "describe") else None,
         }
 
     @app.get("/metrics", response_class=Response,

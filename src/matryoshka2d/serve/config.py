@@ -20,8 +20,9 @@ class ServeConfig:
         max_body_bytes: the size limit of a request body (413 above it).
         truncate: cut texts longer than the model's token limit (else 400).
         api_key: when set, ``/v1/*`` and ``/info`` need ``Authorization: Bearer <api_key>``.
-        dtype: ``fp32`` or ``bf16`` (what ``/info`` reports).
-        backend: ``torch`` or ``onnx`` (one exported graph per exit; fp32 only); what ``/info`` reports.
+        dtype: torch's ``fp32``, ``bf16`` or ``fp16`` (fp16: on a GPU); what ``/info`` reports.
+        backend: ``torch``, ``onnx`` or ``openvino`` (one exported graph per exit; torch's dtype fp32 only, the
+            OpenVINO precision is its own option); what ``/info`` reports.
         trim_interval_s: the fewest seconds between two hand-backs of the free C heap to the OS after a
             batch, which keeps resident memory flat over a long run; ``0`` turns it off.
     """
@@ -50,13 +51,13 @@ class ServeConfig:
         if isinstance(self.trim_interval_s, bool) or not 0 <= self.trim_interval_s <= 3600:
             raise ValueError(f"trim_interval_s {self.trim_interval_s!r} is out of range 0..3600 seconds; pass e.g. "
                              "2, or 0 to never trim")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype {self.dtype!r} is not supported; pass fp32 or bf16")
-        if self.backend not in ("torch", "onnx"):
-            raise ValueError(f"backend {self.backend!r} is not supported; pass torch or onnx")
-        if self.backend == "onnx" and self.dtype != "fp32":
-            raise ValueError(f"dtype {self.dtype!r} is torch only: the onnx backend runs the fp32 graphs; pass "
-                             "--dtype fp32 or --backend torch")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype {self.dtype!r} is not supported; pass fp32, bf16 or fp16")
+        if self.backend not in ("torch", "onnx", "openvino"):
+            raise ValueError(f"backend {self.backend!r} is not supported; pass torch, onnx or openvino")
+        if self.backend != "torch" and self.dtype != "fp32":
+            raise ValueError(f"dtype {self.dtype!r} is torch only: the {self.backend} backend runs the exported "
+                             "graphs (OpenVINO's precision is --precision); pass --dtype fp32 or --backend torch")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; pass a non-empty key or none")
         if not self.model_name:

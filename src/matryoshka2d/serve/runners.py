@@ -1,8 +1,10 @@
-"""What runs the rows of a batch: the torch encoder (``--backend torch``) or one ONNX graph per exit (``onnx``).
+"""What runs the rows of a batch: the torch encoder (``--backend torch``), or one exported graph per exit on
+onnxruntime (``onnx``) or OpenVINO (``openvino``).
 
 A runner is called by the batcher thread with one padded batch (int64 numpy arrays), the exit layer of each
 row, and ``on_exit(positions, vectors)``, which it calls as rows finish (positions in the batch, float32
-vectors, normalised or not: the server truncates and normalises them again).
+vectors, normalised or not: the server truncates and normalises them again). ``describe()`` is what ``/info``
+shows of it.
 
 - :class:`TorchRunner`: one depth-sorted pass (:func:`~matryoshka2d.encoder.mixed_depth.forward_mixed_depth`):
   the shared blocks run once, a row leaves after its exit block.
@@ -10,27 +12,35 @@ vectors, normalised or not: the server truncates and normalises them again).
   head and normalisation inside the graph), run with onnxruntime. A batch's rows are grouped by exit and each
   group runs its exit's graph, so a row still runs only the blocks up to its exit; the groups are smaller
   batches than one shared pass.
+- :class:`OpenVinoRunner`: the same per-exit groups on OpenVINO (bf16 where :func:`~matryoshka2d.export.runtime.
+  auto_precision` allows it), cut into chunks of about equal cost (rows x tokens x depth) and run longest
+  first on OpenVINO's throughput streams, so the streams stay busy whatever the mix of depths.
+
+The exported exits are kept and reused by :func:`~matryoshka2d.serve.exports.exit_exports`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import math
 import os
-import shutil
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from matryoshka2d.data.datasets import ScoredPairs
     from matryoshka2d.encoder.model import MatryoshkaEncoder
-    from matryoshka2d.export.runtime import OnnxEncoder
+    from matryoshka2d.export.runtime import OnnxEncoder, OpenVinoEncoder
 
 logger = logging.getLogger(__name__)
 
 OnExit = Callable[[np.ndarray, np.ndarray], None]
-PROBE = ["a man is playing a guitar on the street", "the dog runs"]  # checks a reused export against the model
+CHUNKS_PER_STREAM = 2  # a batch is cut into about this many chunks per stream (finer: better balance, more calls)
+MIN_CHUNK_ROWS = 4  # ... of at least this many rows
 
 
 class TorchRunner:
@@ -45,6 +55,7 @@ class TorchRunner:
 
     def __init__(self, model: MatryoshkaEncoder, *, threads: int | None = None) -> None:
         self.model, self.threads = model, threads
+        self.why = ""
 
     def start_thread(self) -> None:
         """Called once in the batcher thread before its first batch."""
@@ -63,6 +74,31 @@ class TorchRunner:
         forward_mixed_depth(self.model, features, exits, on_exit=lambda positions, pooled: on_exit(
             positions.numpy(), pooled.detach().float().cpu().numpy()))
 
+    def describe(self) -> dict[str, Any]:
+        """What ``/info`` shows of this runner."""
+        return {"name": self.name, "device": str(self.model.device), "threads": self.threads,
+                "dtype": str(next(self.model.backbone.parameters()).dtype).removeprefix("torch."),
+                **({"why": self.why} if self.why else {})}
+
+
+def exit_groups(arrays: dict[str, np.ndarray], exits: list[int], input_names: Callable[[int], list[str]], *,
+                left_padding: bool = False) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+    """``(layer, rows, inputs)`` of each exit of a batch, deepest first, each trimmed to its longest row.
+
+    ``input_names(layer)`` are the inputs of that exit's graph (zero ``token_type_ids`` are added if it takes
+    them and the batch has none).
+    """
+    depth = np.asarray(exits)
+    for layer in sorted(set(depth.tolist()), reverse=True):
+        rows = np.flatnonzero(depth == layer)
+        mask = arrays["attention_mask"][rows]
+        width = int(mask.sum(1).max())
+        cols = slice(mask.shape[1] - width, None) if left_padding else slice(0, width)
+        group = {k: v[rows][:, cols] for k, v in arrays.items()}
+        if "token_type_ids" in input_names(layer) and "token_type_ids" not in group:
+            group["token_type_ids"] = np.zeros_like(group["input_ids"])
+        yield layer, rows, group
+
 
 class OnnxRunner:
     """One onnxruntime session per exit layer.
@@ -74,75 +110,177 @@ class OnnxRunner:
 
     name = "onnx"
 
-    def __init__(self, encoders: dict[int, OnnxEncoder], *, left_padding: bool = False) -> None:
-        self.encoders, self.left_padding = encoders, left_padding
+    def __init__(self, encoders: dict[int, OnnxEncoder], *, left_padding: bool = False, threads: int | None = None,
+                 export_dir: str | None = None) -> None:
+        self.encoders, self.left_padding, self.threads, self.export_dir = encoders, left_padding, threads, export_dir
+        self.why = ""
 
     def start_thread(self) -> None:
         """Nothing to set: each session has its own threads."""
 
     def __call__(self, arrays: dict[str, np.ndarray], exits: list[int], on_exit: OnExit) -> None:
-        depth = np.asarray(exits)
-        for layer in sorted(set(depth.tolist()), reverse=True):
-            rows = np.flatnonzero(depth == layer)
-            mask = arrays["attention_mask"][rows]
-            width = int(mask.sum(1).max())
-            cols = slice(mask.shape[1] - width, None) if self.left_padding else slice(0, width)
-            group = {k: v[rows][:, cols] for k, v in arrays.items()}
-            encoder = self.encoders[layer]
-            if "token_type_ids" in encoder.input_names and "token_type_ids" not in group:
-                group["token_type_ids"] = np.zeros_like(group["input_ids"])
-            on_exit(rows, encoder.run(group))
+        names = lambda layer: self.encoders[layer].input_names  # noqa: E731
+        for layer, rows, group in exit_groups(arrays, exits, names, left_padding=self.left_padding):
+            on_exit(rows, self.encoders[layer].run(group))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/info`` shows of this runner."""
+        return {"name": self.name, "exits": sorted(self.encoders), "threads": self.threads,
+                "export_dir": self.export_dir, **({"why": self.why} if self.why else {})}
 
     @classmethod
     def from_model(cls, model: MatryoshkaEncoder, folder: str | os.PathLike[str], *,
                    threads: int | None = None) -> OnnxRunner:
         """Export every exit of ``model`` to ``folder/exit-<n>`` (reusing exports that still match) and load them.
 
-        An existing ``exit-<n>`` is reused only when its graph reproduces the model's exit on :data:`PROBE`
-        (max abs difference within the export's own check, :data:`~matryoshka2d.export.onnx.MAX_ABS_DIFF`);
-        otherwise it is exported again.
+        Exports are kept and reused as :func:`~matryoshka2d.serve.exports.exit_exports` says.
 
         Raises:
             ImportError: onnx / onnxruntime missing (the ``onnx`` extra).
-            ValueError: an exit whose ONNX graph does not reproduce the model (from the export's check).
+            ValueError: an exit whose ONNX graph does not reproduce the model (from the export's check), or a
+                folder in the way that the server did not write.
         """
-        from matryoshka2d.export.exporter import export_model
         from matryoshka2d.export.runtime import OnnxEncoder, require_onnx
+        from matryoshka2d.serve.exports import exit_exports
 
         require_onnx()
-        root = Path(folder)
-        root.mkdir(parents=True, exist_ok=True)
-        width = model.hidden_size
-        encoders: dict[int, OnnxEncoder] = {}
-        for n in range(1, model.num_layers + 1):
-            path = root / f"exit-{n}"
-            expected = model.encode(PROBE, layer=n, dim=width)
-            encoder = _reusable(path, expected, threads, model.max_seq_length)
-            if encoder is None:
-                if path.exists():
-                    logger.info("%s does not match the model's exit %d; exporting it again", path, n)
-                    shutil.rmtree(path)
-                # the export itself checks onnxruntime against the model (export.onnx.MAX_ABS_DIFF)
-                export_model(model, path, layer=n, dim=width, format="onnx", verify=False)
-                encoder = OnnxEncoder(path, threads=threads, max_seq_length=model.max_seq_length)
-            encoders[n] = encoder
+
+        def session(path: os.PathLike[str]) -> OnnxEncoder:
+            return OnnxEncoder(path, threads=threads, max_seq_length=model.max_seq_length)
+
+        folders = exit_exports(model, folder, "onnx", check=session)
         left = getattr(model.tokenizer, "padding_side", "right") == "left"
-        return cls(encoders, left_padding=left)
+        return cls({n: session(path) for n, path in folders.items()}, left_padding=left, threads=threads,
+                   export_dir=str(folder))
 
 
-def _reusable(path: Path, expected: np.ndarray, threads: int | None, max_seq_length: int) -> OnnxEncoder | None:
-    """The session of an existing export at ``path`` when it reproduces ``expected`` on the probe, else ``None``."""
-    from matryoshka2d.export.onnx import MAX_ABS_DIFF
-    from matryoshka2d.export.runtime import OnnxEncoder, exported_format
+class OpenVinoRunner:
+    """One compiled OpenVINO model per exit, the chunks of a batch run longest first on throughput streams.
 
-    if exported_format(path) != "onnx":
-        return None
-    try:
-        encoder = OnnxEncoder(path, threads=threads, max_seq_length=max_seq_length)
-        got = encoder.encode(PROBE)
-    except Exception as error:  # noqa: BLE001 - a broken cached export is exported again
-        logger.info("cannot reuse %s (%s)", path, error)
-        return None
-    if got.shape != expected.shape or float(np.abs(got - expected).max()) > MAX_ABS_DIFF:
-        return None
-    return encoder
+    A batch's rows are grouped by exit (each group trimmed to its longest row) and cut into chunks of about
+    equal cost, rows x tokens x depth, about :data:`CHUNKS_PER_STREAM` per stream. The chunks go longest first
+    to ``streams`` worker threads, each with its own infer request per exit, so at most ``streams`` chunks run
+    at once and each on ``threads / streams`` threads. A layer-2 row thus costs a third of a layer-6 row and a
+    mixed batch keeps every stream busy; each chunk's rows are answered when it finishes.
+
+    Args:
+        encoders: ``{layer: OpenVinoEncoder}`` for every exit ``1..N``, compiled with ``streams`` streams.
+        streams: chunks in flight at once (1: the batcher thread runs the groups one after the other).
+        left_padding: whether the tokenizer pads on the left.
+        export_dir: where the exports are (for ``/info``).
+    """
+
+    name = "openvino"
+
+    def __init__(self, encoders: dict[int, OpenVinoEncoder], *, streams: int = 1, left_padding: bool = False,
+                 export_dir: str | None = None) -> None:
+        self.encoders, self.streams, self.left_padding, self.export_dir = encoders, streams, left_padding, export_dir
+        self.why = ""
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._local = threading.local()
+
+    def start_thread(self) -> None:
+        """Start the stream workers (once, from the batcher thread)."""
+        if self.streams > 1 and self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.streams, thread_name_prefix="m2d-openvino")
+
+    def chunks(self, arrays: dict[str, np.ndarray], exits: list[int]
+               ) -> list[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+        """``(layer, rows, inputs)`` to run, costliest first: each exit's rows cut into pieces of about
+        ``1 / (streams x CHUNKS_PER_STREAM)`` of the batch's cost (rows x tokens x depth), each trimmed again."""
+        groups = list(exit_groups(arrays, exits, lambda n: self.encoders[n].input_names,
+                                  left_padding=self.left_padding))
+        if self.streams == 1:
+            return groups
+
+        def cost(layer: int, group: dict[str, np.ndarray]) -> int:
+            return layer * int(group["input_ids"].size)
+
+        target = sum(cost(n, g) for n, _, g in groups) / (self.streams * CHUNKS_PER_STREAM)
+        out = []
+        for layer, rows, group in groups:
+            pieces = min(math.ceil(cost(layer, group) / target - 1e-9), max(1, len(rows) // MIN_CHUNK_ROWS))
+            for part in np.array_split(np.arange(len(rows)), max(1, pieces)):
+                sub = {k: v[part] for k, v in group.items()}
+                width = int(sub["attention_mask"].sum(1).max())
+                cols = slice(sub["input_ids"].shape[1] - width, None) if self.left_padding else slice(0, width)
+                out.append((layer, rows[part], {k: v[:, cols] for k, v in sub.items()}))
+        return sorted(out, key=lambda c: -cost(c[0], c[2]))
+
+    def _infer(self, layer: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run one chunk in a stream worker, on this worker's own request for the exit."""
+        requests = self._local.__dict__.setdefault("requests", {})
+        if layer not in requests:
+            requests[layer] = self.encoders[layer].compiled.create_infer_request()
+        return self.encoders[layer].run(inputs, requests[layer])
+
+    def __call__(self, arrays: dict[str, np.ndarray], exits: list[int], on_exit: OnExit) -> None:
+        chunks = self.chunks(arrays, exits)
+        if self._pool is None or len(chunks) == 1:
+            for layer, rows, inputs in chunks:
+                on_exit(rows, self.encoders[layer].run(inputs))
+            return
+        futures = {self._pool.submit(self._infer, layer, inputs): rows for layer, rows, inputs in chunks}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                on_exit(futures[future], future.result())
+        finally:  # on a failure, let the other chunks finish before the batcher re-runs the batch
+            concurrent.futures.wait(futures)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/info`` shows of this runner."""
+        first = self.encoders[min(self.encoders)]
+        return {"name": self.name, "exits": sorted(self.encoders), "precision": first.precision,
+                "precision_reason": first.precision_reason, "streams": self.streams, "threads": first.threads,
+                "export_dir": self.export_dir, **({"why": self.why} if self.why else {})}
+
+    @classmethod
+    def from_model(cls, model: MatryoshkaEncoder, folder: str | os.PathLike[str], *, threads: int | None = None,
+                   precision: str = "auto", sts: ScoredPairs | None = None) -> OpenVinoRunner:
+        """Export every exit of ``model`` to OpenVINO under ``folder`` (reusing exports that still match), load them.
+
+        Precision and streams follow the library's one rule (:func:`~matryoshka2d.export.runtime.auto_precision`
+        at every exit: bf16 only if every exit allows it; :func:`~matryoshka2d.export.runtime.auto_streams` for
+        a server, which has more than one batch).
+
+        Args:
+            model: the encoder (fp32, on the CPU).
+            folder: where the exports are kept (:func:`~matryoshka2d.serve.exports.exit_exports`).
+            threads: OpenVINO threads, all streams together (``None``: the machine's CPUs).
+            precision: ``auto``, ``f32`` or ``bf16``.
+            sts: an STS set each export scores itself on in f32 and bf16 (what ``auto`` reads).
+
+        Raises:
+            ImportError: openvino missing (the ``openvino`` extra).
+            ValueError: an export that does not reproduce the model, or a folder in the way.
+        """
+        from matryoshka2d.export.runtime import (
+            OpenVinoEncoder,
+            auto_precision,
+            auto_streams,
+            read_export_meta,
+            require_openvino,
+        )
+        from matryoshka2d.serve.exports import exit_exports
+
+        require_openvino()
+        length = model.max_seq_length
+
+        def exact(path: os.PathLike[str]) -> OpenVinoEncoder:
+            return OpenVinoEncoder(path, precision="f32", threads=threads, streams=1, max_seq_length=length)
+
+        folders = exit_exports(model, folder, "openvino", check=exact, sts=sts)
+        reason = "asked for"
+        if precision == "auto":  # every exit or none: bf16 only where each exit's recorded checks allow it
+            choices = {n: auto_precision(read_export_meta(path)) for n, path in folders.items()}
+            refused = {n: why for n, (p, why) in choices.items() if p != "bf16"}
+            precision = "f32" if refused else "bf16"
+            reason = (f"auto: exit {min(refused)}: {refused[min(refused)]}" if refused
+                      else f"auto at every exit: {choices[max(choices)][1]}")
+        streams = auto_streams(threads, batches=2)
+        encoders = {n: OpenVinoEncoder(path, precision=precision, threads=threads, streams=streams,
+                                       max_seq_length=length) for n, path in folders.items()}
+        for encoder in encoders.values():
+            encoder.precision_reason = reason
+        left = getattr(model.tokenizer, "padding_side", "right") == "left"
+        return cls(encoders, streams=streams, left_padding=left, export_dir=str(folder))
