@@ -273,3 +273,15 @@ def test_server_on_a_gpu_in_half_precision(heads_dir, model, tmp_path, dtype) ->
     assert info["dtype"] == dtype and info["runner"]["device"].startswith("cuda")
     got = np.array([d["embedding"] for d in response["data"]], dtype=np.float32)
     assert cosines(got, model.encode(TEXTS, layer=3)).min() >= 0.99
+
+
+def test_replicas_without_ray_serve_name_the_extra(heads_dir, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] == "ray"
+                        else real(name, *a))
+    from matryoshka2d.cli import main
+
+    assert main(["serve", str(heads_dir), "--backend", "torch", "--replicas", "2"]) == 2
+    assert "pip install 'matryoshka2d[serve,ray-serve]'" in capsys.readouterr().err
