@@ -262,10 +262,11 @@ class OpenVinoEncoder(ExportedEncoder):
         queue = self._queues[streams]
         results: list[tuple[Any, np.ndarray]] = []
         errors: list[BaseException] = []
+        output = self.output  # the callback holds no reference to this encoder (the queue would keep it alive)
 
         def done(request: Any, rows: Any) -> None:  # in an OpenVINO thread; list.append is atomic
             try:
-                results.append((rows, np.array(request.get_tensor(self.output).data, dtype=np.float32)))
+                results.append((rows, np.array(request.get_tensor(output).data, dtype=np.float32)))
             except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
                 errors.append(error)
 
