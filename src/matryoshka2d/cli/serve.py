@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info("backend %s (%s)", backend, why)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = prepare_model(load_model(args), spec)  # also checks the folder and --max-seq-length before Ray starts
+    model = load_model(args)  # checks the folder and --max-seq-length before anything starts
     if replicas is not None:
         from matryoshka2d.serve.ray_serve import serve_replicas
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                        graceful_timeout=args.graceful_timeout, **replicas)
         return 0
     with contextlib.ExitStack() as stack:
-        serve_app(build_app(spec, stack, model=model), args)
+        serve_app(build_app(spec, stack, model=prepare_model(model, spec)), args)
     return 0
 
 

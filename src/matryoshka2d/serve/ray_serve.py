@@ -96,8 +96,11 @@ def deployment(spec: ServeSpec, *, replicas: int, autoscale: tuple[int, int] | N
         """One ``m2d serve`` app (the class body is empty: the app is built by ``build``)."""
 
     cls = serve.ingress(build)(Replica)
+    resources: dict[str, Any] = {"num_cpus": spec.threads or 1}
+    if spec.device.startswith("cuda"):
+        resources["num_gpus"] = 1  # one GPU per replica (untested: no GPU here)
     return serve.deployment(
-        cls, name="m2d-serve", ray_actor_options={"num_cpus": spec.threads or 1},
+        cls, name="m2d-serve", ray_actor_options=resources,
         max_ongoing_requests=spec.config.max_queue,  # the app's own queue limit (429) is the one that binds
         graceful_shutdown_timeout_s=graceful_timeout, health_check_period_s=10, **scaling,
     ).bind()
