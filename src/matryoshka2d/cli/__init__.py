@@ -13,7 +13,8 @@ from matryoshka2d._version import __version__
 logger = logging.getLogger(__name__)
 
 # subcommand name -> module under matryoshka2d.cli that defines add_parser(subparsers)
-COMMANDS = ("info", "encode", "eval", "compare", "train", "export", "reproduce", "bench", "index", "search", "serve")
+COMMANDS = ("info", "encode", "eval", "compare", "train", "align", "export", "reproduce", "bench", "index", "search",
+            "serve")
 
 
 class Parser(argparse.ArgumentParser):

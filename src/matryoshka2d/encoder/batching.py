@@ -41,14 +41,14 @@ class MultiExitModel(Protocol):
 
     def train(self, mode: bool = True) -> Any: ...
 
-    def __call__(self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None
-                 ) -> dict[int, torch.Tensor]: ...
+    def __call__(self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None,
+                 input_type: str = "document") -> dict[int, torch.Tensor]: ...
 
 
 @torch.inference_mode()
 def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[int], *, dim: int | None = None,
                  normalize: bool = False, batch_size: int = 64, show_progress_bar: bool | None = None,
-                 desc: str = "encode") -> dict[int, np.ndarray]:
+                 desc: str = "encode", input_type: str = "document") -> dict[int, np.ndarray]:
     """Pooled embeddings of ``texts`` at every layer in ``layers``, each batch from ONE backbone pass.
 
     The pass stops after the deepest requested layer. Rows come back in input order.
@@ -62,6 +62,7 @@ def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[i
         batch_size: texts per forward pass.
         show_progress_bar: ``None`` shows one for more than 10 batches when logging is at INFO.
         desc: the progress bar's label.
+        input_type: ``"query"`` takes the query path of exits that have one (see ``MatryoshkaEncoder.forward``).
 
     Returns:
         ``{layer: float32 array (len(texts), dim or D)}``.
@@ -82,7 +83,8 @@ def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[i
         with tqdm(total=len(items), unit="text", desc=desc, disable=not show_progress_bar) as bar:
             for rows, arrays in batches:
                 features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-                for n, emb in model(features, layers=wanted).items():
+                kwargs = {"input_type": input_type} if input_type != "document" else {}
+                for n, emb in model(features, layers=wanted, **kwargs).items():
                     emb = emb[:, :width]
                     out[n][rows] = (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
                 bar.update(len(rows))

@@ -1,0 +1,151 @@
+"""Query exits in the document space: the loss families, post-hoc alignment (`m2d align`), the query path's
+folder format, and search with one full-exit index (method.md section 8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matryoshka2d import MatryoshkaEncoder
+from matryoshka2d.cli import main
+from matryoshka2d.data.beir import BeirSet
+from matryoshka2d.evaluation.query_exits import evaluate_query_exits
+from matryoshka2d.losses.alignment import cross_exit_infonce, embedding_alignment, score_distillation
+from matryoshka2d.training.align import AlignConfig, align_query_exits
+
+TEXTS = ["the dog runs in the park", "a man is playing the guitar", "the cat sits on the red car",
+         "two children are eating food near the river", "the woman reads a book under a tree",
+         "a woman plays the piano in the house", "who plays music", "a dog in the park"]
+
+
+def _unit(x: np.ndarray, d: int) -> np.ndarray:
+    x = x[:, :d]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("dim", [None, 5])
+def test_loss_families_match_float64_formulas(dim: int | None) -> None:
+    gen = np.random.default_rng(0)
+    q, t, p = (gen.normal(size=(4, 8)) for _ in range(3))
+    extra = gen.normal(size=(2, 8))  # hard negatives: more document rows
+    d = dim or 8
+    qn, tn, pn = _unit(q, d), _unit(t, d), _unit(np.concatenate([p, extra]), d)
+    as_t = {k: torch.tensor(v, dtype=torch.float32, requires_grad=k != "t") for k, v in
+            {"q": q, "t": t, "p": np.concatenate([p, extra])}.items()}
+    # InfoNCE: cross-entropy of tau * cos(q_i, p_j), target j = i
+    logits = 20 * qn @ pn.T
+    want = -np.mean(_log_softmax(logits)[np.arange(4), np.arange(4)])
+    assert float(cross_exit_infonce(as_t["q"], as_t["p"], dim).detach()) == pytest.approx(want, rel=1e-5)
+    # alignment: 1 - cos, and MSE of the normalised vectors (= 2 - 2 cos)
+    cos = (qn * tn).sum(1)
+    assert float(embedding_alignment(as_t["q"], as_t["t"], dim).detach()) == pytest.approx(np.mean(1 - cos), rel=1e-5)
+    assert float(embedding_alignment(as_t["q"], as_t["t"], dim, distance="mse").detach()) == pytest.approx(
+        np.mean(((qn - tn) ** 2).sum(1)), rel=1e-5)
+    # score distillation: KL(softmax(tau cos(t, p)) || softmax(tau cos(q, p))), batchmean
+    lt, ls = _log_softmax(20 * tn @ pn.T), _log_softmax(20 * qn @ pn.T)
+    want = np.mean((np.exp(lt) * (lt - ls)).sum(1))
+    got = score_distillation(as_t["q"], as_t["t"], as_t["p"], dim)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-4, abs=1e-7)
+    got.backward()  # the teacher and the documents are targets: no gradient reaches them
+    assert as_t["q"].grad is not None and as_t["p"].grad is None
+    with pytest.raises(ValueError, match="distance 'l1'"):
+        embedding_alignment(as_t["q"], as_t["t"], distance="l1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["head", "lora"])
+def test_posthoc_alignment_leaves_the_full_exit_bit_identical(tiny_model: MatryoshkaEncoder, method: str) -> None:
+    before = {n: tiny_model.encode(TEXTS, layer=n) for n in (1, 2, 4)}
+    weights = {k: v.clone() for k, v in tiny_model.backbone.state_dict().items()}
+    probe = tiny_model.encode(TEXTS, layer=2, input_type="query")
+    result = align_query_exits(tiny_model, TEXTS, AlignConfig(exits=[1, 2], method=method, rank=2, epochs=10,
+                                                               batch_size=4, lr=1e-3))
+    assert result.stats["loss_last"] < result.stats["loss_first"]
+    for n in (1, 2, 4):  # documents (the shared path) and the full exit: bit for bit
+        assert np.array_equal(tiny_model.encode(TEXTS, layer=n), before[n])
+    assert np.array_equal(tiny_model.encode(TEXTS, layer=4, input_type="query"), before[4])
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_model.backbone.state_dict().items())
+    moved = tiny_model.encode(TEXTS, layer=2, input_type="query")
+    assert not np.allclose(moved, probe)  # the query path was trained
+    full = before[4]
+    gain = np.mean(np.sum(moved * full, 1)) - np.mean(np.sum(probe * full, 1))
+    assert gain > 0  # and moved towards the full exit
+    assert tiny_model.document_space == {"document_exit": 4, "query_exits": [1, 2, 4], "query_path": "own"}
+    params = result.stats["parameters"]
+    assert params[1]["head"] == 32 * 32 + 32 and (params[2]["lora"] > params[1]["lora"] > 0) == (method == "lora")
+
+
+def test_query_path_round_trips_and_truncates(tiny_model: MatryoshkaEncoder, tmp_path: Path) -> None:
+    align_query_exits(tiny_model, TEXTS, AlignConfig(exits=[1, 3], method="lora", rank=2, epochs=1, batch_size=4))
+    want = tiny_model.encode(TEXTS, layer=3, input_type="query")
+    tiny_model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "matryoshka2d.json").read_text())
+    assert meta["query_exits"] == {"layers": [1, 3], "document_exit": 4, "rank": 2, "alpha": 2.0, "head": "linear"}
+    back = MatryoshkaEncoder.from_pretrained(tmp_path / "m")
+    assert np.array_equal(back.encode(TEXTS, layer=3, input_type="query"), want)
+    assert back.document_space["query_exits"] == [1, 3, 4]
+    assert back.truncate(4).document_space == back.document_space
+    assert back.truncate(3).query_path is None  # the document exit is gone: nothing to be aligned to
+    (tmp_path / "m" / "query_exits.safetensors").unlink()
+    with pytest.raises(ValueError, match="query_exits.safetensors \\(missing\\)"):  # the manifest sees it first
+        MatryoshkaEncoder.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="query_exits.safetensors is missing"):
+        MatryoshkaEncoder.from_pretrained(tmp_path / "m")
+
+
+def test_separate_baseline_is_a_standalone_query_encoder(tiny_model: MatryoshkaEncoder) -> None:
+    result = align_query_exits(tiny_model, TEXTS * 2, AlignConfig(exits=[2], method="separate", epochs=2,
+                                                                   batch_size=4, lr=1e-3))
+    sub = result.separate[2]
+    assert sub.num_layers == 2 and tiny_model.query_path is None
+    assert result.stats["loss_last"] < result.stats["loss_first"]
+    assert result.stats["parameters"][2] == sum(p.numel() for p in sub.parameters())
+
+
+def test_search_with_one_full_exit_index(tiny_model: MatryoshkaEncoder) -> None:
+    data = BeirSet("toy", [f"d{i}" for i in range(6)], TEXTS[:6], ["q1", "q2"], TEXTS[6:],
+                   {"q1": {"d0": 1}, "q2": {"d1": 1, "d5": 1}})
+    result = evaluate_query_exits(tiny_model, {"toy": data}, dims=[16, 32])
+    assert result.layers == [1, 2, 3, 4] and result.metadata["doc_layer"] == 4
+    docs = tiny_model.encode(data.doc_texts, layer=4, normalize=False)
+    given = evaluate_query_exits(tiny_model, {"toy": data}, dims=[16, 32], doc_vectors={"toy": docs})
+    assert [r["ndcg@10"] for r in given.records] == pytest.approx([r["ndcg@10"] for r in result.records])
+    assert given.metadata["timings"]["toy"]["doc_vectors_given"] is True
+    with pytest.raises(ValueError, match="doc_vectors"):
+        evaluate_query_exits(tiny_model, {"toy": data}, dims=[16], doc_vectors={"toy": docs[:3]})
+
+
+def test_align_cli_and_its_bad_inputs(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n\n", encoding="utf-8")
+    out = tmp_path / "aligned"
+    args = ["align", str(tiny_dir), "--texts", str(texts), "--exits", "1,2", "--method", "head", "--epochs", "2"]
+    assert main([*args, "--output", str(out)]) == 0
+    assert "aligned query exits [1, 2] to exit 4 (head)" in capsys.readouterr().out
+    assert MatryoshkaEncoder.from_pretrained(out).document_space["query_path"] == "own"
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("", encoding="utf-8")
+    blank.write_text("\n  \n", encoding="utf-8")
+    cases = [
+        (["align", str(tiny_dir), "--exits", "1", "--output", str(tmp_path / "a")], "--texts"),
+        ([*args[:3], str(empty), *args[4:], "--output", str(tmp_path / "b")], "empty"),
+        ([*args[:3], str(blank), *args[4:], "--output", str(tmp_path / "c")], "blank"),
+        ([*args[:5], "9", *args[6:], "--output", str(tmp_path / "d")], "9"),
+        ([*args[:5], "4", *args[6:], "--output", str(tmp_path / "e")], "below the document exit 4"),
+        ([*args, "--output", str(out)], "exists"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err
