@@ -149,3 +149,62 @@ def test_align_cli_and_its_bad_inputs(tiny_dir: Path, tmp_path: Path, capsys: py
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
         assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------- shared-space training
+LEFT = ["a man is playing the guitar", "the dog runs in the park", "two children are eating food",
+        "a woman reads a book"]
+RIGHT = ["a man plays the guitar", "a dog is running outside", "the children eat", "the old house is red"]
+
+
+def test_document_space_terms_of_the_objective(tiny_model: MatryoshkaEncoder) -> None:
+    from matryoshka2d.losses.base import InBatchNegativesLoss
+    from matryoshka2d.losses.objective import TwoDMatryoshkaLoss
+
+    batch = [tiny_model.tokenize(LEFT), tiny_model.tokenize(RIGHT)]
+    extra = tiny_model.tokenize(TEXTS)
+    loss = TwoDMatryoshkaLoss(tiny_model, InBatchNegativesLoss(), strategy="dense", dims=[16, 32],
+                              n_dims_per_step="all", cross_weight=1.0, align_weight=2.0, score_kd_weight=0.5)
+    calls = [0]
+    tiny_model.backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    out = loss(batch, unlabelled=extra)
+    assert calls[0] == 3  # one pass per column, one for the unlabelled batch
+    parts = {k: float(v) for k, v in out.items() if k != "loss"}
+    assert set(parts) == {"loss/last", "loss/prior", "loss/kl", "loss/cross", "loss/align", "loss/score_kd"}
+    assert float(out["loss"]) == pytest.approx(sum(parts.values()), rel=1e-5)
+    # the parts are the formulas, averaged over the step's shallow exits (n, d) and scaled by the layer count
+    with torch.no_grad():
+        cols = [tiny_model(f, layers=[1, 2, 3, 4]) for f in [*batch, extra]]
+    exits = [(n, d) for n in (1, 2, 3) for d in (32, 16)]
+    cross = np.mean([float(cross_exit_infonce(cols[0][n], cols[1][4], d)) for n, d in exits]) * 3
+    kd = np.mean([float(score_distillation(cols[0][n], cols[0][4], cols[1][4], d)) for n, d in exits]) * 3
+    align = np.mean([float(embedding_alignment(c[n], c[4], d)) for c in cols for n, d in exits]) * 3
+    assert parts["loss/cross"] == pytest.approx(cross, rel=1e-4)
+    assert parts["loss/score_kd"] == pytest.approx(0.5 * kd, rel=1e-4, abs=1e-6)
+    assert parts["loss/align"] == pytest.approx(2.0 * align, rel=1e-4)
+    assert loss.config_dict()["cross_weight"] == 1.0
+    with pytest.raises(ValueError, match="trains none"):
+        TwoDMatryoshkaLoss(tiny_model, InBatchNegativesLoss(), strategy="mrl", align_weight=1.0)
+
+
+def test_training_with_unlabelled_texts_records_the_document_space(tiny_dir: Path, tmp_path: Path) -> None:
+    from matryoshka2d.training.config import load_config
+    from matryoshka2d.training.loop import train
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("anchor\tpositive\n" + "\n".join(f"{a}\t{b}" for a, b in zip(LEFT * 4, RIGHT * 4,
+                                                                                     strict=True)) + "\n")
+    texts = tmp_path / "unlabelled.txt"
+    texts.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    base = {"model.name": str(tiny_dir), "data.source": str(pairs), "loss.name": "ibn", "run.output_dir":
+            str(tmp_path / "run"), "train.batch_size": 4, "train.max_steps": 3, "run.progress_bar": False,
+            "objective.strategy": "dense", "model.exit_heads": "linear", "objective.cross_weight": 1.0,
+            "objective.align_weight": 1.0, "data.unlabelled": [str(texts)], "data.unlabelled_batch_size": 3}
+    result = train(load_config(overrides=base))
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert all("loss/cross" in r and "loss/align" in r for r in log if "loss" in r)
+    model = MatryoshkaEncoder.from_pretrained(result.final_dir)
+    assert model.document_space == {"document_exit": 4, "query_exits": [1, 2, 3, 4], "query_path": "shared"}
+    assert model.metadata["document_space"]["trained_by"] == ["cross", "align"]
+    with pytest.raises(ValueError, match="objective.align_weight is 0"):
+        train(load_config(overrides={**base, "objective.align_weight": 0.0, "run.output_dir": str(tmp_path / "b")}))
