@@ -132,6 +132,8 @@ def test_align_cli_and_its_bad_inputs(tiny_dir: Path, tmp_path: Path, capsys: py
     assert main([*args, "--output", str(out)]) == 0
     assert "aligned query exits [1, 2] to exit 4 (head)" in capsys.readouterr().out
     assert MatryoshkaEncoder.from_pretrained(out).document_space["query_path"] == "own"
+    assert main(["info", str(out)]) == 0
+    assert "built at layer 4 can be searched with queries at layers [1, 2, 4]" in capsys.readouterr().out
     empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
     empty.write_text("", encoding="utf-8")
     blank.write_text("\n  \n", encoding="utf-8")
@@ -208,3 +210,16 @@ def test_training_with_unlabelled_texts_records_the_document_space(tiny_dir: Pat
     assert model.metadata["document_space"]["trained_by"] == ["cross", "align"]
     with pytest.raises(ValueError, match="objective.align_weight is 0"):
         train(load_config(overrides={**base, "objective.align_weight": 0.0, "run.output_dir": str(tmp_path / "b")}))
+
+
+def test_query_encoder_is_the_query_exit_as_a_standalone_model(tiny_model: MatryoshkaEncoder) -> None:
+    tiny_model.add_exit_heads("linear", layers=[2])
+    with torch.no_grad():
+        tiny_model.exit_heads["2"].weight.mul_(0.5)
+    align_query_exits(tiny_model, TEXTS, AlignConfig(exits=[2], method="lora", rank=2, epochs=4, batch_size=4))
+    want = tiny_model.encode(TEXTS, layer=2, input_type="query")
+    sub = tiny_model.query_encoder(2)
+    assert sub.num_layers == 2 and sub.query_path is None
+    np.testing.assert_allclose(sub.encode(TEXTS, layer=2), want, atol=2e-6)
+    with pytest.raises(ValueError, match="layer 3 has no query path"):
+        tiny_model.query_encoder(3)

@@ -24,7 +24,7 @@ from matryoshka2d.data.beir import load_beir
 from matryoshka2d.data.datasets import read_sentences
 from matryoshka2d.evaluation.query_exits import evaluate_query_exits
 from matryoshka2d.evaluation.retrieval_result import RetrievalResult
-from matryoshka2d.training.align import AlignConfig, align_query_exits
+from matryoshka2d.training.align import AlignConfig, align_query_exits, teacher_vectors, unlabelled_texts
 
 DIMS = [64, 128, 256, 384]
 
@@ -63,20 +63,32 @@ def main() -> None:
     exits = [int(x) for x in args.exits.split(",")]
     sets = {"scifact": load_beir("scifact", "test"), "nfcorpus": load_beir("nfcorpus", "test"),
             "nfcorpus-dev": load_beir("nfcorpus", "dev")}
-    cached = {name: np.load(args.docs / f"{name}.npz")["d6"] for name in ("scifact", "nfcorpus")}
-    docs = {"scifact": cached["scifact"], "nfcorpus": cached["nfcorpus"], "nfcorpus-dev": cached["nfcorpus"]}
     model = MatryoshkaEncoder.from_pretrained("minilm")
     stats: dict = {"method": args.method}
     start = time.perf_counter()
+    def documents() -> dict[str, np.ndarray]:  # loaded after training: the cache may still be being written
+        for name in ("scifact", "nfcorpus"):
+            while not (args.docs / f"{name}.npz").is_file():
+                time.sleep(10)
+        cached = {name: np.load(args.docs / f"{name}.npz")["d6"] for name in ("scifact", "nfcorpus")}
+        return {"scifact": cached["scifact"], "nfcorpus": cached["nfcorpus"], "nfcorpus-dev": cached["nfcorpus"]}
+
     if args.method == "none":
+        docs = documents()
         result = evaluate(model, sets, docs, list(range(1, 7)), "minilm")
     else:
-        texts = [t for f in sorted(args.texts_dir.glob("*.txt")) for t in read_sentences(f)]
+        texts, _ = unlabelled_texts([t for f in sorted(args.texts_dir.glob("*.txt")) for t in read_sentences(f)])
         config = AlignConfig(exits=exits, method=args.method, rank=args.rank, epochs=args.epochs, lr=args.lr,
                              seed=args.seed)
-        out = align_query_exits(model, texts, config)
+        cache = args.texts_dir / f"vectors-{config.max_seq_length}.npz"  # every layer of every text, once
+        if not cache.is_file():
+            vectors = teacher_vectors(model, texts, range(1, 7), config.max_seq_length)
+            np.savez(cache, **{str(n): v for n, v in vectors.items()})
+        vectors = {int(n): v for n, v in np.load(cache).items()}
+        out = align_query_exits(model, texts, config, vectors=vectors)
         stats = {**out.stats, "lr": config.learning_rate, "rank": args.rank if args.method == "lora" else None}
         name = f"minilm-{args.method}-s{args.seed}"
+        docs = documents()
         if out.separate:
             result = evaluate_separate(out.separate, sets, docs, name)
         else:

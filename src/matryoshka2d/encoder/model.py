@@ -304,6 +304,41 @@ class MatryoshkaEncoder(nn.Module):
         self.query_path = path
         return path
 
+    def query_encoder(self, layer: int) -> MatryoshkaEncoder:
+        """A physically ``layer``-deep standalone copy whose last exit equals ``encode(..., layer=layer,
+        input_type="query")``: the exit's adapters merged into the weights and its query head (composed with the
+        exit head, if any) as the exit head of the last layer. What a query costs at that exit, and what export
+        writes for it.
+
+        Raises:
+            ValueError: the exit has no query path of its own.
+        """
+        n = self.check_layer(layer)
+        path = self.query_path
+        if path is None or n not in path.layers:
+            own = path.layers if path is not None else []
+            raise ValueError(f"layer {n} has no query path of its own (query exits: {own or 'none'}); its queries "
+                             f"take the shared path, so use truncate({n})")
+        own = path.exits[str(n)]
+        out = self.truncate(n)
+        out.query_path = None
+        with torch.no_grad():
+            merged = own.merged_weights(self.backbone)
+            params = dict(out.backbone.named_parameters())
+            for name, value in merged.items():
+                params[name].copy_(value)
+            weight, bias = own.head.weight.float(), own.head.bias.float()
+            if str(n) in self.exit_heads:  # query head after exit head: one linear map
+                inner = self.exit_heads[str(n)]
+                weight, bias = weight @ inner.weight.float(), weight @ inner.bias.float() + bias
+            if str(n) not in out.exit_heads:
+                out.add_exit_heads(self.exit_head_kind or "linear", layers=[n])
+            out.exit_heads[str(n)].weight.copy_(weight)
+            out.exit_heads[str(n)].bias.copy_(bias)
+        out.metadata["query_encoder_of"] = {"layer": n, "document_exit": path.document_exit}
+        out.metadata.pop("document_space", None)
+        return out
+
     @property
     def document_space(self) -> dict[str, Any]:
         """Which exits share the document exit's space (what an index built at that exit can be searched with).

@@ -142,6 +142,7 @@ def unlabelled_texts(texts: Sequence[str]) -> tuple[list[str], int]:
 
 
 def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: AlignConfig, *,
+                      vectors: dict[int, np.ndarray] | None = None,
                       show_progress_bar: bool | None = None) -> AlignResult:
     """Train query exits of ``model`` into its document exit's space on ``texts`` (no labels).
 
@@ -149,6 +150,9 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
         model: the deployed model; its backbone and exit heads are not changed.
         texts: unlabelled texts (queries, documents, sentences).
         config: what to train.
+        vectors: the pooled shared-path vectors of :func:`unlabelled_texts` ``(texts)`` at the document exit (and,
+            for ``head``, at every query exit), at ``config.max_seq_length`` tokens, as :func:`teacher_vectors`
+            returns them: reuse them across runs on the same texts instead of encoding the texts again.
         show_progress_bar: ``None`` shows one when logging is at INFO.
 
     Returns:
@@ -172,16 +176,14 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    saved_len = model.max_seq_length
-    model.max_seq_length = min(config.max_seq_length, saved_len)
-    try:
-        wanted = sorted({doc, *exits}) if config.method == "head" else [doc]
-        vectors = embed_layers(model, items, wanted, batch_size=max(config.batch_size, 64),
-                               show_progress_bar=show_progress_bar, desc="teacher vectors")
-        tokens = tokenize_unpadded(model.tokenizer, items, model.max_seq_length)
-    finally:
-        model.max_seq_length = saved_len
-    teacher = torch.from_numpy(vectors.pop(doc))
+    wanted = sorted({doc, *exits}) if config.method == "head" else [doc]
+    if vectors is None:
+        vectors = teacher_vectors(model, items, wanted, config.max_seq_length, show_progress_bar=show_progress_bar)
+    elif any(n not in vectors or len(vectors[n]) != len(items) for n in wanted):
+        raise ValueError(f"vectors must hold {len(items)} rows at layers {wanted} (the unlabelled texts' pooled "
+                         f"vectors), got layers { {n: len(v) for n, v in vectors.items()} }; pass vectors=None")
+    tokens = tokenize_unpadded(model.tokenizer, items, min(config.max_seq_length, model.max_seq_length))
+    teacher = torch.from_numpy(vectors[doc])
     teacher_s = time.perf_counter() - started
     result = AlignResult(model)
     device = model.device
@@ -262,6 +264,18 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
                 config.method, len(items), len(order), result.stats["seconds"], result.stats["loss_first"],
                 result.stats["loss_last"])
     return result
+
+
+def teacher_vectors(model: MatryoshkaEncoder, texts: Sequence[str], layers: Sequence[int], max_seq_length: int, *,
+                    show_progress_bar: bool | None = None) -> dict[int, np.ndarray]:
+    """Pooled shared-path vectors of ``texts`` at ``layers``, each text cut to ``max_seq_length`` tokens."""
+    saved = model.max_seq_length
+    model.max_seq_length = min(max_seq_length, saved)
+    try:
+        return embed_layers(model, texts, layers, batch_size=64, show_progress_bar=show_progress_bar,
+                            desc="teacher vectors")
+    finally:
+        model.max_seq_length = saved
 
 
 def _batches(token_ids: Sequence[Sequence[int]], batch_size: int, epochs: float, seed: int) -> list[np.ndarray]:
