@@ -223,3 +223,22 @@ def test_query_encoder_is_the_query_exit_as_a_standalone_model(tiny_model: Matry
     np.testing.assert_allclose(sub.encode(TEXTS, layer=2), want, atol=2e-6)
     with pytest.raises(ValueError, match="layer 3 has no query path"):
         tiny_model.query_encoder(3)
+
+
+def test_eval_cli_scores_query_exits_against_one_index(tiny_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    beir = tmp_path / "scifact"  # a named set read from --data-dir
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.tsv").write_text("doc_id\ttitle\ttext\n" + "".join(f"d{i}\t\t{t}\n" for i, t in
+                                                                        enumerate(TEXTS[:6])), encoding="utf-8")
+    (beir / "queries.tsv").write_text("query_id\ttext\nq1\twho plays music\nq2\ta dog in the park\n", encoding="utf-8")
+    (beir / "qrels" / "test.tsv").write_text("query_id\tdoc_id\tscore\nq1\td5\t1\nq2\td0\t1\n", encoding="utf-8")
+    out = tmp_path / "r.json"
+    argv = ["eval", str(tiny_dir), "--sets", "scifact", "--data-dir", str(tmp_path), "--dims", "16,32"]
+    assert main([*argv, "--doc-layer", "4", "--output", str(out)]) == 0
+    assert "against one index of documents at layer 4" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["metadata"]["doc_layer"] == 4 and saved["metadata"]["input_type"] == "query"
+    assert {r["layer"] for r in saved["results"]} == {1, 2, 3, 4}
+    assert main([*argv, "--doc-layer", "7"]) == 2
+    assert "layer 7 is out of range" in capsys.readouterr().err
