@@ -19,6 +19,9 @@ def add_retrieval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric", default=None,
                         help="retrieval sets: also score queries at every layer against documents at every "
                              "layer at these dims (e.g. 64,384): a query-layer x doc-layer matrix")
+    parser.add_argument("--ignore-identical-ids", action=argparse.BooleanOptionalAction, default=True,
+                        help="retrieval sets: leave a document whose id equals the query's id out of its ranking "
+                             "(BEIR's and MTEB's default; recorded in the result)")
     parser.add_argument("--retrieval-metric", default="ndcg@10",
                         help="metric of the printed retrieval tables and plots (ndcg@10, recall@100, mrr@10, "
                              "map@100)")
@@ -69,7 +72,7 @@ def run_retrieval(args: argparse.Namespace, names: list[str], model: object, lay
         start = time.perf_counter()
         result = evaluate_retrieval(model, sets, layers=layers, dims=dims, asymmetric_dims=asym,
                                     batch_size=args.batch_size, show_progress_bar=not args.quiet,
-                                    model_name=args.model)
+                                    model_name=args.model, ignore_identical_ids=args.ignore_identical_ids)
         seconds = time.perf_counter() - start
         result.metadata.update(wall_s=round(seconds, 3))
         print(result.to_markdown(metric))
