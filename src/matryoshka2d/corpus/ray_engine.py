@@ -86,6 +86,7 @@ def connect(ray: Any, address: str, timeout: float) -> None:
         interrupt.exit_code = 128 + signum  # type: ignore[attr-defined]
         raise interrupt
 
+    logger.info("connecting to the Ray cluster at %s (up to %g s, --ray-timeout)", address, timeout)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
