@@ -227,11 +227,16 @@ def test_nan_in_a_sidecar_is_refused(result_json, tmp_path, capsys) -> None:
         GridResult.load(bad)
 
 
-def test_index_load_round_trip_of_a_library_index(tmp_path) -> None:
-    """An index saved by the library (no model record) loads; a repeated id is refused at build time."""
+def test_an_index_without_a_model_record(world, tmp_path, capsys) -> None:
+    """An index saved by the library without ``source`` loads, but search will not guess its model (it
+    guessed minilm, or the trained model's base, before); a repeated id is refused at build time."""
     rng = np.random.default_rng(0)
     index = CascadeIndex.from_vectors([f"d{i}" for i in range(5)], rng.normal(size=(5, 8)), [4, 8], layer=1)
     index.save(tmp_path / "idx")
     assert CascadeIndex.load(tmp_path / "idx").ids == index.ids
+    code, _, err = cli(capsys, *search_args(world, tmp_path / "idx", tmp_path / "r.trec"))
+    assert_user_error(code, err, "records no model", "--model")
+    code, _, err = cli(capsys, *search_args(world, tmp_path / "idx", tmp_path / "r.trec", "--model", world["model"]))
+    assert code == 0, err
     with pytest.raises(ValueError, match="repeat"):
         CascadeIndex.from_vectors(["a", "a"], rng.normal(size=(2, 8)), [8], layer=1)

@@ -556,3 +556,26 @@ def test_a_failed_onnx_export_prints_no_graph(tiny_dir, tmp_path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not trace architecture 'bert' into ONNX opset 9" in lines[0], proc.stderr
     assert not (tmp_path / "onnx").exists()
+
+
+def test_quiet_filters_numba_warnings_and_the_training_bar(tiny_dir, train_tsv, tmp_path, capsys) -> None:
+    import warnings
+
+    from matryoshka2d.cli.common import quiet_libraries
+
+    def numba_warning() -> None:  # as numba raises them (ranx compiles its metrics with numba)
+        warnings.warn_explicit("The TBB threading layer requires TBB version 2021 update 6 or later",
+                               UserWarning, "numba/np/ufunc/parallel.py", 1, module="numba.np.ufunc.parallel")
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_libraries(True):
+            numba_warning()
+        assert seen == []
+        with quiet_libraries(False):
+            numba_warning()
+        assert len(seen) == 1
+    args = [a for a in train_args(tiny_dir, train_tsv, tmp_path / "run") if a != "--no-progress-bar"]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "train:" not in err and "it/s" not in err and "step/s" not in err

@@ -44,7 +44,6 @@ def build(args: argparse.Namespace) -> int:
     """The work of ``m2d index`` once its output folder is claimed."""
     from matryoshka2d.data.beir import BEIR_SETS, read_corpus, resolve_beir_dir
     from matryoshka2d.search.index import CascadeIndex
-    from matryoshka2d.search.provenance import model_record
 
     corpus = resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus
     ids, texts = read_corpus(corpus)
@@ -55,8 +54,8 @@ def build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     index = CascadeIndex.build(model, ids, texts, layer=layer, dims=dims, kind=args.index_type,
                                batch_size=args.batch_size, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist,
-                               rerank_dtype=args.rerank_dtype, show_progress_bar=not args.quiet)
-    index.manifest.update(model_record(args.model))
+                               rerank_dtype=args.rerank_dtype, show_progress_bar=not args.quiet,
+                               source=args.model)
     index.save(args.output, overwrite=args.overwrite)
     files = index.manifest["files"]
     print(f"indexed {len(ids)} documents at layer {layer}, dims {index.dims} ({args.index_type}) in "

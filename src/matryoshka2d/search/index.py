@@ -202,8 +202,12 @@ class CascadeIndex:
     def build(cls, model: Any, ids: Sequence[str], texts: Sequence[str], *, layer: int, dims: Sequence[int],
               kind: IndexType = "flat", batch_size: int = 64, chunk_size: int = 2048, hnsw_m: int = 32,
               ivf_nlist: int | None = None, rerank_dtype: Literal["float32", "float16"] = "float32",
-              show_progress_bar: bool | None = None) -> CascadeIndex:
+              show_progress_bar: bool | None = None, source: str | None = None) -> CascadeIndex:
         """Encode ``texts`` at exit ``layer`` (in chunks) and index them (see :meth:`from_vectors`).
+
+        ``source`` is the name or folder ``model`` was loaded from: the manifest records it with its absolute
+        path and fingerprint (:mod:`matryoshka2d.search.provenance`), so search can load and check the same
+        model. Without it the index records no model, and search needs one named.
 
         Raises:
             ValueError: a bad layer / dim, or the errors of :meth:`from_vectors`.
@@ -218,8 +222,10 @@ class CascadeIndex:
                                 batch_size=batch_size, show_progress_bar=show_progress_bar,
                                 desc=f"index chunk {first // chunk_size + 1}")[layer]
             pooled[first:first + len(part)] = part
-        meta = {"model": str(getattr(model, "metadata", {}).get("source") or type(model).__name__),
-                "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
+        from matryoshka2d.search.provenance import model_record
+
+        recorded = model_record(source) if source is not None else {"model": None}
+        meta = {**recorded, "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
                 "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None)}
         return cls.from_vectors(ids, pooled, dims, layer=layer, kind=kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist,
                                 rerank_dtype=rerank_dtype, metadata=meta)

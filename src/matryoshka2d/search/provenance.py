@@ -33,7 +33,8 @@ def query_model_source(manifest: dict[str, Any], model: str | None) -> str:
     path is never looked up in the current folder.
 
     Raises:
-        ValueError: the recorded folder is gone, or an index without a recorded path names a relative one.
+        ValueError: no model recorded, the recorded folder is gone, or an index without a recorded path names
+            a relative one.
     """
     from matryoshka2d.io.folder import resolve_model_path
 
@@ -41,7 +42,8 @@ def query_model_source(manifest: dict[str, Any], model: str | None) -> str:
         return model
     name, path = manifest.get("model"), manifest.get("model_path")
     if name is None:
-        return "minilm"
+        raise ValueError("the index records no model (built with CascadeIndex.build without source=); pass "
+                         "--model with the model that built it")
     name = str(name)
     alias = resolve_model_path(name) != name if not Path(name).exists() else False
     if path and Path(path).is_dir():
