@@ -141,6 +141,23 @@ def test_a_relative_model_path_is_never_resolved_in_another_folder(world, tmp_pa
     assert_user_error(code, err, "records its model only as 'tiny'", "--model")
 
 
+def test_an_index_of_format_1_still_loads_with_sizes_checked(world, tmp_path, capsys, caplog) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(world["index"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}
+    for key in ("model_path", "model_fingerprint"):
+        manifest.pop(key)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = cli(capsys, *search_args(world, old, tmp_path / "r.trec"))  # its model: an absolute path
+    assert code == 0, err
+    assert "records file sizes, not digests; rebuild it" in err
+    (old / "ids.json").write_text((old / "ids.json").read_text() + " ")
+    code, _, err = cli(capsys, *search_args(world, old, tmp_path / "r2.trec"))
+    assert_user_error(code, err.split("\n", 1)[1], "ids.json", "truncated or altered")  # after the warning
+
+
 # ----------------------------------------------------------------------------------------- TREC ids
 def test_trec_runs_refuse_ids_with_whitespace(world, tiny_dir, tmp_path, capsys) -> None:
     corpus = tmp_path / "corpus.tsv"

@@ -53,6 +53,8 @@ def query_model_source(manifest: dict[str, Any], model: str | None) -> str:
     if path:
         raise ValueError(f"the index's model {name!r} was built from {path}, which is no longer there; pass "
                          "--model with the folder of that model")
+    if Path(name).is_absolute():  # an index written before model records, from an absolute path
+        return name
     if "model_fingerprint" not in manifest or Path(name).exists():
         raise ValueError(f"the index records its model only as {name!r}, which this command will not look up "
                          "relative to the current folder; pass --model with that model's folder (or rebuild "
