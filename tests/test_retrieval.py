@@ -309,3 +309,13 @@ def test_cli_eval_a_beir_folder_mixed_with_named_sets(tiny_dir: Path, beir_dir: 
     capsys.readouterr()
     assert main(["-q", "eval", str(tiny_dir), "--sets", str(tmp_path / "nowhere")]) == 2
     assert "unknown set(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("predictions", [{"file": 5, "sets": ["scifact"]}, {"file": "r.preds.npz", "sets": "x"}])
+def test_a_malformed_predictions_entry_is_named(predictions, tiny_model, beir_dir: Path, tmp_path: Path) -> None:
+    path = evaluate_retrieval(tiny_model, load_beir(beir_dir), layers=[4], dims=[32]).save(tmp_path / "r.json")
+    obj = json.loads(path.read_text())
+    obj["predictions"] = predictions
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match="'predictions' must be"):
+        RetrievalResult.load(path)

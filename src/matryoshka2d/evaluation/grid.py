@@ -300,15 +300,17 @@ def read_sidecar(path: Path, info: dict[str, Any]) -> dict[str, np.ndarray] | No
         ``{name: array}``, or ``None`` (logged) when the file is missing.
 
     Raises:
-        ValueError: another file than the one written with the result, NaN or infinite values, or a damaged
-            or truncated archive.
+        ValueError: a malformed ``info``, another file than the one written with the result, NaN or infinite
+            values, or a damaged or truncated archive.
     """
     import zipfile
 
     from matryoshka2d.io.manifest import file_sha256
 
-    sidecar = path.with_name(info["file"])
     fix = f"rewrite both with m2d eval --output {path} --overwrite"
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not isinstance(info.get("sets"), list):
+        raise ValueError(f"{path}: 'predictions' must be {{'file': NAME, 'sets': [...], 'sha256': ...}}; {fix}")
+    sidecar = path.with_name(info["file"])
     if not sidecar.is_file():
         logger.warning("%s: per-unit file %s is missing; bootstrap comparisons need it", path, sidecar)
         return None
