@@ -27,6 +27,9 @@ def add_retrieval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-type", choices=INPUT_TYPES, default="query",
                         help="with --doc-layer: how queries are encoded; 'query' takes the own path of exits "
                              "aligned by m2d align (default), 'document' the shared path")
+    parser.add_argument("--ignore-identical-ids", action=argparse.BooleanOptionalAction, default=True,
+                        help="retrieval sets: leave a document whose id equals the query's id out of its ranking "
+                             "(BEIR's and MTEB's default; recorded in the result)")
     parser.add_argument("--retrieval-metric", default="ndcg@10",
                         help="metric of the printed retrieval tables and plots (ndcg@10, recall@100, mrr@10, "
                              "map@100)")
@@ -83,13 +86,13 @@ def run_retrieval(args: argparse.Namespace, names: list[str], model: object, lay
             result = evaluate_query_exits(model, {s.name: s for s in sets}, layers=layers, dims=dims,
                                           doc_layer=args.doc_layer, input_type=args.input_type,
                                           batch_size=args.batch_size, show_progress_bar=not args.quiet,
-                                          model_name=args.model)
+                                          model_name=args.model, ignore_identical_ids=args.ignore_identical_ids)
             print(f"queries at every exit ({args.input_type}) against one index of documents at layer "
                   f"{result.metadata['doc_layer']}; rows are query layers")
         else:
             result = evaluate_retrieval(model, sets, layers=layers, dims=dims, asymmetric_dims=asym,
                                         batch_size=args.batch_size, show_progress_bar=not args.quiet,
-                                        model_name=args.model)
+                                        model_name=args.model, ignore_identical_ids=args.ignore_identical_ids)
         seconds = time.perf_counter() - start
         result.metadata.update(wall_s=round(seconds, 3))
         print(result.to_markdown(metric))

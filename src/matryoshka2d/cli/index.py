@@ -54,11 +54,12 @@ def build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     index = CascadeIndex.build(model, ids, texts, layer=layer, dims=dims, kind=args.index_type,
                                batch_size=args.batch_size, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist,
-                               rerank_dtype=args.rerank_dtype, show_progress_bar=not args.quiet)
-    index.manifest["model"] = args.model
+                               rerank_dtype=args.rerank_dtype, show_progress_bar=not args.quiet,
+                               source=args.model)
     index.save(args.output, overwrite=args.overwrite)
     files = index.manifest["files"]
     print(f"indexed {len(ids)} documents at layer {layer}, dims {index.dims} ({args.index_type}) in "
-          f"{time.perf_counter() - start:.1f}s: " + ", ".join(f"{k} {v / 2**20:.2f} MB" for k, v in files.items()))
+          f"{time.perf_counter() - start:.1f}s: "
+          + ", ".join(f"{k} {v['size'] / 2**20:.2f} MB" for k, v in files.items()))
     print(f"wrote {args.output}")
     return 0

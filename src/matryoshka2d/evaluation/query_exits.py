@@ -26,8 +26,9 @@ from matryoshka2d.evaluation.grid import matryoshka_dims
 from matryoshka2d.evaluation.retrieval import (
     CORPUS_CHUNK,
     RETRIEVAL_METRICS,
-    exact_topk,
+    identical_rows,
     normalized_prefix,
+    rank,
     run_metrics,
     search_depth,
 )
@@ -53,7 +54,8 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
                          dims: Sequence[int] | None = None, doc_layer: int | None = None,
                          input_type: InputType = "query", metrics: Sequence[str] = RETRIEVAL_METRICS,
                          doc_vectors: Mapping[str, np.ndarray] | None = None, batch_size: int = 64,
-                         show_progress_bar: bool | None = None, model_name: str | None = None) -> RetrievalResult:
+                         show_progress_bar: bool | None = None, model_name: str | None = None,
+                         ignore_identical_ids: bool = True) -> RetrievalResult:
     """Metrics (x100) of queries at every exit ``(layer, dim)`` against ONE index of documents at ``doc_layer``.
 
     Args:
@@ -69,6 +71,8 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
         batch_size: texts per forward pass.
         show_progress_bar: ``None`` shows bars for long inputs when logging is at INFO.
         model_name: name stored in the result.
+        ignore_identical_ids: leave a document whose id equals the query's id out of its ranking (BEIR's and
+            MTEB's default; see :mod:`matryoshka2d.evaluation.retrieval`).
 
     Returns:
         The grid (``layer`` = query layer) with per-query scores; ``metadata["doc_layer"]`` is the index exit.
@@ -97,11 +101,12 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
         queries = embed_layers(model, data.query_texts, layers, batch_size=batch_size, input_type=input_type,
                                show_progress_bar=show_progress_bar, desc=f"{name} queries")
         queried = time.perf_counter()
+        self_rows = identical_rows(data, ignore_identical_ids)
         table = np.empty((len(metrics), len(layers), len(dims), len(data)), dtype=np.float32)
         for j, d in enumerate(dims):
             docs_d = normalized_prefix(docs, d)
             for i, n in enumerate(layers):
-                ranking = exact_topk(normalized_prefix(queries[n], d), docs_d, depth)[1]
+                ranking = rank(normalized_prefix(queries[n], d), docs_d, depth, self_rows)
                 scores = run_metrics(data.qrels, data.query_ids, data.doc_ids, ranking, metrics)
                 table[:, i, j] = np.stack([scores[m] for m in metrics])
                 records.append({"set": name, "layer": n, "dim": d, **{m: float(np.mean(v)) for m, v in scores.items()},
@@ -109,9 +114,11 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
         per_query[name] = table
         timings[name] = {"queries": len(data), "docs": data.num_docs, "doc_vectors_given": given is not None,
                          "doc_encode_s": round(encoded - start, 4), "query_encode_s": round(queried - encoded, 4),
-                         "score_s": round(time.perf_counter() - queried, 4)}
+                         "score_s": round(time.perf_counter() - queried, 4),
+                         "identical_ids": int((self_rows >= 0).sum())}
     meta = {"layers": layers, "dims": dims, "metrics": metrics, "batch_size": batch_size, "doc_layer": doc,
             "input_type": input_type, "document_space": model.document_space,
+            "ignore_identical_ids": bool(ignore_identical_ids),
             "num_layers": model.num_layers, "hidden_size": model.hidden_size,
             "max_seq_length": getattr(model, "max_seq_length", None),
             "split": {name: s.split for name, s in sets.items()}, "timings": timings}

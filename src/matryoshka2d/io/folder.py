@@ -8,6 +8,7 @@ against each other; :class:`~matryoshka2d.encoder.model.MatryoshkaEncoder` assem
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from matryoshka2d.io.manifest import (
     CONFIG_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    file_sha256,
     library_versions,
     read_model_config,
     verify_manifest,
@@ -323,6 +325,37 @@ def check_has_weights(folder: Path) -> None:
         return
     raise ValueError(f"{folder} holds no weights (no {' or '.join(WEIGHT_FILES[::2])}); the folder is "
                      "incomplete: copy it again or re-save the model")
+
+
+def model_fingerprint(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """SHA-256 over a local model's weights, ``config.json`` and exit heads: what the model computes.
+
+    The digests of the folder's ``manifest.json`` are reused when it has one (the loader verified them);
+    other files are hashed. Two folders with the same weights and config share a fingerprint wherever they
+    live; renaming or moving a folder does not change it.
+
+    Returns:
+        The hex digest, or ``None`` for a name that is not a local folder (a hub id).
+    """
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():
+        return None
+    weights_dir = folder
+    if not (folder / "config.json").is_file() and (folder / "modules.json").is_file():
+        weights_dir = read_sentence_transformers_folder(folder)[0]
+    files = [weights_dir / "config.json", *sorted(weights_dir.glob("*.safetensors")),
+             *sorted(weights_dir.glob("pytorch_model*.bin")), folder / HEADS_FILE]
+    recorded: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("files") or {}
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(files):
+        if path.is_file():
+            name = path.relative_to(folder).as_posix()
+            entry = recorded.get(name) if isinstance(recorded, dict) else None
+            sha = entry.get("sha256") if isinstance(entry, dict) else None
+            digest.update(f"{name.rsplit('/', 1)[-1]}:{sha or file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def check_metadata(path: Path, meta: dict[str, Any], *, num_layers: int, hidden_size: int) -> None:
