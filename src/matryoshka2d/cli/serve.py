@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the flags, take the port, load the model, serve until SIGTERM; then end the process (exit 0)."""
     try:
         import uvicorn  # noqa: F401 - checked here, used by serve_app
 
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from matryoshka2d.serve.config import ServeConfig, default_model_name
     from matryoshka2d.serve.runners import claim_folder
 
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is out of range 0..65535; pass e.g. 8000")
     if args.threads is not None and args.threads < 1:
@@ -123,7 +127,13 @@ def run(args: argparse.Namespace) -> int:
             logger.info("exporting the %d exits to ONNX in %s", model.num_layers, folder)
             runner = OnnxRunner.from_model(model, folder, threads=args.threads)
         serve_app(create_app(model, config, threads=args.threads, runner=runner), args, sock, config)
-    return 0
+    # The server has stopped and every request was answered (200 or 503). End the process now: threads still
+    # tokenising or running a batch for requests already answered 503 must not hold the exit past
+    # --graceful-timeout, nor must the interpreter's final garbage collection.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, config: ServeConfig) -> None:
@@ -139,8 +149,18 @@ def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, confi
     signal.signal(signal.SIGTERM, _after_graceful_stop)
     http.run(app, sock, header_timeout=config.header_timeout_s, keep_alive=config.keep_alive_s,
              max_connections=config.max_connections or http.connection_budget(),
-             graceful_timeout=args.graceful_timeout, log_level="warning" if quiet else args.log_level,
-             on_signal=lambda: state.shut_down(args.graceful_timeout), on_response=state.metrics.on_response)
+             graceful_timeout=config.abort_after_s, log_level="warning" if quiet else args.log_level,
+             on_signal=state.shut_down, on_response=state.metrics.on_response)
+
+
+def quiet_libraries() -> None:
+    """``-q``: no progress bars (tqdm, Hugging Face) and no known library warnings (numba's deprecations)."""
+    import warnings
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    warnings.filterwarnings("ignore", module=r"numba(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*numba.*")
 
 
 def _after_graceful_stop(signum: int, frame: object) -> None:

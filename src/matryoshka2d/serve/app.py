@@ -13,6 +13,7 @@ answers JSON and keeps the connection usable) is :mod:`~matryoshka2d.serve.http`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -31,11 +32,11 @@ from matryoshka2d._version import __version__
 from matryoshka2d.serve import schemas
 from matryoshka2d.serve.batcher import Batcher, QueueFullError, StoppedError
 from matryoshka2d.serve.config import ServeConfig
-from matryoshka2d.serve.errors import DESCRIPTIONS, APIError, validation_error
+from matryoshka2d.serve.errors import DESCRIPTIONS, SHUTTING_DOWN, APIError, validation_error
 from matryoshka2d.serve.http import Guard, Shield
 from matryoshka2d.serve.metrics import Metrics
 from matryoshka2d.serve.output import PRECISIONS, encode_rows, normalize_rows, quantize
-from matryoshka2d.serve.request import Tokens, parse, token_rows
+from matryoshka2d.serve.request import Parsed, Tokens, parse, token_rows
 
 try:  # optional: about 10x faster JSON for embedding vectors
     import orjson
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STOP_WAIT = 2.0  # seconds shutdown waits for the batch the worker is running (its results are dropped)
+STOP_WAIT = 0.2  # seconds shutdown waits for the batch the worker is running (its results are dropped)
+TOKENIZE_THREADS = 4  # requests tokenised at once, off the event loop
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorResponse, "description": text} for status, text in DESCRIPTIONS.items()
@@ -65,20 +67,43 @@ class ServerState:
     tokens: Tokens
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
+    aborted: bool = False
+    pool: concurrent.futures.ThreadPoolExecutor = field(default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+        TOKENIZE_THREADS, thread_name_prefix="m2d-tokenize"))
+    tokenizing: set[asyncio.Future[Any]] = field(default_factory=set)
 
-    def shut_down(self, graceful_timeout: float) -> None:
+    async def tokenize(self, parsed: Parsed) -> list[list[int]]:
+        """The token rows of ``parsed`` (:func:`~matryoshka2d.serve.request.token_rows`), in a worker thread.
+
+        Raises:
+            APIError: the request's own 400, or 503 when the server aborts it on shutdown.
+        """
+        future = asyncio.get_running_loop().run_in_executor(self.pool, token_rows, parsed.items, parsed.truncate,
+                                                            self.tokens)
+        self.tokenizing.add(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self.aborted:
+                raise APIError(503, SHUTTING_DOWN, code="shutting_down") from None
+            raise
+        finally:
+            self.tokenizing.discard(future)
+
+    def shut_down(self) -> None:
         """Begin a graceful shutdown (call in the event loop): ``/ready`` says 503, requests in flight still
-        run; when ``graceful_timeout`` is nearly spent, every request not yet answered gets a 503 and its rows
-        are dropped, so the server exits within the timeout."""
+        run; after ``config.abort_after_s`` every request not yet answered gets a 503 and its rows are dropped,
+        so the server exits within its graceful timeout."""
         self.ready = False
-        margin = min(1.0, graceful_timeout / 2)
-        asyncio.get_running_loop().call_later(max(0.0, graceful_timeout - margin), self.abort)
+        asyncio.get_running_loop().call_later(self.config.abort_after_s, self.abort)
 
     def abort(self) -> None:
-        """Answer every request still waiting for the model with a 503 and stop computing them."""
-        answered = self.batcher.abort(StoppedError(
-            "the server is shutting down and this request was not finished within its graceful timeout "
-            "(--graceful-timeout); retry on another replica"))
+        """Answer every request still waiting for the tokenizer or the model with a 503 and stop computing them."""
+        self.aborted = True
+        answered = self.batcher.abort(StoppedError(SHUTTING_DOWN))
+        for future in list(self.tokenizing):
+            answered += future.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         if answered:
             logger.warning("shutting down: %d request(s) not finished in time were answered 503", answered)
 
@@ -113,7 +138,7 @@ async def embeddings(body: schemas.EmbeddingRequest, request: Request) -> Respon
         parsed = parse(body, state.model, state.config)
         layer_label = str(parsed.layer)
         t0 = time.perf_counter()
-        rows = await asyncio.to_thread(token_rows, parsed.items, parsed.truncate, state.tokens)
+        rows = await state.tokenize(parsed)
         state.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         try:
             future = state.batcher.submit(rows, parsed.layer)

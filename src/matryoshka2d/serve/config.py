@@ -90,6 +90,13 @@ class ServeConfig:
         if not self.model_name:
             raise ValueError("model_name is empty; pass e.g. --served-model-name minilm")
 
+    @property
+    def abort_after_s(self) -> float:
+        """Seconds after SIGTERM when requests not yet answered get 503: the graceful timeout less a margin
+        (at most 1 s, at most half) for the answers, the batcher's stop and the exit, so the process ends within
+        ``graceful_timeout_s``."""
+        return self.graceful_timeout_s - min(1.0, self.graceful_timeout_s / 2)
+
     def limits(self) -> dict[str, Any]:
         """The limits as a JSON-ready dict (for ``/info``; the API key is never included)."""
         out = asdict(self)

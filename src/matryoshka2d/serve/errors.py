@@ -21,6 +21,9 @@ CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: 
          408: "request_timeout", 413: "request_too_large", 422: "invalid_request", 429: "queue_full",
          431: "headers_too_large", 500: "internal_error", 503: "service_unavailable"}
 
+SHUTTING_DOWN = ("the server is shutting down and this request was not finished within its graceful timeout "
+                 "(--graceful-timeout); retry on another replica")
+
 # documented in the OpenAPI schema of POST /v1/embeddings
 DESCRIPTIONS = {
     400: "bad request: a value out of range, empty or invalid text, more inputs than --max-client-batch, an input "

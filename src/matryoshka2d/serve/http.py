@@ -26,12 +26,13 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from matryoshka2d.serve.errors import APIError, raw_response
+from matryoshka2d.serve.errors import SHUTTING_DOWN, APIError, raw_response
 
 logger = logging.getLogger(__name__)
 
 BACKLOG = 64  # connections the kernel queues before accept; also the most accepted in one burst
 HEADER_BYTES = 64 * 1024  # request line + headers
+TOO_LONG = f"the request line and headers are over {HEADER_BYTES} bytes; send shorter headers"
 RESERVED_FILES = 32  # files kept free for the process itself (model files, logs, threads' pipes)
 
 Scope = dict[str, Any]
@@ -74,9 +75,8 @@ class Shield:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError:  # the server gave up on this request (shutdown past its timeout)
             if not status:
-                await send_error(tracked, APIError(
-                    503, "the server is shutting down and this request was not finished within its graceful "
-                    "timeout; retry on another replica", code="shutting_down", headers={"connection": "close"}))
+                await send_error(tracked, APIError(503, SHUTTING_DOWN, code="shutting_down",
+                                                   headers={"connection": "close"}))
         except Exception as error:  # a bug: one 500 JSON, the log says what, the connection stays usable
             logger.exception("unexpected error on %s", scope.get("path", "?"))
             if not status:
@@ -202,7 +202,7 @@ def protocol_class(*, header_timeout: float, max_connections: int,
 
         def arm(self) -> None:
             self.disarm()
-            self.head_bytes = 0
+            self.head_bytes = self.parsed_head = 0
             self.waiting = self.loop.call_later(header_timeout, self.header_timeout)
 
         def disarm(self) -> None:
@@ -213,10 +213,24 @@ def protocol_class(*, header_timeout: float, max_connections: int,
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             if self.waiting is not None and not self.transport.is_closing():
-                self.head_bytes += len(data)
+                self.head_bytes += len(data)  # headers trickling in without an end
                 if self.head_bytes > HEADER_BYTES:
-                    self.refuse(431, f"the request line and headers are over {HEADER_BYTES} bytes; send shorter "
-                                "headers")
+                    self.refuse(431, TOO_LONG)
+
+        def on_url(self, url: bytes) -> None:
+            self.count_head(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.count_head(name + value)
+            super().on_header(name, value)
+
+        def count_head(self, part: bytes) -> None:
+            """Count the request line and headers as the parser sees them; past the limit, stop the parser (its
+            error comes back as :meth:`send_400_response`, which answers 431)."""
+            self.parsed_head = getattr(self, "parsed_head", 0) + len(part)
+            if self.parsed_head > HEADER_BYTES:
+                raise ValueError(TOO_LONG)
 
         def on_headers_complete(self) -> None:
             self.disarm()
@@ -241,7 +255,10 @@ def protocol_class(*, header_timeout: float, max_connections: int,
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            self.refuse(400, f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); check the client")
+            if getattr(self, "parsed_head", 0) > HEADER_BYTES:
+                self.refuse(431, TOO_LONG)
+            else:
+                self.refuse(400, f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); check the client")
 
         def refuse(self, status: int, message: str) -> None:
             self.disarm()
@@ -298,8 +315,9 @@ def run(app: Any, sock: socket.socket, *, header_timeout: float, keep_alive: flo
     """Serve ``app`` on ``sock`` under uvicorn until SIGTERM / Ctrl-C.
 
     On the first signal, ``on_signal`` runs in the event loop (the app's graceful shutdown, which answers what
-    it cannot finish within ``graceful_timeout``); uvicorn stops accepting, waits for the requests in flight
-    (at most ``graceful_timeout`` s), then runs the app's lifespan shutdown.
+    it has not finished after ``graceful_timeout`` s with 503); uvicorn stops accepting, waits for the requests
+    in flight (at most ``graceful_timeout`` s, then cancels them: :class:`Shield` answers 503), then runs the
+    app's lifespan shutdown.
     """
     import uvicorn
 
