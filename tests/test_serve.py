@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import re
 import signal
 import threading
@@ -164,7 +165,7 @@ def _metric(server, name: str) -> float:
 def _error(response: httpx.Response, status: int, *needles: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str)
     for needle in needles:
         assert needle in error["message"], error["message"]
     return error
@@ -404,6 +405,9 @@ def test_server_on_the_onnx_backend(heads_dir: Path, model, tmp_path: Path) -> N
         info = httpx.get(f"{s.url}/info").json()
         assert info["backend"] == "onnx" and info["exits"] == [1, 2, 3, 4]
         _error(post(s, {"input": "a dog", "layer": 5}), 400, "layer 5 is out of range")
+        bad = httpx.post(f"{s.url}/v1/embeddings", content=json.dumps({"input": ["a", "ab\ud800cd"]}), timeout=30,
+                         headers={"content-type": "application/json"})  # a lone surrogate, as a JSON escape
+        assert _error(bad, 400, "input[1]", "lone surrogate")["code"] == "invalid_input"
     assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == [".m2d-serve", "exit-1", "exit-2", "exit-3",
                                                                        "exit-4"]
 

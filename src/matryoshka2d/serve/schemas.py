@@ -99,14 +99,18 @@ class Status(BaseModel):
     status: str
 
 
+TEXT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # what check_texts(blank=False) accepts: no NUL, not blank
+
+
 def tighten_schema(properties: dict[str, Any], *, layers: int, dims: int, vocab: int, max_items: int) -> None:
     """Write this model's bounds into the ``EmbeddingRequest`` JSON schema (layer 1..N, dimensions 1..D, token
-    ids 0..vocab-1, non-empty inputs, at most ``max_items`` of them), so the schema says what the server accepts.
+    ids 0..vocab-1, non-empty inputs, at most ``max_items`` of them, texts with a visible character and no NUL),
+    so the schema says what the server accepts.
     """
     text, texts, ids, id_lists = properties["input"]["anyOf"]
-    text["minLength"] = 1
+    text.update(minLength=1, pattern=TEXT_PATTERN)
     texts.update(minItems=1, maxItems=max_items)
-    texts["items"]["minLength"] = 1
+    texts["items"].update(minLength=1, pattern=TEXT_PATTERN)
     token = {"type": "integer", "minimum": 0, "maximum": vocab - 1}
     ids.update(minItems=1, items=dict(token))
     id_lists.update(minItems=1, maxItems=max_items, items={"type": "array", "minItems": 1, "items": dict(token)})
