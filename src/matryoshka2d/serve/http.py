@@ -330,6 +330,9 @@ def run(app: Any, sock: socket.socket, *, header_timeout: float, keep_alive: flo
 
     protocol = protocol_class(header_timeout=header_timeout, max_connections=max_connections,
                               on_response=on_response)
+    logger.info("at most %d connections (file limit %d), headers within %g s, idle keep-alive %g s; on SIGTERM, "
+                "requests unanswered after %g s get 503", max_connections,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0], header_timeout, keep_alive, graceful_timeout)
     config = uvicorn.Config(app, http=protocol, log_level=log_level, timeout_keep_alive=keep_alive,  # type: ignore[arg-type]
                             timeout_graceful_shutdown=graceful_timeout, backlog=BACKLOG,
                             access_log=log_level == "debug")
