@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the flags, take the port, load the model, serve until SIGTERM; then end the process (exit 0)."""
+    """Check the flags, take the port, load the model, serve; after SIGTERM, end the process (exit 0)."""
     try:
         import uvicorn  # noqa: F401 - checked here, used by serve_app
 
@@ -126,19 +126,21 @@ def run(args: argparse.Namespace) -> int:
             folder = args.onnx_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="m2d-serve-onnx-"))
             logger.info("exporting the %d exits to ONNX in %s", model.num_layers, folder)
             runner = OnnxRunner.from_model(model, folder, threads=args.threads)
-        serve_app(create_app(model, config, threads=args.threads, runner=runner), args, sock, config)
-    # The server has stopped and every request was answered (200 or 503). End the process now: threads still
-    # tokenising or running a batch for requests already answered 503 must not hold the exit past
-    # --graceful-timeout, nor must the interpreter's final garbage collection.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        terminated = serve_app(create_app(model, config, threads=args.threads, runner=runner), args, sock, config)
+    if terminated:
+        # SIGTERM stopped the server and every request was answered (200 or 503). End the process now: threads
+        # still tokenising or running a batch for requests already answered 503 must not hold the exit past
+        # --graceful-timeout, nor must the interpreter's final garbage collection.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
 
 
-def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, config: ServeConfig) -> None:
+def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, config: ServeConfig) -> bool:
     """Run ``app`` under uvicorn on ``sock`` until SIGTERM / Ctrl-C (graceful: requests in flight are finished,
-    those not finished within ``--graceful-timeout`` get 503)."""
+    those not finished within ``--graceful-timeout`` get 503); return whether SIGTERM stopped it."""
     from matryoshka2d.serve import http
 
     state = app.state.server
@@ -147,10 +149,10 @@ def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, confi
     # then re-raises the signal to the handler that was installed before it started. With this no-op handler
     # the graceful stop ends in exit code 0 instead of death by SIGTERM.
     signal.signal(signal.SIGTERM, _after_graceful_stop)
-    http.run(app, sock, header_timeout=config.header_timeout_s, keep_alive=config.keep_alive_s,
-             max_connections=config.max_connections or http.connection_budget(),
-             graceful_timeout=config.abort_after_s, log_level="warning" if quiet else args.log_level,
-             on_signal=state.shut_down, on_response=state.metrics.on_response)
+    return http.run(app, sock, header_timeout=config.header_timeout_s, keep_alive=config.keep_alive_s,
+                    max_connections=config.max_connections or http.connection_budget(),
+                    graceful_timeout=config.abort_after_s, log_level="warning" if quiet else args.log_level,
+                    on_signal=state.shut_down, on_response=state.metrics.on_response)
 
 
 def quiet_libraries() -> None:

@@ -22,6 +22,7 @@ import hmac
 import logging
 import os
 import resource
+import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -311,8 +312,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run(app: Any, sock: socket.socket, *, header_timeout: float, keep_alive: float, max_connections: int,
         graceful_timeout: float, log_level: str = "info", on_signal: Callable[[], None] | None = None,
-        on_response: Callable[[int], None] | None = None) -> None:
-    """Serve ``app`` on ``sock`` under uvicorn until SIGTERM / Ctrl-C.
+        on_response: Callable[[int], None] | None = None) -> bool:
+    """Serve ``app`` on ``sock`` under uvicorn until SIGTERM / Ctrl-C; return whether SIGTERM stopped it.
 
     On the first signal, ``on_signal`` runs in the event loop (the app's graceful shutdown, which answers what
     it has not finished after ``graceful_timeout`` s with 503); uvicorn stops accepting, waits for the requests
@@ -321,9 +322,13 @@ def run(app: Any, sock: socket.socket, *, header_timeout: float, keep_alive: flo
     """
     import uvicorn
 
+    terminated: list[int] = []
+
     class Server(uvicorn.Server):  # type: ignore[misc]
         def handle_exit(self, sig: int, frame: Any) -> None:
             first = not self.should_exit
+            if sig == signal.SIGTERM:
+                terminated.append(sig)
             super().handle_exit(sig, frame)
             if first and on_signal is not None:
                 asyncio.get_event_loop().call_soon_threadsafe(on_signal)
@@ -337,3 +342,4 @@ def run(app: Any, sock: socket.socket, *, header_timeout: float, keep_alive: flo
                             timeout_graceful_shutdown=graceful_timeout, backlog=BACKLOG,
                             access_log=log_level == "debug")
     Server(config).run(sockets=[sock])
+    return bool(terminated)
