@@ -162,3 +162,15 @@ def test_base64_rows_are_float32_whatever_the_precision() -> None:
 
     decoded = np.frombuffer(base64.b64decode(encode_rows(codes, "base64")[0]), dtype="<f4")
     np.testing.assert_array_equal(decoded, [-128.0, 0.0, 127.0])
+
+
+def test_after_the_shutdown_abort_new_requests_get_503_not_a_crash(tiny_model) -> None:
+    from matryoshka2d.serve.app import create_app
+
+    state = create_app(tiny_model, ServeConfig(model_name="tiny")).state.server
+    parsed = parse(EmbeddingRequest(input="a dog"), tiny_model, state.config)
+    assert asyncio.run(state.tokenize(parsed)) == token_rows(["a dog"], True, state.tokens)
+    state.abort()  # the pool is shut down
+    with pytest.raises(APIError) as caught:
+        asyncio.run(state.tokenize(parsed))
+    assert (caught.value.status, caught.value.code) == (503, "shutting_down")

@@ -78,6 +78,8 @@ class ServerState:
         Raises:
             APIError: the request's own 400, or 503 when the server aborts it on shutdown.
         """
+        if self.aborted:  # the pool is shut down
+            raise APIError(503, SHUTTING_DOWN, code="shutting_down")
         future = asyncio.get_running_loop().run_in_executor(self.pool, token_rows, parsed.items, parsed.truncate,
                                                             self.tokens)
         self.tokenizing.add(future)

@@ -80,8 +80,9 @@ def raw_response(status: int, message: str, *, code: str | None = None) -> bytes
 
 
 def validation_error(problems: Sequence[dict[str, Any]]) -> APIError:
-    """The 400 of a body that does not fit the request schema: ``param`` is the top-level field at fault
-    (``body`` when the body is not a JSON object), the message names its path and the first problem."""
+    """The 400 of a body that does not fit the request schema (FastAPI's validation problems): ``param`` is the
+    top-level field at fault (``None`` when the body is not JSON or not an object), the message names its path
+    and the first problem."""
     first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": "value_error"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     kind = str(first.get("type", ""))
