@@ -168,8 +168,8 @@ def test_after_the_shutdown_abort_new_requests_get_503_not_a_crash(tiny_model) -
     from matryoshka2d.serve.app import create_app
 
     state = create_app(tiny_model, ServeConfig(model_name="tiny")).state.server
-    parsed = parse(EmbeddingRequest(input="a dog"), tiny_model, state.config)
-    assert asyncio.run(state.tokenize(parsed)) == token_rows(["a dog"], True, state.tokens)
+    parsed = parse(EmbeddingRequest(input="a dog " * 300), tiny_model, state.config)  # over INLINE: a thread
+    assert asyncio.run(state.tokenize(parsed)) == token_rows(["a dog " * 300], True, state.tokens)
     state.abort()  # the pool is shut down
     with pytest.raises(APIError) as caught:
         asyncio.run(state.tokenize(parsed))
