@@ -198,6 +198,14 @@ def test_bad_flags_and_busy_ports_are_refused_before_the_model_loads(folder: Pat
         assert main(["serve", str(folder), "--device", device, "--port", str(free_port())]) == 2, device
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--device" in err and "internal error" not in err, err
+    for flag, value, needle in (("--header-timeout", "0", "header_timeout_s 0.0 is out of range"),
+                                ("--body-timeout", "-1", "body_timeout_s -1.0 is out of range"),
+                                ("--keep-alive-timeout", "1e9", "keep_alive_s 1000000000.0 is out of range"),
+                                ("--max-connections", "0", "max_connections 0 must be a positive integer"),
+                                ("--graceful-timeout", "-1", "graceful_timeout_s -1.0 is out of range")):
+        assert main(["serve", str(folder), flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
