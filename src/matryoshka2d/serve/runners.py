@@ -14,6 +14,7 @@ vectors, normalised or not: the server truncates and normalises them again).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,44 @@ logger = logging.getLogger(__name__)
 
 OnExit = Callable[[np.ndarray, np.ndarray], None]
 PROBE = ["a man is playing a guitar on the street", "the dog runs"]  # checks a reused export against the model
+MARK = ".m2d-serve"  # marks a folder m2d serve keeps its exports in (and may replace them)
+
+
+def claim_folder(folder: str | os.PathLike[str], *, flag: str = "--onnx-dir") -> Path:
+    """Make ``folder`` one m2d serve may write and replace exports in: a new or empty folder gets the
+    :data:`MARK` file, a folder that has it is reused, any other folder is refused.
+
+    Raises:
+        ValueError: ``folder`` is a file, or a folder holding files without the mark (another tool's).
+    """
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{flag} {root} is a file; pass a folder")
+    if root.is_dir() and not (root / MARK).is_file() and any(root.iterdir()):
+        raise ValueError(f"{flag} {root} holds files m2d serve did not write (no {MARK} mark); pass a new or empty "
+                         "folder, so nothing else is replaced")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARK).write_text("m2d serve keeps its exported exits here and replaces those that no longer match the "
+                             "model\n", encoding="utf-8")
+    return root
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace the export folder ``path`` unless every file in it is one its ``manifest.json`` lists.
+
+    Raises:
+        ValueError: a file the export did not write (named), or no readable manifest.
+    """
+    try:
+        listed = set(json.loads((path / "manifest.json").read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    others = [] if listed is None else [p for p in sorted(path.rglob("*")) if p.is_file() and p.name !=
+                                        "manifest.json" and p.relative_to(path).as_posix() not in listed]
+    if listed is None or others:
+        what = f"{others[0]}, a file" if others else "files"
+        raise ValueError(f"{path} must be exported again, but it holds {what} m2d serve did not write; move "
+                         f"{'it' if others else 'them'} away or pass another --onnx-dir")
 
 
 class TorchRunner:
@@ -104,14 +143,15 @@ class OnnxRunner:
 
         Raises:
             ImportError: onnx / onnxruntime missing (the ``onnx`` extra).
-            ValueError: an exit whose ONNX graph does not reproduce the model (from the export's check).
+            ValueError: an exit whose ONNX graph does not reproduce the model (from the export's check); a
+                ``folder`` or an ``exit-<n>`` holding files m2d serve did not write (:func:`claim_folder`,
+                :func:`check_replaceable`).
         """
         from matryoshka2d.export.exporter import export_model
         from matryoshka2d.export.runtime import OnnxEncoder, require_onnx
 
         require_onnx()
-        root = Path(folder)
-        root.mkdir(parents=True, exist_ok=True)
+        root = claim_folder(folder)
         width = model.hidden_size
         encoders: dict[int, OnnxEncoder] = {}
         for n in range(1, model.num_layers + 1):
@@ -121,6 +161,7 @@ class OnnxRunner:
             if encoder is None:
                 if path.exists():
                     logger.info("%s does not match the model's exit %d; exporting it again", path, n)
+                    check_replaceable(path)
                     shutil.rmtree(path)
                 # the export itself checks onnxruntime against the model (export.onnx.MAX_ABS_DIFF)
                 export_model(model, path, layer=n, dim=width, format="onnx", verify=False)
