@@ -242,3 +242,33 @@ def test_eval_cli_scores_query_exits_against_one_index(tiny_dir: Path, tmp_path:
     assert {r["layer"] for r in saved["results"]} == {1, 2, 3, 4}
     assert main([*argv, "--doc-layer", "7"]) == 2
     assert "layer 7 is out of range" in capsys.readouterr().err
+
+
+def test_search_refuses_unaligned_query_exits_and_takes_aligned_ones(tiny_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    corpus, queries = tmp_path / "corpus.tsv", tmp_path / "queries.tsv"
+    corpus.write_text("doc_id\ttitle\ttext\n" + "".join(f"d{i}\t\t{t}\n" for i, t in enumerate(TEXTS[:6])),
+                      encoding="utf-8")
+    queries.write_text("query_id\ttext\nq1\twho plays music\nq2\ta dog in the park\n", encoding="utf-8")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    idx, aligned = tmp_path / "idx", tmp_path / "aligned"
+    assert main(["index", str(tiny_dir), "--corpus", str(corpus), "--layer", "4", "--dims", "8,32",
+                 "--output", str(idx)]) == 0
+    manifest = json.loads((idx / "manifest.json").read_text())
+    assert manifest["document_exit"] == 4 and manifest["document_space"]["query_exits"] == [4]
+    assert main(["align", str(tiny_dir), "--texts", str(texts), "--exits", "1,2", "--method", "lora", "--rank", "2",
+                 "--output", str(aligned)]) == 0
+    search = ["search", str(idx), "--queries", str(queries), "--shortlist-dim", "8", "--top", "3"]
+    capsys.readouterr()
+    assert main([*search, "--query-layer", "2", "--output", str(tmp_path / "a.trec")]) == 2  # the index's model
+    err = capsys.readouterr().err.strip()
+    assert "--query-layer 2 is not aligned" in err and "aligned to layer 4 are [4]" in err and len(err.splitlines()) == 1
+    # the aligned model searches the unchanged index (same document path: its fingerprint is accepted)
+    assert main([*search, "--model", str(aligned), "--query-layer", "2", "--output", str(tmp_path / "b.trec")]) == 0
+    assert main([*search, "--model", str(aligned), "--query-layer", "3", "--output", str(tmp_path / "c.trec")]) == 2
+    assert "aligned to layer 4 are [1, 2, 4]" in capsys.readouterr().err
+    assert main([*search, "--model", str(aligned), "--query-layer", "2", "--input-type", "document",
+                 "--output", str(tmp_path / "d.trec")]) == 2  # the shared path of layer 2 is not aligned
+    assert main([*search, "--model", str(aligned), "--query-layer", "3", "--force",
+                 "--output", str(tmp_path / "e.trec")]) == 0

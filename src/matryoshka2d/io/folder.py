@@ -328,7 +328,8 @@ def check_has_weights(folder: Path) -> None:
 
 
 def model_fingerprint(name_or_path: str | os.PathLike[str] | None) -> str | None:
-    """SHA-256 over a local model's weights, ``config.json`` and exit heads: what the model computes.
+    """SHA-256 over a local model's weights, ``config.json`` and exit heads: what the model computes for documents
+    (the query exits' own parameters, ``query_exits.safetensors``, are left out: they never touch a document).
 
     The digests of the folder's ``manifest.json`` are reused when it has one (the loader verified them);
     other files are hashed. Two folders with the same weights and config share a fingerprint wherever they
@@ -343,7 +344,8 @@ def model_fingerprint(name_or_path: str | os.PathLike[str] | None) -> str | None
     weights_dir = folder
     if not (folder / "config.json").is_file() and (folder / "modules.json").is_file():
         weights_dir = read_sentence_transformers_folder(folder)[0]
-    files = [weights_dir / "config.json", *sorted(weights_dir.glob("*.safetensors")),
+    files = [weights_dir / "config.json",
+             *sorted(p for p in weights_dir.glob("*.safetensors") if p.name != QUERY_EXITS_FILE),
              *sorted(weights_dir.glob("pytorch_model*.bin")), folder / HEADS_FILE]
     recorded: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError, AttributeError):

@@ -103,13 +103,15 @@ def cascade_search(index: CascadeIndex, query_vectors: np.ndarray, *, shortlist_
 
 
 def encode_queries(model: Any, texts: Sequence[str], layer: int, *, dim: int | None = None,
-                   batch_size: int = 64, show_progress_bar: bool | None = None) -> np.ndarray:
-    """Raw pooled query vectors at exit ``layer`` (first ``dim`` coordinates; all by default)."""
+                   batch_size: int = 64, show_progress_bar: bool | None = None,
+                   input_type: str = "query") -> np.ndarray:
+    """Raw pooled query vectors at exit ``layer`` (first ``dim`` coordinates; all by default); ``input_type``
+    ``"query"`` takes the exit's own query path where it has one (m2d align)."""
     from matryoshka2d.encoder.batching import embed_layers
 
     layer = model.check_layer(layer)
     return embed_layers(model, list(texts), [layer], dim=dim, batch_size=batch_size,
-                        show_progress_bar=show_progress_bar, desc="queries")[layer]
+                        show_progress_bar=show_progress_bar, desc="queries", input_type=input_type)[layer]
 
 
 def write_run(path: str | os.PathLike[str], query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.ndarray,

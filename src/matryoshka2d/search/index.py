@@ -226,7 +226,9 @@ class CascadeIndex:
 
         recorded = model_record(source) if source is not None else {"model": None}
         meta = {**recorded, "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
-                "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None)}
+                "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None),
+                "document_exit": layer,  # the exit the documents were encoded at (the index's space)
+                "document_space": getattr(model, "document_space", None)}
         return cls.from_vectors(ids, pooled, dims, layer=layer, kind=kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist,
                                 rerank_dtype=rerank_dtype, metadata=meta)
 

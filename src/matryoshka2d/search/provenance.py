@@ -62,6 +62,34 @@ def query_model_source(manifest: dict[str, Any], model: str | None) -> str:
     return name  # a hub id when the index was built
 
 
+def aligned_query_exits(model: Any, document_exit: int, input_type: str = "query") -> list[int]:
+    """The exits of ``model`` whose queries (encoded as ``input_type``) live in the space of its documents at
+    ``document_exit``: exits aligned post-hoc only on their own query path, exits trained into it on either."""
+    space = model.document_space
+    if space["document_exit"] != document_exit or (input_type != "query" and space["query_path"] == "own"):
+        return [document_exit]
+    return list(space["query_exits"])
+
+
+def check_query_exit(model: Any, layer: int, document_exit: int, *, input_type: str = "query",
+                     force: bool = False) -> None:
+    """Refuse queries at an exit that does not share the index's document space, unless ``force``.
+
+    Raises:
+        ValueError: naming the exits that are aligned to the index, and the ways out.
+    """
+    aligned = aligned_query_exits(model, document_exit, input_type)
+    if layer in aligned:
+        return
+    message = (f"--query-layer {layer} is not aligned to this index, whose documents were encoded at layer "
+               f"{document_exit}: queries from layer {layer} live in another space and retrieve poorly; the exits "
+               f"aligned to layer {document_exit} are {aligned}")
+    if not force:
+        raise ValueError(message + f"; pass one of them, align the model (m2d align MODEL --exits {layer} ...), "
+                         "or --force to search anyway")
+    logger.warning("%s; searching anyway (--force)", message)
+
+
 def check_query_model(manifest: dict[str, Any], model: Any, source: str, *, force: bool = False) -> None:
     """Refuse a query model that is not the index's (another fingerprint or width) unless ``force``.
 
@@ -77,6 +105,8 @@ def check_query_model(manifest: dict[str, Any], model: Any, source: str, *, forc
     recorded = manifest.get("model_fingerprint")
     if recorded:
         found = model_fingerprint(source)
+        if found != recorded and getattr(model, "metadata", {}).get("document_fingerprint") == recorded:
+            found = recorded  # aligned post-hoc (m2d align) from the index's model: the same document path
         if found is None:
             logger.warning("cannot check that %s is the index's model (it is not a local folder)", source)
         elif found != recorded:

@@ -33,6 +33,7 @@ from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.encoder.model import MatryoshkaEncoder, matryoshka_dims
 from matryoshka2d.encoder.query_path import DEFAULT_RANK
 from matryoshka2d.encoder.tokenization import check_texts, tokenize_unpadded
+from matryoshka2d.io.folder import model_fingerprint
 from matryoshka2d.losses.alignment import embedding_alignment, mean_over_dims
 from matryoshka2d.vocab import ALIGN_DISTANCES, ALIGN_METHODS, AlignDistance, AlignMethod, check_choice
 
@@ -249,6 +250,9 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
         p.requires_grad_(False)
     window = max(1, min(20, len(losses) // 4))  # the loss at the start and at the end, over this many steps
     if config.method != "separate":
+        # the document path is the source model's, bit for bit: an index built from that model stays valid
+        model.metadata["document_fingerprint"] = (model.metadata.get("document_fingerprint")
+                                                  or model_fingerprint(model.metadata.get("source")))
         model.metadata["aligned"] = {
             "method": config.method, "texts": len(items), "steps": len(order), "epochs": config.epochs,
             "lr": config.learning_rate, "batch_size": config.batch_size, "max_seq_length": config.max_seq_length,
