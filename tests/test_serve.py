@@ -214,6 +214,7 @@ def test_models_health_ready_info_metrics(server, client) -> None:
     assert (info["layers"], info["hidden_size"], info["exits"]) == (4, 32, [1, 2, 3, 4])
     assert info["heads"] == {"kind": "linear", "layers": [1, 2, 3]}
     assert info["limits"]["max_client_batch"] == MAX_CLIENT_BATCH and info["dtype"] == "fp32"
+    assert info["document_space"] == {"document_exit": 4, "query_exits": [4], "query_path": None}
     post(server, {"input": "a dog", "layer": 2})
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("m2d_requests_total", "m2d_queue_rows", "m2d_batch_rows", "m2d_batch_tokens", "m2d_queue_seconds",

@@ -212,6 +212,7 @@ async def info(request: Request) -> dict[str, Any]:
         "heads": {"kind": model.exit_head_kind, "layers": model.exit_head_layers} if model.exit_head_layers else None,
         "pooling": model.pooling, "max_seq_length": state.tokens.max_len, "dtype": config.dtype,
         "backend": config.backend, "precisions": list(PRECISIONS), "limits": config.limits(),
+        "document_space": model.document_space,  # which exits an index built at the document exit serves
     }
 
 
