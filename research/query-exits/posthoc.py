@@ -91,6 +91,8 @@ def main() -> None:
         docs = documents()
         if out.separate:
             result = evaluate_separate(out.separate, sets, docs, name)
+            for n, sub in out.separate.items() if args.save_model else ():
+                sub.save(args.save_model / f"query-encoder-L{n}", overwrite=True)
         else:
             result = evaluate(model, sets, docs, [*exits, 6], name)
             if args.save_model:
