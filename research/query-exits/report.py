@@ -88,7 +88,8 @@ def main() -> None:
              "## Post-hoc alignment of all-MiniLM-L6-v2 (seed 0)", ""]
     for s in ("scifact", "nfcorpus"):
         lines += posthoc(s)
-    lines += ["## LoRA vs the separate query encoders, paired bootstrap over queries", "", *cis("lora-s0", "separate-s0"),
+    lines += ["## LoRA vs the separate query encoders, paired bootstrap over queries", "",
+              *cis("lora-s0", "separate-s0"),
               "", "## Shared-space training on SciFact train (seed 0), SciFact test", "", *trained(), ""]
     print("\n".join(lines))
 
