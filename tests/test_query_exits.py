@@ -273,3 +273,40 @@ def test_search_refuses_unaligned_query_exits_and_takes_aligned_ones(tiny_dir: P
                  "--output", str(tmp_path / "d.trec")]) == 2  # the shared path of layer 2 is not aligned
     assert main([*search, "--model", str(aligned), "--query-layer", "3", "--force",
                  "--output", str(tmp_path / "e.trec")]) == 0
+
+
+def test_index_from_encoded_shards_equals_encoding_again(tiny_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from matryoshka2d.search.index import CascadeIndex
+
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("doc_id\ttitle\ttext\n" + "".join(f"d{i}\t\t{t}\n" for i, t in enumerate(TEXTS)),
+                      encoding="utf-8")
+    enc = tmp_path / "enc"
+    assert main(["encode", str(tiny_dir), "--input", str(corpus), "--id-column", "doc_id", "--exits", "2:16,4:32",
+                 "--output", str(enc)]) == 0
+    assert main(["index", str(tiny_dir), "--encoded", str(enc), "--dims", "8,32", "--output", str(tmp_path / "a")]) == 0
+    assert main(["index", str(tiny_dir), "--corpus", str(corpus), "--layer", "4", "--dims", "8,32",
+                 "--output", str(tmp_path / "b")]) == 0
+    a, b = CascadeIndex.load(tmp_path / "a"), CascadeIndex.load(tmp_path / "b")
+    assert a.ids == b.ids and a.layer == b.layer == 4
+    assert a.manifest["encoded_from"] == {"layer": 4, "dim": 32, "model": str(tiny_dir), "rows": len(TEXTS)}
+    queries = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)
+    from matryoshka2d.search.cascade import cascade_search
+
+    ra = cascade_search(a, queries, shortlist_dim=8, k=5, rerank_dim=32, top=3)[1]
+    rb = cascade_search(b, queries, shortlist_dim=8, k=5, rerank_dim=32, top=3)[1]
+    assert np.array_equal(ra, rb)
+    capsys.readouterr()
+    bad = [(["--encoded", str(enc), "--layer", "3"], "no exit layer 3"),
+           (["--encoded", str(enc), "--layer", "2", "--dims", "8,32"], "beyond the 16 dims")]
+    for extra, needle in bad:
+        argv = ["index", str(tiny_dir), "--dims", "8,16", *extra, "--output", str(tmp_path / "x")]
+        if "--dims" in extra:
+            argv = ["index", str(tiny_dir), *extra, "--output", str(tmp_path / "x")]
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err
+    shard = next((enc / "shards").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"damaged!")
+    assert main(["index", str(tiny_dir), "--encoded", str(enc), "--dims", "8,32", "--output", str(tmp_path / "y")]) == 2
+    assert "differs from manifest.json" in capsys.readouterr().err

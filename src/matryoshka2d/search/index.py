@@ -130,6 +130,18 @@ def check_manifest(manifest: Any, man_path: Path) -> list[int]:
     return dims
 
 
+def index_metadata(model: Any, layer: int, source: str | None) -> dict[str, Any]:
+    """What an index records of the model that encoded its documents: the model (name, absolute path,
+    fingerprint; :mod:`matryoshka2d.search.provenance`), its settings, and the document exit with the model's
+    document space (which query exits search it)."""
+    from matryoshka2d.search.provenance import model_record
+
+    recorded = model_record(source) if source is not None else {"model": None}
+    return {**recorded, "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None),
+            "document_exit": layer, "document_space": getattr(model, "document_space", None)}
+
+
 @dataclass
 class CascadeIndex:
     """Shortlist indexes and rerank vectors of one exit, with the document ids.
@@ -222,15 +234,8 @@ class CascadeIndex:
                                 batch_size=batch_size, show_progress_bar=show_progress_bar,
                                 desc=f"index chunk {first // chunk_size + 1}")[layer]
             pooled[first:first + len(part)] = part
-        from matryoshka2d.search.provenance import model_record
-
-        recorded = model_record(source) if source is not None else {"model": None}
-        meta = {**recorded, "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
-                "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None),
-                "document_exit": layer,  # the exit the documents were encoded at (the index's space)
-                "document_space": getattr(model, "document_space", None)}
         return cls.from_vectors(ids, pooled, dims, layer=layer, kind=kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist,
-                                rerank_dtype=rerank_dtype, metadata=meta)
+                                rerank_dtype=rerank_dtype, metadata=index_metadata(model, layer, source))
 
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
