@@ -13,6 +13,11 @@ defined; the headline is nDCG@10):
   (faiss ``IndexScalarQuantizer``; no rerank, so only that index is needed);
 * (c) ``shallow``: queries at exit ``n`` = 1..N-1 against the full-exit index, exhaustive and with the
   ``d`` = 64 funnel.
+* (e) ``aligned``: the same full-exit index searched by the query exits of other models given with
+  ``--query-models label=PATH,...`` (method.md section 8): a model aligned post-hoc (``m2d align``; its query
+  exits with their own path, its full exit checked bit-identical to ``--model``'s on the first documents), or
+  a standalone shallower query encoder (``m2d align --method separate``: its last exit). Timing runs the exit
+  as a standalone model (``model.query_encoder(n)``: adapters merged, heads folded), as a deployment would.
 
 Cost per query = query encode time (one query per call, the physically truncated model
 ``model.truncate(n)``) + search time (one query per call), medians over ``--repeats`` rounds after a
@@ -83,6 +88,40 @@ def configs(num_layers: int) -> list[dict]:
     return out
 
 
+def aligned_query_exits(base, spec: str) -> dict:
+    """``{(label, n): (encoder, standalone timed model)}`` of every query exit of the ``label=PATH`` models."""
+    from matryoshka2d import MatryoshkaEncoder
+
+    out = {}
+    for item in filter(None, spec.split(",")):
+        label, _, path = item.partition("=")
+        m = MatryoshkaEncoder.from_pretrained(path).eval()
+        if m.hidden_size != base.hidden_size:
+            raise SystemExit(f"{path}: width {m.hidden_size} differs from the index model's {base.hidden_size}")
+        if m.query_path is not None:
+            probe = ["a test document about proteins", "another one"]
+            if not np.array_equal(m.encode(probe, layer=base.num_layers), base.encode(probe, layer=base.num_layers)):
+                raise SystemExit(f"{path}: its full exit differs from {base.metadata.get('source')}'s; it cannot "
+                                 "search that index")
+            out.update({(label, n): (m, m.query_encoder(n)) for n in m.query_path.layers})
+        elif m.num_layers < base.num_layers:  # a standalone query encoder
+            out[(label, m.num_layers)] = (m, m)
+        else:
+            raise SystemExit(f"{path}: neither aligned post-hoc (no query exits) nor a shallower query encoder")
+    return out
+
+
+def aligned_configs(query_exits: dict) -> list[dict]:
+    out = []
+    for label, n in query_exits:
+        key = f"{label} L{n}"
+        out.append({"group": "e", "name": f"{key} exhaustive", "query_layer": key, "shortlist_dim": None,
+                    "rerank": False})
+        out.append({"group": "e", "name": f"{key} funnel d64", "query_layer": key, "shortlist_dim": 64,
+                    "rerank": True})
+    return out
+
+
 def search_args(cfg: dict, full_dim: int, k: int, top: int) -> dict:
     d = cfg["shortlist_dim"] or full_dim
     return {"shortlist_dim": d, "k": max(k, top), "rerank_dim": full_dim if cfg["rerank"] else 0, "top": top}
@@ -102,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cascade.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "retrieval-pareto.png"))
     parser.add_argument("--replot", default=None, help="only redraw --plot from this results JSON")
+    parser.add_argument("--query-models", default="",
+                        help="label=PATH,...: models whose query exits search --model's full-exit index (group e)")
     args = parser.parse_args(argv)
     if args.replot:
         plot(json.loads(Path(args.replot).read_text(encoding="utf-8"))["records"], args.plot)
@@ -121,13 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     model = MatryoshkaEncoder.from_pretrained(args.model).eval()
     full, width = model.num_layers, model.hidden_size
     tag = Path(args.model).name
+    query_exits = aligned_query_exits(model, args.query_models)  # {(label, n): (encoder for quality, for timing)}
     records: list[dict] = []
     prepared = []  # quality first, for every set, under the shared lock
     for set_name in args.sets.split(","):
         data = load_beir(set_name, data_dir=args.data_dir)
         with cpu_lock(exclusive=False):
             docs = corpus_vectors(model, data, full, Path(args.cache), tag)
-            queries = embed_layers(model, data.query_texts, list(range(1, full + 1)))
+            queries: dict = embed_layers(model, data.query_texts, list(range(1, full + 1)))
+            for (label, n), (enc, _) in query_exits.items():
+                queries[f"{label} L{n}"] = embed_layers(enc, data.query_texts, [n], input_type="query")[n]
             indexes = {"flat": CascadeIndex.from_vectors(data.doc_ids, docs, [*FUNNEL_DIMS, width], layer=full),
                        "sq8": CascadeIndex.from_vectors(data.doc_ids, docs, [128, width], layer=full, kind="sq8"),
                        **{k: CascadeIndex.from_vectors(data.doc_ids, docs, [width], layer=full, kind=k)
@@ -136,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, index in indexes.items():
                     index.save(Path(tmp) / kind)  # for the file sizes
             rows = []
-            for cfg in configs(full):
+            for cfg in configs(full) + aligned_configs(query_exits):
                 sargs = search_args(cfg, width, args.k, args.top)
                 index = indexes[cfg.setdefault("index", "flat")]
                 _, ranking = cascade_search(index, queries[cfg["query_layer"]], **sargs)
@@ -146,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared.append((data, queries, indexes, rows))
         print(f"{data.name}: quality done", flush=True)
     # timing: one query per call, medians over rounds, every set in one exclusive hold of the CPU lock
-    truncated = {n: model.truncate(n).eval() for n in range(1, full + 1)}
+    truncated: dict = {n: model.truncate(n).eval() for n in range(1, full + 1)}
+    truncated.update({f"{label} L{n}": timed.eval() for (label, n), (_, timed) in query_exits.items()})
     with cpu_lock(exclusive=True), torch.inference_mode():
         for data, queries, indexes, rows in prepared:
             texts = data.query_texts[: args.timing_queries]
@@ -156,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n, m in truncated.items():
                     start = time.perf_counter()
                     for t in texts:
-                        embed_layers(m, [t], [n])
+                        embed_layers(m, [t], [m.num_layers])
                     if rnd:
                         encode_s[n].append((time.perf_counter() - start) / len(texts))
                 for r in rows:
@@ -179,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             r["cost_ratio"] = round(base["cost_ms"] / r["cost_ms"], 3)
             r["bytes_ratio"] = round(base["index_bytes"] / r["index_bytes"], 3)
             r["meets_goal"] = bool(r["ndcg_rel_loss"] <= 0.01 and (r["cost_ratio"] >= 3 or r["bytes_ratio"] >= 4))
+            # issue 38's query-exit goals: >= 2x cheaper within 3%, >= 3x cheaper within 5% of exhaustive
+            r["meets_2x_3pct"] = bool(r["ndcg_rel_loss"] <= 0.03 and r["cost_ratio"] >= 2)
+            r["meets_3x_5pct"] = bool(r["ndcg_rel_loss"] <= 0.05 and r["cost_ratio"] >= 3)
         records += rows
         print(f"{data.name}: " + "; ".join(f"{r['name']} {r['ndcg@10']:.2f} {r['cost_ms']:.2f}ms" for r in rows),
               flush=True)
@@ -204,7 +252,7 @@ def plot(records: list[dict], path: str) -> None:
     sets = list(dict.fromkeys(r["set"] for r in records))
     fig = Figure(figsize=(6.5 * len(sets), 9.5), layout="constrained")
     axes = fig.subplots(2, len(sets), squeeze=False)
-    colors = {"a": "black", "b": "tab:blue", "c": "tab:orange", "d": "tab:green"}
+    colors = {"a": "black", "b": "tab:blue", "c": "tab:orange", "d": "tab:green", "e": "tab:purple"}
     for col, s in enumerate(sets):
         rows = [r for r in records if r["set"] == s]
         for ax, key, label in ((axes[0, col], "cost_ms", "query encode + search per query (ms, log scale)"),
@@ -225,7 +273,8 @@ def plot(records: list[dict], path: str) -> None:
             ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("nDCG@10 x100")
-            ax.set_title(f"{s}: (a) black, (b) blue, (c) orange, (d) green; squares = rerank", fontsize=10)
+            ax.set_title(f"{s}: (a) black, (b) blue, (c) orange, (d) green, (e) aligned purple; squares = rerank",
+                         fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
     with atomic_open(path, "wb") as f:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,21 +36,36 @@ class Server:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-@contextlib.contextmanager
-def running_server(model: Path | str, log: Path, *args: str, timeout: float = 90.0,
-                   new_session: bool = False) -> Iterator[Server]:
-    """``m2d serve model args`` until the context ends (then SIGTERM, then kill if it hangs).
+def file_limit(n: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that lowers the child's soft file limit (``RLIMIT_NOFILE``) to ``n``."""
 
-    ``new_session``: the server leads its own process group (only the signals a test sends reach it), killed
-    whole if it hangs (``--replicas``: the local Ray cluster's processes with it).
+    def lower() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+    return lower
+
+
+@contextlib.contextmanager
+def running_server(model: Path | str, log: Path, *args: str, timeout: float = 90.0, quiet: bool = False,
+                   files: int | None = None, new_session: bool = False) -> Iterator[Server]:
+    """``m2d [-q] serve model --backend torch args`` until the context ends (then SIGTERM, then kill if it hangs).
+
+    Args:
+        args: more flags (``--backend`` among them picks another backend).
+        quiet: pass ``-q``.
+        files: the server's soft file limit (``RLIMIT_NOFILE``); ``None``: inherited.
+        new_session: the server leads its own process group (only the signals a test sends reach it), killed
+            whole if it hangs (``--replicas``: the local Ray cluster's processes with it).
     """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", str(model), "--port", str(port),
-                                    "--threads", "1", "--backend", "torch", *args],  # args may pick another
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, *(["-q"] if quiet else []), "serve", str(model),
+                                    "--port", str(port), "--threads", "1", "--backend", "torch", *args],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session,
+                                   preexec_fn=None if files is None else file_limit(files))
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
         deadline = time.monotonic() + timeout

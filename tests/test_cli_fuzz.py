@@ -15,10 +15,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from cli_helpers import INDEX_DAMAGE, damage_index
 from matryoshka2d.cli import COMMANDS, main
 from matryoshka2d.vocab import POOLING_MODES
 
@@ -106,6 +108,17 @@ def world(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     index = root / "index"
     assert main(["-q", "index", str(tiny_dir), "--corpus", str(root / "corpus.tsv"), "--dims", "8,32",
                  "--output", str(index)]) == 0
+    damaged_indexes = {name: damage_index(index, root / f"index-{name}", name) for name in INDEX_DAMAGE}
+    nan_result = root / "nan.json"
+    shutil.copy(result, nan_result)
+    with np.load(root / "r.preds.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["pred_0"] = arrays["pred_0"] * np.nan
+    np.savez(root / "nan.preds.npz", **arrays)
+    obj = json.loads(result.read_text())
+    obj["predictions"] = {**obj["predictions"], "file": "nan.preds.npz"}
+    obj["predictions"].pop("sha256")
+    nan_result.write_text(json.dumps(obj))
     bench = root / "bench.json"
     bench.write_text(json.dumps({"records": [{"impl": "matryoshka2d", "layer": 2, "dim": 32, "sentences_per_s": 10}]}))
     return {
@@ -130,6 +143,8 @@ def world(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             "corpus": root / "corpus.tsv",
             "queries": root / "queries.tsv",
             "index": index,
+            "nan_result": nan_result,
+            **{f"index_{name}": path for name, path in damaged_indexes.items()},
         }.items()
     }
 
@@ -202,13 +217,14 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | N
                 "--data-dir": paths(w, ["data"]),
                 "--batch-size": INTS,
                 "--metric": V(["spearman", "pearson"], ["x"]),
+                "--no-ignore-identical-ids": None,
                 "--output": outputs(w, ".json"),
                 "--plot": outputs(w, ".png", ".svg"),
                 "--overwrite": None,
             },
         ),
         "compare": (
-            [paths(w, ["result"], ["damaged"]), paths(w, ["result"])],
+            [paths(w, ["result"], ["damaged", "nan_result"]), paths(w, ["result"])],
             {
                 "--labels": V(["a,b"], ["a", "", "a,b,c"]),
                 "--output": outputs(w, ".md"),
@@ -298,7 +314,7 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | N
             },
         ),
         "search": (
-            [paths(w, ["index"], ["corpus"])],
+            [paths(w, ["index"], ["corpus", *(f"index_{name}" for name in INDEX_DAMAGE)])],
             {
                 "--queries": paths(w, ["queries"], ["corpus", "txt"]),
                 "--model": model,
@@ -308,6 +324,8 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | N
                 "--k": V(["5", "12"], ["0", "-1", "x"]),
                 "--rerank-dim": V(["32", "0"], ["-1", "99", "x"]),
                 "--top": V(["3", "10"], ["0", "x"]),
+                "--force": None,
+                "--no-verify": None,
                 "--batch-size": INTS,
                 "--output": V([f"{w['out']}/r{i}{s}" for i in range(2) for s in (".trec", ".jsonl")],
                               [w["out"], ".", w["plain"] + "/x.trec", "/proc/m2d-fuzz.trec", w["out"] + "/x.csv", ""]),

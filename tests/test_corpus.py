@@ -241,3 +241,27 @@ def test_cli_npy_output_unchanged_and_corpus_errors(tiny_dir: Path, tmp_path: Pa
     assert main(["-q", "encode", str(tiny_dir), "--input", str(tmp_path / "s.txt"), "--exits", "2:8,4",
                  "--output", str(tmp_path / "o"), "--format", "float16"]) == 0
     assert "wrote 2 rows at exits 2:8,4:32 (float16) in 1 shards" in capsys.readouterr().out
+
+
+def test_progress_moves_after_every_batch(tiny_model) -> None:
+    """Issue 35: the bar moved once per 8,192-text chunk (0% for minutes on SciFact); now once per batch."""
+    from matryoshka2d.corpus.shards import Exit, embed_exits
+
+    calls: list[int] = []
+    texts = [f"the dog runs {i}" for i in range(10)]
+    out = embed_exits(tiny_model, texts, [Exit(4, 32)], batch_size=3, progress=calls.append)
+    assert calls == [3, 3, 3, 1]
+    np.testing.assert_allclose(out[Exit(4, 32)], tiny_model.encode(texts, layer=4), atol=1e-5)
+
+
+def test_the_run_records_each_inputs_digest(tiny_dir, tmp_path) -> None:
+    from matryoshka2d.io.manifest import file_sha256
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\nb\n", encoding="utf-8")
+    assert main(["-q", "encode", str(tiny_dir), "--input", str(texts), "--exits", "4:32", "--output",
+                 str(tmp_path / "out")]) == 0
+    for name in ("run.json", "manifest.json"):
+        obj = json.loads((tmp_path / "out" / name).read_text())
+        inputs = (obj.get("job") or obj)["inputs"]
+        assert inputs == [{"path": str(texts.resolve()), "size": 4, "sha256": file_sha256(texts)}]

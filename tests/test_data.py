@@ -143,6 +143,22 @@ def test_resolve_data_dir_errors_list_every_place(tmp_path: Path, monkeypatch: p
         resolve_data_dir()
 
 
+def test_data_folder_is_found_from_any_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last place looked at is <checkout>/../shared/data, whatever the working directory (issue 35)."""
+    repo = Path(__file__).resolve().parents[1]
+    assert data._SOURCE_ROOT == repo  # the checkout, not src/
+    elsewhere = tmp_path / "a" / "b"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("M2D_DATA_DIR", raising=False)
+    shared = repo.parent / "shared" / "data"
+    if any((shared / name).is_dir() for name in data.NAMED_SETS):
+        assert resolve_data_dir() == shared.resolve()
+    else:
+        with pytest.raises(FileNotFoundError, match=re.escape(str(shared.resolve()))):
+            resolve_data_dir()
+
+
 # ----------------------------------------------------------------------------------- load_sts
 def test_load_sts_synthetic_and_subsets(tmp_path: Path) -> None:
     root = make_data_dir(tmp_path)

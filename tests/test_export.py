@@ -388,3 +388,28 @@ def test_real_minilm_exit_scores_the_same_in_a_fresh_sentence_transformer(shared
     assert abs(theirs - ours) <= 0.01
     # the original MiniLM was not trained for early exit: its (3, 128) exit scores about 45 (full: 82.0)
     assert ours == pytest.approx(44.98, abs=0.5)
+
+
+def test_export_of_a_trained_model_carries_its_own_facts(tiny_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """Issue 35: a trained model's matryoshka2d.json says num_layers 4; its 2-layer export must say 2."""
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a man {i}\tthe dog {i % 3}\t{i % 4}\n"
+                                                              for i in range(8)), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(run),
+                 "--max-steps", "1", "--batch-size", "4", "--no-progress-bar", "--set", "run.eval_every=0"]) == 0
+    trained = run / "final"
+    assert json.loads((trained / "matryoshka2d.json").read_text())["num_layers"] == 4
+    out = tmp_path / "export"
+    assert main(["-q", "export", str(trained), "--layer", "2", "--dim", "16", "--output", str(out)]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "matryoshka2d.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert meta["num_layers"] == config["num_hidden_layers"] == 2
+    assert (meta["default_layer"], meta["default_dim"], meta["hidden_size"]) == (2, 16, 32)
+    assert meta["exported_from"] == {"source": str(trained), "layer": 2, "dim": 16, "num_layers": 4,
+                                     "hidden_size": 32}
+    card = (out / "README.md").read_text()
+    assert f"of `{trained}` (4 layers, 32 dims)" in card and "| layers stored | 2 |" in card.replace("`", "")
+    assert MatryoshkaEncoder.from_pretrained(out).num_layers == 2

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import assert_user_error, cli
 from matryoshka2d.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,25 +37,6 @@ HOLDER = ("import sys, time\nfrom matryoshka2d.io.locks import output_lock\n"
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``m2d -q ARGV`` in this process; return (exit code, stdout, stderr)."""
-    code = main(["-q", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> str:
-    """Exit 2 with exactly one stderr line, no traceback, holding every needle; return the line."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("m2d ") and ": error: " in lines[0], lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def leftovers(folder: Path) -> list[str]:
     """Hidden temporaries and lock files in ``folder`` (none must remain after a clean failure)."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and
@@ -286,6 +268,7 @@ def damage(result_json: Path, tmp_path: Path, how: str) -> Path:
     copy = tmp_path / "damaged.json"
     obj = json.loads(result_json.read_text())
     obj["predictions"]["file"] = "damaged.preds.npz"
+    obj["predictions"].pop("sha256")  # as a result written before digests: the archive's own checks answer
     copy.write_text(json.dumps(obj))
     sidecar = tmp_path / "damaged.preds.npz"
     raw = predictions_path(result_json).read_bytes()
@@ -316,6 +299,15 @@ def test_damaged_predictions_sidecar(how, result_json, tmp_path, capsys) -> None
     code, _, err = cli(capsys, "compare", result_json, copy, "--labels", "a,b")
     assert_user_error(code, err, "damaged.preds.npz", "m2d eval --output")
     assert (tmp_path / "damaged.preds.npz").read_bytes() == before  # never rewritten by a reader
+
+
+def test_a_sidecar_that_is_not_the_results_own_is_refused(result_json, tmp_path, capsys) -> None:
+    copy = damage(result_json, tmp_path, "wrong shape")
+    obj = json.loads(copy.read_text())
+    obj["predictions"]["sha256"] = json.loads(result_json.read_text())["predictions"]["sha256"]
+    copy.write_text(json.dumps(obj))
+    code, _, err = cli(capsys, "compare", result_json, copy, "--labels", "a,b")
+    assert_user_error(code, err, "damaged.preds.npz is not the sidecar written with", "m2d eval --output")
 
 
 @pytest.mark.parametrize("edit", [{"results": [{"set": "stsb"}]}, {"results": [{"set": "stsb", "layer": "x"}]},
@@ -477,3 +469,113 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(tiny_dir, capsys, monk
     assert code == 1 and "Traceback" in err and "boom" in err
     code = main(["info", str(tiny_dir), "--debug"])  # also after the command
     assert code == 1 and "Traceback" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- issue 35: environment
+def test_a_lone_surrogate_in_training_data_is_exit_2(tiny_dir, tmp_path, capsys) -> None:
+    data = tmp_path / "train.jsonl"
+    rows = [{"sentence1": f"a man {i}", "sentence2": f"the dog {i}", "score": i % 4} for i in range(8)]
+    rows[3]["sentence2"] = "ab\ud800cd"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # JSON escapes it: valid JSON
+    code, _, err = cli(capsys, *train_args(tiny_dir, data, tmp_path / "run"))
+    assert_user_error(code, err, f"{data}:4", "lone surrogate")
+
+
+def test_overwrite_never_clears_another_tools_folder(tiny_dir, sentences, tmp_path, capsys) -> None:
+    out = tmp_path / "theirs"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "their-data.bin").write_bytes(b"precious")
+    (out / "run.json").write_text(json.dumps({"tool": "someone else's", "steps": 3}))
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(capsys, "encode", tiny_dir, "--input", sentences, "--exits", "4:32", "--output", out,
+                           *extra)
+        line = assert_user_error(code, err, "run.json is not the run record of an m2d corpus encode",
+                                 "--overwrite does not clear it")
+        assert "pass --overwrite" not in line
+    assert (out / "shards" / "their-data.bin").read_bytes() == b"precious"
+
+
+def test_an_unreachable_ray_address_times_out_with_exit_2(tiny_dir, sentences, tmp_path) -> None:
+    pytest.importorskip("ray.data")
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run([*M2D, "encode", str(tiny_dir), "--input", str(sentences), "--exits", "4:32", "--engine",
+                           "ray", "--ray-address", "127.0.0.1:1", "--ray-timeout", "3", "--skip-empty", "--output",
+                           str(out)], env=ENV, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "rpc_client" not in line]
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - start < 90
+    assert any("no Ray cluster answered within 3 s (--ray-timeout)" in line for line in lines), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert leftovers(tmp_path) == []
+
+
+def test_sigterm_stops_a_ray_connection_and_releases_the_lock(tiny_dir, sentences, tmp_path) -> None:
+    pytest.importorskip("ray.data")
+    out = tmp_path / "out"
+    argv = [*(a for a in M2D if a != "-q"), "encode", str(tiny_dir), "--input", str(sentences), "--exits", "4:32",
+            "--engine", "ray", "--ray-address", "127.0.0.1:1", "--skip-empty", "--output", str(out)]
+    proc = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until it is connecting (model loaded, lock held, handler installed)
+            if "connecting to the Ray cluster" in line:
+                break
+        time.sleep(1.0)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - start < 10
+    assert code == 143
+    assert leftovers(tmp_path) == []
+
+
+def test_quiet_silences_library_bars_and_notices(tiny_dir, tmp_path) -> None:
+    """Issue 35: -q showed transformers' "Writing model shards" bar; faiss's CPU-build notices always showed."""
+    export = subprocess.run([*M2D, "export", str(tiny_dir), "--output", str(tmp_path / "exp")], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    assert export.stderr == ""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("doc_id\ttitle\ttext\nd1\t\ta dog\nd2\t\ta cat\n", encoding="utf-8")
+    loud = [a for a in M2D if a != "-q"]
+    index = subprocess.run([*loud, "index", str(tiny_dir), "--corpus", str(corpus), "--dims", "8,32", "--output",
+                            str(tmp_path / "idx")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert index.returncode == 0, index.stderr
+    assert "faiss.loader" not in index.stderr and "AVX" not in index.stderr
+
+
+def test_a_failed_onnx_export_prints_no_graph(tiny_dir, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    proc = subprocess.run([*M2D, "export", str(tiny_dir), "--format", "onnx", "--opset", "9", "--output",
+                           str(tmp_path / "onnx")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""  # the exporter printed 100 kB of graph here
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not trace architecture 'bert' into ONNX opset 9" in lines[0], proc.stderr
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_quiet_filters_numba_warnings_and_the_training_bar(tiny_dir, train_tsv, tmp_path, capsys) -> None:
+    import warnings
+
+    from matryoshka2d.cli.common import quiet_libraries
+
+    def numba_warning() -> None:  # as numba raises them (ranx compiles its metrics with numba)
+        warnings.warn_explicit("The TBB threading layer requires TBB version 2021 update 6 or later",
+                               UserWarning, "numba/np/ufunc/parallel.py", 1, module="numba.np.ufunc.parallel")
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_libraries(True):
+            numba_warning()
+        assert seen == []
+        with quiet_libraries(False):
+            numba_warning()
+        assert len(seen) == 1
+    args = [a for a in train_args(tiny_dir, train_tsv, tmp_path / "run") if a != "--no-progress-bar"]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "train:" not in err and "it/s" not in err and "step/s" not in err

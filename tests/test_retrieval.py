@@ -261,3 +261,61 @@ def test_minilm_reproduces_mteb_ndcg(shared_data: Path) -> None:
         score = res.score(name, 6, 384, "ndcg@10")
         assert abs(score - mteb) < 0.1, (name, score)
         assert abs(score - ours) < 0.02, (name, score)
+
+
+# ----------------------------------------------------------------------------------------- identical ids (issue 35)
+def write_identical_ids_beir(folder: Path) -> Path:
+    """A BEIR folder where every query is also a document under the same id (as in ArguAna or Quora)."""
+    queries = [("q1", "a dog in the park"), ("q2", "who plays music"), ("q3", "cat on a car")]
+    docs = [*((q, "", t) for q, t in queries), ("d1", "", "the dog runs in the park"),
+            ("d2", "", "a man is playing the guitar"), ("d3", "", "the cat sits on the red car")]
+    return write_beir(folder, docs, queries, [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d3", 1)])
+
+
+def test_ignore_identical_ids_is_on_by_default_and_can_be_switched_off(tiny_model, tmp_path: Path) -> None:
+    data = load_beir(write_identical_ids_beir(tmp_path / "args"))
+    on = evaluate_retrieval(tiny_model, data, layers=[4], dims=[32])
+    off = evaluate_retrieval(tiny_model, data, layers=[4], dims=[32], ignore_identical_ids=False)
+    assert on.metadata["ignore_identical_ids"] is True and off.metadata["ignore_identical_ids"] is False
+    assert on.metadata["timings"]["args"]["identical_ids"] == 3
+    # without the rule each query finds itself first (cosine 1), pushing its relevant document down
+    assert on.score("args", 4, 32) > off.score("args", 4, 32)
+    # off: the relevant document is at best second, so nDCG@10 <= 1 / log2(3) for every query
+    assert (off.per_query["args"][0, 0, 0] <= 100 / np.log2(3) + 1e-3).all()
+
+
+def test_drop_identical_ids_keeps_depth_and_pads() -> None:
+    from matryoshka2d.evaluation.retrieval import drop_identical_ids
+
+    ranking = np.array([[2, 0, 1], [0, 1, 2]])
+    np.testing.assert_array_equal(drop_identical_ids(ranking, np.array([0, -1]), 2), [[2, 1], [0, 1]])
+    np.testing.assert_array_equal(drop_identical_ids(ranking[:, :2], np.array([2, -1]), 2), [[0, -1], [0, 1]])
+
+
+def test_cli_eval_a_beir_folder_mixed_with_named_sets(tiny_dir: Path, beir_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    own = write_identical_ids_beir(tmp_path / "my-set")
+    out = tmp_path / "res.json"
+    args = ["-q", "eval", str(tiny_dir), "--data-dir", str(beir_dir.parent), "--layers", "4", "--dims", "32",
+            "--sets", f"scifact,{own}"]
+    assert main([*args, "--output", str(out)]) == 0
+    result = RetrievalResult.load(out)
+    assert result.sets == ["scifact", "my-set"] and result.metadata["ignore_identical_ids"] is True
+    assert main([*args, "--no-ignore-identical-ids", "--output", str(tmp_path / "off.json")]) == 0
+    off = RetrievalResult.load(tmp_path / "off.json")
+    assert off.metadata["ignore_identical_ids"] is False
+    assert off.score("my-set", 4, 32) < result.score("my-set", 4, 32)
+    assert off.score("scifact", 4, 32) == result.score("scifact", 4, 32)  # no identical ids there
+    capsys.readouterr()
+    assert main(["-q", "eval", str(tiny_dir), "--sets", str(tmp_path / "nowhere")]) == 2
+    assert "unknown set(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("predictions", [{"file": 5, "sets": ["scifact"]}, {"file": "r.preds.npz", "sets": "x"}])
+def test_a_malformed_predictions_entry_is_named(predictions, tiny_model, beir_dir: Path, tmp_path: Path) -> None:
+    path = evaluate_retrieval(tiny_model, load_beir(beir_dir), layers=[4], dims=[32]).save(tmp_path / "r.json")
+    obj = json.loads(path.read_text())
+    obj["predictions"] = predictions
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match="'predictions' must be"):
+        RetrievalResult.load(path)

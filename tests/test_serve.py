@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import re
 import signal
 import threading
@@ -37,7 +38,8 @@ def model(heads_dir: Path) -> MatryoshkaEncoder:
 @pytest.fixture(scope="module")
 def server(heads_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    with running_server(heads_dir, log, "--max-client-batch", str(MAX_CLIENT_BATCH), "--max-queue", str(MAX_QUEUE),
+    with running_server(heads_dir, log, "--served-model-name", NAME, "--max-client-batch", str(MAX_CLIENT_BATCH),
+                        "--max-queue", str(MAX_QUEUE),
                         "--max-body-bytes", str(MAX_BODY), "--batch-wait-ms", "5") as s:
         yield s
 
@@ -95,9 +97,21 @@ def test_quantised_outputs_equal_sentence_transformers(server, precision, dim) -
     np.testing.assert_array_equal(got, expected.astype(np.int64))
     assert got.shape[1] == (dim if precision.endswith("int8") else (dim + 7) // 8)
     b64 = post(server, {**body, "precision": precision, "encoding_format": "base64"}).json()["data"]
-    dtype = np.int8 if precision in ("int8", "binary") else np.uint8
-    np.testing.assert_array_equal(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=dtype)
-                                            for d in b64]), expected)
+    # base64 carries float32 values whatever the precision (what OpenAI's clients decode): the codes as floats
+    np.testing.assert_array_equal(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+                                            for d in b64]), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("precision", ["int8", "ubinary"])
+def test_openai_client_decodes_quantised_output_with_its_default_base64(client, server, precision) -> None:
+    """The openai client asks for base64 by default and decodes it as float32: it must get the codes."""
+    body = {"input": TEXTS, "layer": 3, "precision": precision}
+    codes = np.array([d["embedding"] for d in post(server, body).json()["data"]])
+    response = client.embeddings.create(model=NAME, input=TEXTS, extra_body={"layer": 3, "precision": precision})
+    got = np.array([d.embedding for d in response.data])
+    assert got.shape == codes.shape == (len(TEXTS), 32 if precision == "int8" else 4)
+    np.testing.assert_array_equal(got, codes)
+    assert np.abs(got).max() <= 255 and np.all(got == np.round(got))  # codes, not reinterpreted bytes
 
 
 def test_token_id_inputs_embed_like_their_text(client, model) -> None:
@@ -140,7 +154,7 @@ def _metric(server, name: str) -> float:
 def _error(response: httpx.Response, status: int, *needles: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str)
     for needle in needles:
         assert needle in error["message"], error["message"]
     return error
@@ -189,6 +203,7 @@ def test_models_health_ready_info_metrics(server, client) -> None:
     assert (info["layers"], info["hidden_size"], info["exits"]) == (4, 32, [1, 2, 3, 4])
     assert info["heads"] == {"kind": "linear", "layers": [1, 2, 3]}
     assert info["limits"]["max_client_batch"] == MAX_CLIENT_BATCH and info["dtype"] == "fp32"
+    assert info["document_space"] == {"document_exit": 4, "query_exits": [4], "query_path": None}
     post(server, {"input": "a dog", "layer": 2})
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("m2d_requests_total", "m2d_queue_rows", "m2d_batch_rows", "m2d_batch_tokens", "m2d_queue_seconds",
@@ -226,7 +241,8 @@ def test_a_failing_request_does_not_fail_its_batch(model) -> None:
 
 
 def test_api_key_and_graceful_sigterm(heads_dir: Path, tmp_path: Path) -> None:
-    with running_server(heads_dir, tmp_path / "server.log", "--api-key", "s3cret", "--max-batch-tokens", "256") as s:
+    with running_server(heads_dir, tmp_path / "server.log", "--api-key", "s3cret", "--max-batch-tokens", "256",
+                        "--served-model-name", NAME) as s:
         _error(post(s, {"input": "a dog"}), 401, "API key")
         _error(post(s, {"input": "a dog"}, headers={"Authorization": "Bearer wrong"}), 401)
         _error(httpx.get(f"{s.url}/v1/models"), 401)
@@ -369,8 +385,8 @@ def test_onnx_runner_matches_the_model_at_every_exit_and_reuses_its_exports(mode
 
 def test_server_on_the_onnx_backend(heads_dir: Path, model, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    with running_server(heads_dir, tmp_path / "server.log", "--backend", "onnx", "--onnx-dir",
-                        str(tmp_path / "graphs"), timeout=180) as s:
+    with running_server(heads_dir, tmp_path / "server.log", "--served-model-name", NAME, "--backend", "onnx",
+                        "--onnx-dir", str(tmp_path / "graphs"), timeout=180) as s:
         client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=30)
         for layer, dim in ((1, 8), (3, 32), (4, 5)):
             response = client.embeddings.create(model=NAME, input=TEXTS, dimensions=dim, extra_body={"layer": layer})
@@ -379,7 +395,11 @@ def test_server_on_the_onnx_backend(heads_dir: Path, model, tmp_path: Path) -> N
         info = httpx.get(f"{s.url}/info").json()
         assert info["backend"] == "onnx" and info["exits"] == [1, 2, 3, 4]
         _error(post(s, {"input": "a dog", "layer": 5}), 400, "layer 5 is out of range")
-    assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == ["exit-1", "exit-2", "exit-3", "exit-4"]
+        bad = httpx.post(f"{s.url}/v1/embeddings", content=json.dumps({"input": ["a", "ab\ud800cd"]}), timeout=30,
+                         headers={"content-type": "application/json"})  # a lone surrogate, as a JSON escape
+        assert _error(bad, 400, "input[1]", "lone surrogate")["code"] == "invalid_input"
+    assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == [".m2d-serve", "exit-1", "exit-2", "exit-3",
+                                                                       "exit-4"]
 
 
 def test_onnx_backend_refuses_what_it_cannot_run(heads_dir: Path, capsys: pytest.CaptureFixture) -> None:

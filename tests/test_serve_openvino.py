@@ -130,12 +130,18 @@ def test_exports_are_reused_redone_when_stale_and_foreign_folders_left_alone(mod
     assert (copy / "exit-3" / "openvino_model.xml").stat().st_mtime_ns != stamp  # another model: exported again
     assert (copy / "exit-4" / "openvino_model.xml").read_bytes() == (exports / "exit-4" / "openvino_model.xml"
                                                                      ).read_bytes()  # no head at 4: reused
-    # a folder the server did not write (no mark) is never deleted, even when it does not match
-    (copy / "exit-2" / MARK).unlink()
-    with pytest.raises(ValueError, match="exit-2 exists, does not hold this model's exit 2 as openvino, and was "
-                                         "not written by m2d serve"):
+    assert (copy / MARK).is_file()  # the folder is the server's own
+    # a stale exit holding a file the export did not write is never deleted, even when it does not match
+    (copy / "exit-3" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt, a file m2d serve did not write"):
         OpenVinoRunner.from_model(model, copy, threads=1, precision="f32")
-    assert (copy / "exit-2" / "openvino_model.xml").is_file()
+    assert (copy / "exit-3" / "notes.txt").read_text() == "mine"
+    # nor is a folder the server did not write (no mark)
+    theirs = tmp_path / "theirs"
+    shutil.copytree(exports, theirs, ignore=shutil.ignore_patterns(MARK))
+    with pytest.raises(ValueError, match="holds files m2d serve did not write"):
+        OpenVinoRunner.from_model(other, theirs, threads=1, precision="f32")
+    assert (theirs / "exit-3" / "openvino_model.xml").read_bytes() == graph.read_bytes()
 
 
 def test_server_on_the_openvino_backend_with_the_openai_client(heads_dir, model, exports, tmp_path) -> None:

@@ -15,6 +15,16 @@ POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
 
 ExitHeadKind = Literal["linear"]
 EXIT_HEAD_KINDS: tuple[str, ...] = get_args(ExitHeadKind)
+# what a text is, as the Cohere and Voyage embedding APIs ask: a query may take an exit's own query path
+InputType = Literal["document", "query"]
+INPUT_TYPES: tuple[str, ...] = get_args(InputType)
+# how m2d align gives query exits the full exit's space: heads only, heads + LoRA, or (the fair baseline)
+# a separately fine-tuned copy of the first n layers
+AlignMethod = Literal["head", "lora", "separate"]
+ALIGN_METHODS: tuple[str, ...] = get_args(AlignMethod)
+# the distance of embedding alignment between an exit and its teacher (1 - cos, or MSE of normalised vectors)
+AlignDistance = Literal["cosine", "mse"]
+ALIGN_DISTANCES: tuple[str, ...] = get_args(AlignDistance)
 
 # sentence-transformers' Pooling mode names for each of ours (cls_avg = its CLS and mean, averaged by a Dense)
 ST_POOLING_MODES: dict[str, tuple[str, ...]] = {

@@ -13,7 +13,8 @@ from matryoshka2d._version import __version__
 logger = logging.getLogger(__name__)
 
 # subcommand name -> module under matryoshka2d.cli that defines add_parser(subparsers)
-COMMANDS = ("info", "encode", "eval", "compare", "train", "export", "reproduce", "bench", "index", "search", "serve")
+COMMANDS = ("info", "encode", "eval", "compare", "train", "align", "export", "reproduce", "bench", "index", "search",
+            "serve")
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    from matryoshka2d.cli.common import quiet_libraries
+
     try:
-        return int(args.func(args) or 0)
+        with quiet_libraries(args.quiet):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         print(f"m2d {args.command}: interrupted", file=sys.stderr)
         return int(getattr(e, "exit_code", 130))

@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once)")
     c.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (Ray CPUs) per actor")
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto); default: a local one")
+    c.add_argument("--ray-timeout", type=float, default=60.0,
+                   help="seconds to wait for the cluster at --ray-address before giving up (exit 2)")
     p.set_defaults(func=run)
 
 
@@ -129,7 +131,7 @@ def run_corpus(args: argparse.Namespace) -> int:
     with output_lock(args.output, what="corpus output folder"):  # one writer per folder, resumable after a kill
         result = encode_corpus(job, args.output, engine=args.engine, model=model, workers=args.workers,
                                threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
-                               overwrite=args.overwrite, progress=not args.quiet)
+                               ray_timeout=args.ray_timeout, overwrite=args.overwrite, progress=not args.quiet)
     run = result["run"]
     exits = ",".join(f"{e['layer']}:{e['dim']}" for e in result["exits"])
     rate = run["encoded_rows"] / run["seconds"] if run["seconds"] > 0 else 0.0

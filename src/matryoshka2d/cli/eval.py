@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--sets", default="all",
                    help="comma-separated: sts12,sts13,sts14,sts15,sts16,stsb,sickr, or 'all' (default); "
-                        "retrieval sets scifact,nfcorpus too")
+                        "retrieval sets scifact,nfcorpus too, or a BEIR folder (corpus, queries, qrels/<split>)")
     p.add_argument("--layers", default="all", help="exit layers, e.g. 2,4,6, or 'all' (default)")
     p.add_argument("--dims", default="all", help="dims, e.g. 64,384, or 'all' (8, 16, ... and D; default)")
     p.add_argument("--split", default="test", help="split (train/dev only exist for stsb and sickr)")
@@ -37,18 +37,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_sets(text: str) -> list[str]:
-    """``"stsb,sickr"`` or ``"all"`` -> set names (checked)."""
+    """``"stsb,sickr"``, ``"all"`` or BEIR folder paths -> set names and folders (checked)."""
     from matryoshka2d.data.beir import BEIR_SETS
     from matryoshka2d.data.datasets import STS_SETS
 
     if text.strip().lower() == "all":
         return list(STS_SETS)
-    names = [s.strip().lower() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STS_SETS and s not in BEIR_SETS]
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    names = [s if is_beir_folder(s) else s.lower() for s in items]
+    unknown = [s for s in names if s not in STS_SETS and s not in BEIR_SETS and not is_beir_folder(s)]
     if unknown or not names:
         raise ValueError(f"--sets {text!r}: unknown set(s) {unknown}; choose from {', '.join(STS_SETS)} "
-                         f"or 'all', or the retrieval sets {', '.join(BEIR_SETS)}")
+                         f"or 'all', the retrieval sets {', '.join(BEIR_SETS)}, or a BEIR folder (holding "
+                         "corpus.tsv, queries.tsv and qrels/)")
     return list(dict.fromkeys(names))
+
+
+def is_beir_folder(item: str) -> bool:
+    """Whether ``item`` is a folder path holding a BEIR set (a ``qrels/`` folder)."""
+    from matryoshka2d.data.beir import BEIR_SETS, is_beir_source
+
+    return item.lower() not in BEIR_SETS and Path(item).expanduser().is_dir() and is_beir_source(item)
 
 
 def parse_dims(text: str, hidden_size: int) -> list[int]:
@@ -80,8 +89,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from matryoshka2d.data.beir import BEIR_SETS
 
     names = parse_sets(args.sets)
-    beir = [name for name in names if name in BEIR_SETS]
-    names = [name for name in names if name not in BEIR_SETS]
+    beir = [name for name in names if name in BEIR_SETS or is_beir_folder(name)]
+    names = [name for name in names if name not in beir]
     sets = {name: load_sts(name, args.split, variant=args.variant, data_dir=args.data_dir) for name in names}
     model = load_model(args)
     layers = int_list(args.layers, name="layer", upper=model.num_layers)

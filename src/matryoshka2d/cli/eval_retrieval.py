@@ -11,6 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from matryoshka2d.vocab import INPUT_TYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,6 +21,15 @@ def add_retrieval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric", default=None,
                         help="retrieval sets: also score queries at every layer against documents at every "
                              "layer at these dims (e.g. 64,384): a query-layer x doc-layer matrix")
+    parser.add_argument("--doc-layer", type=int, default=None,
+                        help="retrieval sets: score queries at every --layers exit against ONE index of documents "
+                             "encoded at this layer (search as it is used: one index, every query budget)")
+    parser.add_argument("--input-type", choices=INPUT_TYPES, default="query",
+                        help="with --doc-layer: how queries are encoded; 'query' takes the own path of exits "
+                             "aligned by m2d align (default), 'document' the shared path")
+    parser.add_argument("--ignore-identical-ids", action=argparse.BooleanOptionalAction, default=True,
+                        help="retrieval sets: leave a document whose id equals the query's id out of its ranking "
+                             "(BEIR's and MTEB's default; recorded in the result)")
     parser.add_argument("--retrieval-metric", default="ndcg@10",
                         help="metric of the printed retrieval tables and plots (ndcg@10, recall@100, mrr@10, "
                              "map@100)")
@@ -67,13 +78,25 @@ def run_retrieval(args: argparse.Namespace, names: list[str], model: object, lay
                 stack.enter_context(claim_output(path, overwrite=args.overwrite, flag=flag))
         sets = [load_beir(name, args.split, data_dir=args.data_dir) for name in names]
         start = time.perf_counter()
-        result = evaluate_retrieval(model, sets, layers=layers, dims=dims, asymmetric_dims=asym,
-                                    batch_size=args.batch_size, show_progress_bar=not args.quiet,
-                                    model_name=args.model)
+        if args.doc_layer is not None:
+            if asym:
+                raise ValueError("--asymmetric and --doc-layer are two views of asymmetric search; pass one")
+            from matryoshka2d.evaluation.query_exits import evaluate_query_exits
+
+            result = evaluate_query_exits(model, {s.name: s for s in sets}, layers=layers, dims=dims,
+                                          doc_layer=args.doc_layer, input_type=args.input_type,
+                                          batch_size=args.batch_size, show_progress_bar=not args.quiet,
+                                          model_name=args.model, ignore_identical_ids=args.ignore_identical_ids)
+            print(f"queries at every exit ({args.input_type}) against one index of documents at layer "
+                  f"{result.metadata['doc_layer']}; rows are query layers")
+        else:
+            result = evaluate_retrieval(model, sets, layers=layers, dims=dims, asymmetric_dims=asym,
+                                        batch_size=args.batch_size, show_progress_bar=not args.quiet,
+                                        model_name=args.model, ignore_identical_ids=args.ignore_identical_ids)
         seconds = time.perf_counter() - start
         result.metadata.update(wall_s=round(seconds, 3))
         print(result.to_markdown(metric))
-        held = {k: v["bytes_held"] for k, v in result.metadata["timings"].items()}
+        held = {k: v.get("bytes_held", 0) for k, v in result.metadata["timings"].items()}
         print(f"evaluated {len(layers)} layers x {len(dims)} dims on {len(sets)} retrieval set(s) in {seconds:.1f}s "
               f"(one pass per text; vectors held: " + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in held.items())
               + ")")

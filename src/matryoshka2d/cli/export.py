@@ -55,7 +55,7 @@ def export(args: argparse.Namespace) -> int:
     folder = export_model(
         model, args.output, layer=args.layer, dim=args.dim, format=args.format, overwrite=args.overwrite,
         quantize=args.quantize, opset=args.opset, verify=args.verify, eval_results=args.eval_results,
-        bench_results=args.bench_results, sts=sts,
+        bench_results=args.bench_results, sts=sts, source=args.model,
     )
     meta = json.loads((folder / "matryoshka2d.json").read_text(encoding="utf-8"))
     files = [p for p in folder.rglob("*") if p.is_file()]

@@ -30,6 +30,13 @@ def run(args: argparse.Namespace) -> int:
     if heads:
         print(f"exit heads:     {heads['kind']} on layers {heads['layers']} "
               f"({heads['parameters_per_head']:,} parameters each)")
+    space = info["document_space"]
+    how = {"own": "query exits with their own parameters: encode queries with input_type='query'",
+           "shared": "trained into it", None: "no other exit is known to share it"}[space["query_path"]]
+    print(f"document space: an index built at layer {space['document_exit']} can be searched with queries at layers "
+          f"{space['query_exits']} ({how})")
+    for n, own in (info.get("query_exit_parameters") or {}).items():
+        print(f"  query exit {n}: {own['head']:,} head + {own['lora']:,} adapter parameters of its own")
     print("parameters per exit (layer: params, share of full):")
     for n, count in info["parameters_per_exit"].items():
         print(f"  {n:>3}: {count:>12,}  {count / info['parameters']:6.1%}")

@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+from matryoshka2d.vocab import INPUT_TYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -15,11 +17,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", help="index folder written by m2d index")
     p.add_argument("--queries", required=True,
                    help="queries file (query_id, text: .tsv/.jsonl), or scifact / nfcorpus (the --split queries)")
-    p.add_argument("--model", default=None, help="query encoder (default: the index's model)")
+    p.add_argument("--model", default=None,
+                   help="query encoder (default: the index's model, by the absolute path it recorded)")
+    p.add_argument("--force", action="store_true",
+                   help="search with a --model whose fingerprint or width differs from the index's model, or at a "
+                        "--query-layer that is not aligned to the index's document exit")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="check the index files' sizes only, not their SHA-256 (for huge indexes read often)")
     p.add_argument("--pooling", default=None, help="override pooling (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped in the model folder")
-    p.add_argument("--query-layer", type=int, default=None, help="exit layer of the queries (default: the index's)")
-    p.add_argument("--shortlist-dim", type=int, default=None, help="shortlist dim (default: the index's smallest)")
+    p.add_argument("--query-layer", type=int, default=None,
+                   help="exit layer of the queries (default: the index's); it must be aligned to the index's "
+                        "document exit (m2d info MODEL lists the aligned exits), unless --force")
+    p.add_argument("--input-type", choices=INPUT_TYPES, default="query",
+                   help="how the queries are encoded: 'query' takes the own path of exits aligned by m2d align "
+                        "(default), 'document' the shared path")
+    p.add_argument("--shortlist-dim", type=int, default=None,
+                   help="shortlist dim, one the index stores (default: the index's smallest)")
     p.add_argument("--k", type=int, default=100, help="shortlist size")
     p.add_argument("--rerank-dim", type=int, default=None,
                    help="rerank dim (default: the index's full dim; 0 = no rerank)")
@@ -53,7 +67,9 @@ def search(args: argparse.Namespace) -> int:
     from matryoshka2d.io.outputs import save_or_rescue
     from matryoshka2d.search.cascade import cascade_search, encode_queries, write_run
     from matryoshka2d.search.index import CascadeIndex
-    index = CascadeIndex.load(args.index)
+    from matryoshka2d.search.provenance import check_query_exit, check_query_model, query_model_source
+
+    index = CascadeIndex.load(args.index, verify=args.verify)
     qrels = None
     if args.queries in BEIR_SETS and not Path(args.queries).exists():
         data = load_beir(args.queries, args.split, data_dir=args.data_dir)
@@ -64,15 +80,19 @@ def search(args: argparse.Namespace) -> int:
         qrels = {}
         for _, q, d, g in read_qrels(args.qrels):
             qrels.setdefault(q, {})[d] = g
-    model = MatryoshkaEncoder.from_pretrained(args.model or index.manifest.get("model") or "minilm",
-                                              pooling=args.pooling or index.manifest.get("pooling"),
+    source = query_model_source(index.manifest, args.model)
+    model = MatryoshkaEncoder.from_pretrained(source, pooling=args.pooling or index.manifest.get("pooling"),
                                               trust_remote_code=args.trust_remote_code)
+    check_query_model(index.manifest, model, source, force=args.force)
     layer = index.layer if args.query_layer is None else model.check_layer(args.query_layer)
-    shortlist = args.shortlist_dim or index.dims[0]
+    check_query_exit(model, layer, index.layer, input_type=args.input_type, force=args.force)
+    shortlist = index.check_shortlist(index.dims[0] if args.shortlist_dim is None else args.shortlist_dim)
+    if qrels:
+        warn_unindexed(qrels, index.ids, args.index)
     rerank = index.full_dim if args.rerank_dim is None else args.rerank_dim
     start = time.perf_counter()
     vectors = encode_queries(model, texts, layer, dim=index.full_dim, batch_size=args.batch_size,
-                             show_progress_bar=not args.quiet)
+                             show_progress_bar=not args.quiet, input_type=args.input_type)
     encoded = time.perf_counter()
     scores, rows = cascade_search(index, vectors, shortlist_dim=shortlist, k=args.k, rerank_dim=rerank,
                                   top=args.top, ef_search=args.ef_search, nprobe=args.nprobe)
@@ -92,3 +112,13 @@ def search(args: argparse.Namespace) -> int:
             print(", ".join(f"{m} {v.mean():.2f}" for m, v in values.items()) + f" (x100, {len(judged)} queries)")
     print(f"wrote {args.output}")
     return 0
+
+
+def warn_unindexed(qrels: dict[str, dict[str, int]], doc_ids: list[str], index: str) -> None:
+    """Warn when relevant documents of ``qrels`` are not in the index (they cannot be found, scores drop)."""
+    ids = set(doc_ids)
+    missing = sorted({d for docs in qrels.values() for d, g in docs.items() if g > 0 and d not in ids})
+    if missing:
+        logger.warning("%d relevant document(s) of the qrels are not in the index %s (first: %r); they can never "
+                       "be retrieved, so recall and nDCG are lower than on the full corpus", len(missing), index,
+                       missing[0])

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
-from pathlib import Path
-from typing import Any
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
 
 from matryoshka2d.cli.common import add_model_args, load_model
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from matryoshka2d.encoder.model import MatryoshkaEncoder
+    from matryoshka2d.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "--export-dir; the onnx / openvino extras)")
     p.add_argument("--export-dir", "--onnx-dir", dest="export_dir", default=None,
                    help="onnx / openvino: keep the exported exits here and reuse them on the next start when they "
-                        "still match the model (default: a temporary folder, removed at exit)")
+                        "still match the model; a new or empty folder, or one m2d serve wrote (default: a temporary "
+                        "folder, removed at exit)")
     p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"],
                    help="openvino: auto (default: bf16 where the CPU runs it natively and every exit's recorded "
                         "bf16 checks hold, STS-B within 0.2 of fp32 where the data is found; else f32), f32 or bf16")
@@ -36,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads of the model, per replica (default: the runtime's)")
     p.add_argument("--served-model-name", default=None,
-                   help="the id clients pass as model (default: the MODEL argument's last path part)")
+                   help="the id clients pass as model (default: the model's own name from its metadata, e.g. "
+                        "its source model, else the MODEL argument's last path part)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per batch (default 16384)")
     p.add_argument("--max-batch-requests", type=int, default=256, help="inputs per batch (default 256)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
@@ -52,7 +62,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("M2D_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $M2D_API_KEY, else no key)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for requests in flight (default 30)")
+                   help="seconds SIGTERM waits for requests in flight; those not answered by then get 503 and the "
+                        "process exits (default 30)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's body has to arrive after its headers (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections; beyond it the oldest idle or half-open one is closed (default: what the "
+                        "process's file limit allows)")
     r = p.add_argument_group("replicas on Ray Serve (the ray-serve extra; docs/serving.md)")
     r.add_argument("--replicas", type=int, default=None,
                    help="serve the same app as N Ray Serve replicas, each with its own batcher and --threads")
@@ -64,49 +84,85 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the flags, take the port, load the model, serve; after SIGTERM, end the process (exit 0)."""
     try:
         import uvicorn  # noqa: F401 - checked here, used by serve_app
 
+        from matryoshka2d.serve import http
         from matryoshka2d.serve.app import create_app  # noqa: F401 - the serve extra, checked before any work
     except ImportError as e:
-        raise ImportError(f"m2d serve needs the serve extra ({e}); pip install 'matryoshka2d[serve]'") from None
+        raise ImportError(f"m2d serve needs the serve extra ({e}); pip install -e '.[serve]'") from None
     import torch
 
+    from matryoshka2d.encoder.devices import check_device
     from matryoshka2d.serve.config import ServeConfig
+    from matryoshka2d.serve.exports import claim_folder
     from matryoshka2d.serve.launch import ServeSpec, build_app, check_spec, default_backend, prepare_model
 
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is out of range 0..65535; pass e.g. 8000")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads} must be >= 1; pass e.g. 2")
     backend, why = (default_backend(device=args.device, dtype=args.dtype) if args.backend == "auto"
                     else (args.backend, "asked for (--backend)"))
-    name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
-    config = ServeConfig(model_name=name, max_batch_tokens=args.max_batch_tokens,
+    config = ServeConfig(model_name=args.served_model_name or "model", max_batch_tokens=args.max_batch_tokens,
                          max_batch_requests=args.max_batch_requests, batch_wait_ms=args.batch_wait_ms,
                          max_queue=args.max_queue, max_client_batch=args.max_client_batch,
                          max_body_bytes=args.max_body_bytes, truncate=args.truncate, api_key=args.api_key,
-                         dtype=args.dtype, backend=backend, trim_interval_s=args.trim_interval_s)
+                         dtype=args.dtype, backend=backend, trim_interval_s=args.trim_interval_s,
+                         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                         keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
+                         graceful_timeout_s=args.graceful_timeout)
     spec = ServeSpec(model=str(args.model), config=config, pooling=args.pooling,
                      trust_remote_code=args.trust_remote_code, max_seq_length=args.max_seq_length,
                      device=args.device, threads=args.threads, precision=args.precision,
                      export_dir=args.export_dir, backend_why=why)
     check_spec(spec)
+    check_device(args.device)
     replicas = replica_options(args)
-    logger.info("backend %s (%s)", backend, why)
+    if args.export_dir and backend != "torch":
+        claim_folder(args.export_dir, flag="--export-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args)  # checks the folder and --max-seq-length before anything starts
     if replicas is not None:
         from matryoshka2d.serve.ray_serve import serve_replicas
 
+        http.bind(args.host, args.port).close()  # a busy port fails before the model loads; Ray's proxy takes it
+        logger.info("backend %s (%s)", backend, why)
+        model = load_model(args)  # checks the folder and --max-seq-length before anything starts
+        spec = dataclasses.replace(spec, config=named(config, args, model))
         del model  # each replica loads its own
         serve_replicas(spec, host=args.host, port=args.port, address=args.ray_address,
                        graceful_timeout=args.graceful_timeout, **replicas)
         return 0
     with contextlib.ExitStack() as stack:
-        serve_app(build_app(spec, stack, model=prepare_model(model, spec)), args)
+        sock = stack.enter_context(http.bind(args.host, args.port))  # before the model loads: a busy port fails fast
+        logger.info("backend %s (%s)", backend, why)
+        model = load_model(args)
+        spec = dataclasses.replace(spec, config=named(config, args, model))
+        app = build_app(spec, stack, model=prepare_model(model, spec))
+        terminated = serve_app(app, args, sock, spec.config)
+    if terminated:
+        # SIGTERM stopped the server and every request was answered (200 or 503). End the process now: threads
+        # still tokenising or running a batch for requests already answered 503 must not hold the exit past
+        # --graceful-timeout, nor must the interpreter's final garbage collection.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def named(config: ServeConfig, args: argparse.Namespace, model: MatryoshkaEncoder) -> ServeConfig:
+    """``config`` with the served id: ``--served-model-name``, else the model's own name
+    (:func:`~matryoshka2d.serve.config.default_model_name`)."""
+    from matryoshka2d.serve.config import default_model_name
+
+    if args.served_model_name:
+        return config
+    return dataclasses.replace(config, model_name=default_model_name(model.metadata, str(args.model)))
 
 
 def replica_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -134,18 +190,31 @@ def replica_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"replicas": args.replicas, "autoscale": autoscale}
 
 
-def serve_app(app: object, args: argparse.Namespace) -> None:
-    """Run ``app`` under uvicorn until SIGTERM / Ctrl-C (graceful: requests in flight are finished)."""
-    import uvicorn
+def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, config: ServeConfig) -> bool:
+    """Run ``app`` under uvicorn on ``sock`` until SIGTERM / Ctrl-C (graceful: requests in flight are finished,
+    those not finished within ``--graceful-timeout`` get 503); return whether SIGTERM stopped it."""
+    from matryoshka2d.serve import http
 
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.graceful_timeout,
-                                           access_log=args.log_level == "debug"))
-    # uvicorn handles SIGTERM itself (stop accepting, finish requests in flight, run the lifespan shutdown that
-    # drains the batcher), then re-raises the signal to the handler that was installed before it started. With
-    # this no-op handler the graceful stop ends in exit code 0 instead of death by SIGTERM.
+    state = app.state.server
+    quiet = getattr(args, "quiet", False) and args.log_level == "info"
+    # uvicorn handles SIGTERM itself (stop accepting, finish requests in flight, run the lifespan shutdown),
+    # then re-raises the signal to the handler that was installed before it started. With this no-op handler
+    # the graceful stop ends in exit code 0 instead of death by SIGTERM.
     signal.signal(signal.SIGTERM, _after_graceful_stop)
-    server.run()
+    return http.run(app, sock, header_timeout=config.header_timeout_s, keep_alive=config.keep_alive_s,
+                    max_connections=config.max_connections or http.connection_budget(),
+                    graceful_timeout=config.abort_after_s, log_level="warning" if quiet else args.log_level,
+                    on_signal=state.shut_down, on_response=state.metrics.on_response)
+
+
+def quiet_libraries() -> None:
+    """``-q``: no progress bars (tqdm, Hugging Face) and no known library warnings (numba's deprecations)."""
+    import warnings
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    warnings.filterwarnings("ignore", module=r"numba(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*numba.*")
 
 
 def _after_graceful_stop(signum: int, frame: object) -> None:

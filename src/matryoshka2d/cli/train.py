@@ -77,6 +77,8 @@ def resolve_config(args: argparse.Namespace):  # noqa: ANN201
             raise FileNotFoundError(f"cannot resume: {path} does not exist; is {args.output_dir} a run "
                                     f"folder? Start it without --resume")
     overrides = {key: getattr(args, dest) for dest, key in _FLAGS.items() if getattr(args, dest) is not None}
+    if getattr(args, "quiet", False) and args.progress_bar is None:
+        overrides.setdefault("run.progress_bar", False)  # -q: no bar unless --progress-bar asks for one
     return load_config(path, overrides=overrides, assignments=args.assignments)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from matryoshka2d.corpus.readers import CorpusReader, resolve_inputs
 from matryoshka2d.corpus.shards import Exit, Format, check_format, parse_exits
+from matryoshka2d.io.manifest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,14 @@ class CorpusJob:
     pooling: str | None = None
     trust_remote_code: bool = False
     input_sizes: tuple[int, ...] = field(default=())
+    input_sha256: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (see :meth:`from_dict`)."""
         d = asdict(self)
-        d["inputs"] = [{"path": p, "size": s} for p, s in zip(self.inputs, self.input_sizes, strict=True)]
+        d["inputs"] = self.input_records()
         d.pop("input_sizes")
+        d.pop("input_sha256")
         d["exits"] = [[e.layer, e.dim] for e in self.exits]
         return d
 
@@ -50,8 +53,22 @@ class CorpusJob:
         inputs = d.pop("inputs")
         d["inputs"] = tuple(i["path"] for i in inputs)
         d["input_sizes"] = tuple(int(i["size"]) for i in inputs)
+        d["input_sha256"] = tuple(str(i.get("sha256", "")) for i in inputs)
         d["exits"] = tuple(Exit(int(a), int(b)) for a, b in d["exits"])
         return cls(**d)
+
+    def input_records(self) -> list[dict[str, Any]]:
+        """``[{"path", "size", "sha256"}]``: each input file and its content (what a resume is checked against)."""
+        return [{"path": p, "size": s, "sha256": h}
+                for p, s, h in zip(self.inputs, self.input_sizes, self.input_sha256, strict=True)]
+
+    def changed_inputs(self, recorded: Any) -> list[str]:
+        """The input files whose size or SHA-256 differ from ``recorded`` (an earlier run's ``inputs``)."""
+        if not isinstance(recorded, list):
+            return list(self.inputs)
+        old = {r.get("path"): r for r in recorded if isinstance(r, dict)}
+        return [r["path"] for r in self.input_records() if r["path"] in old and (
+            old[r["path"]].get("size") != r["size"] or old[r["path"]].get("sha256", r["sha256"]) != r["sha256"])]
 
     def reader(self) -> CorpusReader:
         """A reader of this job's inputs."""
@@ -88,4 +105,5 @@ def make_job(model: Any, model_name: str, inputs: Sequence[str], exits: str, *, 
         id_column=id_column, text_column=text_column, skip_empty=skip_empty, shard_size=shard_size,
         batch_size=batch_size, pooling=pooling, trust_remote_code=trust_remote_code,
         input_sizes=tuple(f.stat().st_size for f in files),
+        input_sha256=tuple(file_sha256(f) for f in files),
     )

@@ -69,20 +69,22 @@ def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = Fals
         if not run_file.is_file():
             raise FileExistsError(f"{out} is not empty and holds no {RUN_NAME}, so it is not a corpus output; "
                                   "choose a new or empty --output folder")
+        old = read_run_record(run_file)
         if overwrite:
             if claim:
                 shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
                 for name in (MANIFEST_NAME, RUN_NAME):
                     (out / name).unlink(missing_ok=True)
         else:
-            try:
-                old = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{run_file} is unreadable ({e}); pass --overwrite to start over") from None
             new = _run_record(job)
+            changed = job.changed_inputs(old["job"].get("inputs"))
+            if changed:
+                raise ValueError(f"{out} holds a run over {changed[0]} as it was before it changed (size or SHA-256 "
+                                 f"differ{f'; {len(changed) - 1} more changed' if len(changed) > 1 else ''}), so "
+                                 "its shards would mix old and new texts; pass --overwrite to start over on the "
+                                 "new input, or pick another --output")
             if old != new:
-                keys = sorted(k for k in set(old.get("job", {})) | set(new["job"])
-                              if old.get("job", {}).get(k) != new["job"].get(k))
+                keys = sorted(k for k in set(old["job"]) | set(new["job"]) if old["job"].get(k) != new["job"].get(k))
                 raise ValueError(f"{out} holds the output of a different command (differs in: "
                                  f"{', '.join(keys) or 'format_version'}); rerun the same command to resume it, "
                                  "pick another --output, or pass --overwrite to start over")
@@ -93,13 +95,35 @@ def prepare_output(output: str | Path, job: CorpusJob, *, overwrite: bool = Fals
     return resume
 
 
+def read_run_record(run_file: Path) -> dict[str, Any]:
+    """The ``run.json`` of an earlier corpus encode, after checking that this library wrote it.
+
+    Raises:
+        FileExistsError: unreadable, or not ours (another tool's ``run.json``): its folder is never cleared,
+            not even with ``--overwrite``.
+    """
+    try:
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        old, reason = None, f"unreadable ({' '.join(str(e).split())[:80]})"
+    else:
+        reason = "not the run record of an m2d corpus encode"
+    job = old.get("job") if isinstance(old, dict) else None
+    if isinstance(job, dict) and isinstance(old.get("format_version"), int) and {"model", "inputs",
+                                                                                  "exits"} <= set(job):
+        return old
+    raise FileExistsError(f"{run_file} is {reason}, so {run_file.parent} may be another tool's folder and is left "
+                          "alone (--overwrite does not clear it); choose a new or empty --output folder, or delete "
+                          "it yourself")
+
+
 def _run_record(job: CorpusJob) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "job": job.to_dict()}
 
 
 def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local", model: Any = None,
                   workers: int = 2, threads_per_worker: int = 1, ray_address: str | None = None,
-                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                  ray_timeout: float = 60.0, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Encode ``job``'s corpus into Parquet shards under ``output``; resume what a killed run left.
 
     Args:
@@ -110,6 +134,7 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local
         workers: Ray actors, each loading the model once.
         threads_per_worker: torch threads (and Ray CPUs) per actor.
         ray_address: join this Ray cluster (``auto``, ``ray://host:10001``); ``None`` starts a local one.
+        ray_timeout: seconds to wait for the cluster at ``ray_address``.
         overwrite: replace an earlier corpus output in ``output``.
         progress: show a progress bar.
 
@@ -141,7 +166,8 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local
         else:
             from matryoshka2d.corpus.ray_engine import run_ray
 
-            run_ray(job, out, todo, workers=workers, threads_per_worker=threads_per_worker, address=ray_address)
+            run_ray(job, out, todo, workers=workers, threads_per_worker=threads_per_worker, address=ray_address,
+                    timeout=ray_timeout, progress=progress)
     manifest = build_manifest(job, out, specs, skipped_empty=stats.skipped_empty)
     atomic_write_json(out / MANIFEST_NAME, manifest)
     seconds = time.perf_counter() - start
@@ -185,7 +211,7 @@ def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, 
         "normalize": job.normalize,
         "id_column": job.id_column or "(line numbers)",
         "text_column": job.text_column or "(text, else the first column)",
-        "inputs": [{"path": p, "size": s} for p, s in zip(job.inputs, job.input_sizes, strict=True)],
+        "inputs": job.input_records(),
         "rows": sum(s.rows for s in specs),
         "skipped_empty": skipped_empty,
         "num_shards": len(specs),

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,12 +59,63 @@ class ShardEncoder:
         return {"shard": np.asarray(indices, dtype=np.int64), "rows": np.asarray(rows, dtype=np.int64)}
 
 
+def connect(ray: Any, address: str, timeout: float) -> None:
+    """``ray.init(address=...)`` that gives up after ``timeout`` seconds and yields to SIGTERM / Ctrl-C.
+
+    Ray retries an address without a cluster forever, inside C++ code where Python's signal handlers never
+    run; so the call runs in a daemon thread while this (main) thread waits, turning SIGTERM into an
+    interrupt (exit 143) that unwinds the caller's locks.
+
+    Raises:
+        ValueError: no cluster answered in time (or Ray refused the address).
+        KeyboardInterrupt: SIGTERM or Ctrl-C while waiting.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"--ray-timeout {timeout!r} must be a positive number of seconds; pass e.g. 60")
+    outcome: dict[str, BaseException | None] = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        interrupt = KeyboardInterrupt(f"signal {signum}")
+        interrupt.exit_code = 128 + signum  # type: ignore[attr-defined]
+        raise interrupt
+
+    logger.info("connecting to the Ray cluster at %s (up to %g s, --ray-timeout)", address, timeout)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    if "error" not in outcome:
+        raise ValueError(f"--ray-address {address}: no Ray cluster answered within {timeout:g} s (--ray-timeout); "
+                         "check the address (`ray status` on the head node), or drop --ray-address to start a "
+                         "local cluster")
+    error = outcome["error"]
+    if error is not None:
+        raise ValueError(f"--ray-address {address}: Ray could not connect ({' '.join(str(error).split())[:200]}); "
+                         "check the address, or drop --ray-address to start a local cluster") from error
+
+
 def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers: int = 2,
-            threads_per_worker: int = 1, address: str | None = None) -> None:
+            threads_per_worker: int = 1, address: str | None = None, timeout: float = 60.0,
+            progress: bool = True) -> None:
     """Encode ``specs`` on Ray: a local cluster by default (``ray.init()``), or the one at ``address``.
 
     Raises:
         ImportError: Ray Data is not installed.
+        ValueError: no cluster at ``address`` within ``timeout`` seconds.
         RuntimeError: a shard did not come back.
     """
     try:
@@ -75,8 +129,9 @@ def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers
             ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads_per_worker), include_dashboard=False,
                      logging_level=logging.WARNING)
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            connect(ray, address, timeout)
     try:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
         items = [{"spec": json.dumps(s.to_dict())} for s in specs]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         kwargs = {"job": job.to_dict(), "output": str(Path(output).resolve()), "threads": threads_per_worker}

@@ -98,19 +98,18 @@ def embed_exits(model: MultiExitModel, texts: Sequence[str], exits: Sequence[Exi
 
     The texts go to :func:`embed_layers` in the chunks its tokenizer loop uses, so the batches (and the
     vectors) are the ones ``model.encode(texts, layer=L, dim=D)`` gives; ``progress(n)`` is called after
-    each chunk of ``n`` texts.
+    each batch of ``n`` texts (so a bar moves every few seconds, not once per chunk).
     """
     layers = sorted({e.layer for e in exits})
     chunk = batch_size * max(1, TOKENIZE_CHUNK // batch_size)
     out = {e: np.empty((len(texts), e.dim), dtype=np.float32) for e in exits}
     for first in range(0, len(texts), chunk):
         part = list(texts[first : first + chunk])
-        full = embed_layers(model, part, layers, normalize=False, batch_size=batch_size, show_progress_bar=False)
+        full = embed_layers(model, part, layers, normalize=False, batch_size=batch_size, show_progress_bar=False,
+                            progress=progress)
         for e in exits:
             emb = torch.from_numpy(full[e.layer])[:, : e.dim]
             out[e][first : first + len(part)] = (F.normalize(emb, dim=-1) if normalize else emb).numpy()
-        if progress is not None:
-            progress(len(part))
     return out
 
 

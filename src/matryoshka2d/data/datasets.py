@@ -47,7 +47,9 @@ KIND_COLUMNS: dict[str, tuple[str, ...]] = {
     "triplets": ("anchor", "positive", "negative"),
 }
 SCORE_NAMES = ("score", "scores", "label", "labels", "similarity", "relatedness", "relatedness_score", "gold")
-_SOURCE_ROOT = Path(__file__).resolve().parents[2]  # <repo>/src/matryoshka2d/data.py -> <repo>
+# <repo>/src/matryoshka2d/data/datasets.py -> <repo> (a checkout; for an installed package a folder that
+# holds no data, which resolve_data_dir skips)
+_SOURCE_ROOT = Path(__file__).resolve().parents[3]
 
 
 # ----------------------------------------------------------------------------------- containers

@@ -126,6 +126,12 @@ def parse_text(path: Path, line: int, column: str, value: object) -> str:
         raise ValueError(f"{path}:{line}: column {column!r} must be text, got {value!r}")
     if not value.strip():
         raise ValueError(f"{path}:{line}: empty {column!r} field; every sentence must be non-empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a JSON "\ud800" escape: the tokenizer would fail with a TypeError
+            raise ValueError(f"{path}:{line}: column {column!r} holds {value[e.start]!r} at position {e.start}, a "
+                             "lone surrogate that is not valid Unicode; fix that line of the file") from None
     return value
 
 

@@ -7,7 +7,7 @@ and the grid evaluator run; the batches come from :class:`~matryoshka2d.encoder.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,14 +41,15 @@ class MultiExitModel(Protocol):
 
     def train(self, mode: bool = True) -> Any: ...
 
-    def __call__(self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None
-                 ) -> dict[int, torch.Tensor]: ...
+    def __call__(self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None,
+                 input_type: str = "document") -> dict[int, torch.Tensor]: ...
 
 
 @torch.inference_mode()
 def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[int], *, dim: int | None = None,
                  normalize: bool = False, batch_size: int = 64, show_progress_bar: bool | None = None,
-                 desc: str = "encode") -> dict[int, np.ndarray]:
+                 desc: str = "encode", progress: Callable[[int], None] | None = None,
+                 input_type: str = "document") -> dict[int, np.ndarray]:
     """Pooled embeddings of ``texts`` at every layer in ``layers``, each batch from ONE backbone pass.
 
     The pass stops after the deepest requested layer. Rows come back in input order.
@@ -62,6 +63,8 @@ def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[i
         batch_size: texts per forward pass.
         show_progress_bar: ``None`` shows one for more than 10 batches when logging is at INFO.
         desc: the progress bar's label.
+        progress: called with the number of texts after every batch (a caller's own bar).
+        input_type: ``"query"`` takes the query path of exits that have one (see ``MatryoshkaEncoder.forward``).
 
     Returns:
         ``{layer: float32 array (len(texts), dim or D)}``.
@@ -82,10 +85,13 @@ def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[i
         with tqdm(total=len(items), unit="text", desc=desc, disable=not show_progress_bar) as bar:
             for rows, arrays in batches:
                 features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-                for n, emb in model(features, layers=wanted).items():
+                kwargs = {"input_type": input_type} if input_type != "document" else {}
+                for n, emb in model(features, layers=wanted, **kwargs).items():
                     emb = emb[:, :width]
                     out[n][rows] = (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
                 bar.update(len(rows))
+                if progress is not None:
+                    progress(len(rows))
     finally:
         model.train(was_training)
     if batches.num_truncated:

@@ -19,13 +19,14 @@ from torch import nn
 from matryoshka2d.encoder import architectures, heads
 from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.encoder.pooling import check_pooling, pool
+from matryoshka2d.encoder.query_path import QueryPath
 from matryoshka2d.encoder.tokenization import FEATURE_KEYS, check_texts, default_max_length
 from matryoshka2d.io.folder import ExitHeadsState, read_model_folder, write_model_folder
-from matryoshka2d.vocab import ExitHeadKind, PoolingMode
+from matryoshka2d.vocab import INPUT_TYPES, ExitHeadKind, InputType, PoolingMode, check_choice
 
 logger = logging.getLogger(__name__)
 
-_OWN_KEYS = ("default_layer", "default_dim", "exit_heads")  # saved from the model, not from its metadata
+_OWN_KEYS = ("default_layer", "default_dim", "exit_heads", "query_exits")  # saved from the model, not its metadata
 
 
 def matryoshka_dims(hidden_size: int) -> list[int]:
@@ -72,6 +73,7 @@ class MatryoshkaEncoder(nn.Module):
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.exit_heads = nn.ModuleDict()  # {str(layer): head}, applied to the pooled vector of that exit
         self.exit_head_kind: ExitHeadKind | None = None
+        self.query_path: QueryPath | None = None  # query exits with parameters of their own (m2d align)
         self.train(backbone.training)  # a loaded model starts in eval mode, like its backbone
 
     # ----------------------------------------------------------------------------------- properties
@@ -148,26 +150,47 @@ class MatryoshkaEncoder(nn.Module):
         return features
 
     def forward(
-        self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None
+        self, features: dict[str, torch.Tensor], layers: Sequence[int] | None = None,
+        input_type: InputType = "document",
     ) -> dict[int, torch.Tensor]:
         """Pooled (not normalised) embeddings of every requested layer from ONE backbone pass.
 
-        The pass stops after the deepest requested layer: later blocks never run.
+        The pass stops after the deepest requested layer: later blocks never run. Queries
+        (``input_type="query"``) at an exit with its own query path (:attr:`query_path`) take that path: one
+        more pass for the exits with adapters, each with its own weights; the rest share the one pass.
 
         Args:
             features: tokenizer output (``input_ids``, ``attention_mask``, optional ``token_type_ids``).
             layers: exits to return; ``None`` means the last layer only.
+            input_type: ``"document"`` (the shared path, the default) or ``"query"``.
 
         Returns:
             ``{layer: (batch, D) float32 tensor}``; an exit with a head returns the head's output.
         """
         wanted = sorted({self.check_layer(n) for n in layers}) if layers else [self.num_layers]
+        if input_type != "document":
+            check_choice("input_type", input_type, INPUT_TYPES)
+        path = self.query_path if input_type == "query" else None
+        own = [n for n in wanted if path is not None and n in path.layers]
+        shared = [n for n in wanted if n not in own]
+        pooled = self._exits(features, shared) if shared else {}
+        for group in path.groups(own) if path is not None else ():
+            merged = path.exits[str(group[-1])].merged_weights(self.backbone) if path.rank else None
+            for n, vec in self._exits(features, group, merged).items():
+                pooled[n] = heads.apply_head(path.exits[str(n)].head, vec)
+        return {n: pooled[n] for n in wanted}
+
+    def _exits(self, features: dict[str, torch.Tensor], wanted: list[int],
+               weights: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """The exits ``wanted`` (ascending) from one pass, with ``weights`` replacing backbone weights by name."""
         deepest = wanted[-1]
         inputs = {k: v for k, v in features.items() if k in FEATURE_KEYS}
         mask = inputs["attention_mask"]
         need_all = len(wanted) > 1
+        kwargs = {**inputs, "output_hidden_states": need_all, "return_dict": True}
         with architectures.running_blocks(self.backbone, deepest):
-            out = self.backbone(**inputs, output_hidden_states=need_all, return_dict=True)
+            out = (torch.func.functional_call(self.backbone, weights, (), kwargs) if weights
+                   else self.backbone(**kwargs))
         states = out.hidden_states if need_all else {deepest: out.last_hidden_state}
         # pool in float32 whatever the backbone dtype (a bf16 model keeps fp32 pooling and normalisation)
         pooled = {n: pool(states[n].float(), mask, self.pooling) for n in wanted}
@@ -186,6 +209,7 @@ class MatryoshkaEncoder(nn.Module):
         normalize: bool = True,
         show_progress_bar: bool | None = None,
         device: str | torch.device | None = None,
+        input_type: InputType = "document",
     ) -> np.ndarray:
         """Embed ``texts`` at exit ``(layer, dim)``.
 
@@ -200,6 +224,8 @@ class MatryoshkaEncoder(nn.Module):
             normalize: L2-normalise each embedding after truncation.
             show_progress_bar: ``None`` shows one for more than 10 batches.
             device: move the model there first.
+            input_type: ``"query"`` takes the exit's own query path where it has one (see
+                :attr:`document_space`); ``"document"`` (the default) the shared path.
 
         Returns:
             float32 array of shape ``(len(texts), dim)``.
@@ -213,7 +239,8 @@ class MatryoshkaEncoder(nn.Module):
         if device is not None:
             self.to(device)
         out = embed_layers(self, items, (layer,), dim=dim, normalize=normalize, batch_size=batch_size,
-                           show_progress_bar=show_progress_bar, desc=f"encode L{layer} d{dim}")[layer]
+                           show_progress_bar=show_progress_bar, desc=f"encode L{layer} d{dim}",
+                           input_type=input_type)[layer]
         return out[0] if single else out
 
     # ----------------------------------------------------------------------------------- structure
@@ -240,7 +267,97 @@ class MatryoshkaEncoder(nn.Module):
             out.exit_heads.update(kept)
             out.exit_head_kind = self.exit_head_kind
             out.train(self.training)
+        if self.query_path is not None and self.query_path.document_exit <= n:
+            out.query_path = copy.deepcopy(self.query_path)
+            out.train(self.training)
         return out
+
+    def add_query_path(self, layers: Sequence[int], *, rank: int = 0, alpha: float | None = None,
+                       document_exit: int | None = None) -> QueryPath:
+        """Give the query exits ``layers`` parameters of their own (see :mod:`matryoshka2d.encoder.query_path`).
+
+        The new path starts as the identity (head = I, LoRA delta = 0), so queries embed as before until it is
+        trained; the shared path and the document exit never change.
+
+        Args:
+            layers: query exits, each below ``document_exit``.
+            rank: LoRA rank on blocks ``1..n`` of each exit (0: heads only).
+            alpha: LoRA scale numerator (default: ``rank``).
+            document_exit: the exit the index is built at (default: N).
+
+        Raises:
+            ValueError: a layer out of range or not below the document exit, a bad rank, or a path already present.
+        """
+        doc = self.check_layer(document_exit if document_exit is not None else self.num_layers)
+        if self.query_path is not None:
+            raise ValueError(f"this model already has query exits {self.query_path.layers}; align the original "
+                             "model again instead of aligning an aligned one")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+            raise ValueError(f"layers must be a non-empty list of query exits, got {layers!r}; pass e.g. [1, 2, 3]")
+        chosen = sorted({self.check_layer(m) for m in layers})
+        if chosen[-1] >= doc:
+            raise ValueError(f"query exits {chosen} must lie below the document exit {doc}; pass exits in "
+                             f"1..{doc - 1}")
+        path = QueryPath(self.backbone, chosen, document_exit=doc, hidden_size=self.hidden_size, rank=rank,
+                         alpha=alpha).to(self.device)
+        path.train(self.training)
+        self.query_path = path
+        return path
+
+    def query_encoder(self, layer: int) -> MatryoshkaEncoder:
+        """A physically ``layer``-deep standalone copy whose last exit equals ``encode(..., layer=layer,
+        input_type="query")``: the exit's adapters merged into the weights and its query head (composed with the
+        exit head, if any) as the exit head of the last layer. What a query costs at that exit, and what export
+        writes for it.
+
+        Raises:
+            ValueError: the exit has no query path of its own.
+        """
+        n = self.check_layer(layer)
+        path = self.query_path
+        if path is None or n not in path.layers:
+            own = path.layers if path is not None else []
+            raise ValueError(f"layer {n} has no query path of its own (query exits: {own or 'none'}); its queries "
+                             f"take the shared path, so use truncate({n})")
+        own = path.exits[str(n)]
+        out = self.truncate(n)
+        out.query_path = None
+        with torch.no_grad():
+            merged = own.merged_weights(self.backbone)
+            params = dict(out.backbone.named_parameters())
+            for name, value in merged.items():
+                params[name].copy_(value)
+            weight, bias = own.head.weight.float(), own.head.bias.float()
+            if str(n) in self.exit_heads:  # query head after exit head: one linear map
+                inner = self.exit_heads[str(n)]
+                weight, bias = weight @ inner.weight.float(), weight @ inner.bias.float() + bias
+            if str(n) not in out.exit_heads:
+                out.add_exit_heads(self.exit_head_kind or "linear", layers=[n])
+            out.exit_heads[str(n)].weight.copy_(weight)
+            out.exit_heads[str(n)].bias.copy_(bias)
+        out.metadata["query_encoder_of"] = {"layer": n, "document_exit": path.document_exit}
+        out.metadata.pop("document_space", None)
+        return out
+
+    @property
+    def document_space(self) -> dict[str, Any]:
+        """Which exits share the document exit's space (what an index built at that exit can be searched with).
+
+        ``{"document_exit": n, "query_exits": [...], "query_path": "own" | "shared" | None}``: ``"own"`` when the
+        query exits have parameters of their own (queries must be encoded with ``input_type="query"``),
+        ``"shared"`` when training put the shared exits there (``document_space`` in the metadata), ``None``
+        when only the document exit itself is known to share it. ``query_exits`` always holds the document exit.
+        """
+        if self.query_path is not None:
+            doc = self.query_path.document_exit
+            return {"document_exit": doc, "query_exits": [*self.query_path.layers, doc], "query_path": "own"}
+        recorded = self.metadata.get("document_space")
+        if isinstance(recorded, dict) and isinstance(recorded.get("document_exit"), int) \
+                and isinstance(recorded.get("query_exits"), list):
+            doc = int(recorded["document_exit"])
+            exits = sorted({int(m) for m in recorded["query_exits"] if isinstance(m, int)} | {doc})
+            return {"document_exit": doc, "query_exits": exits, "query_path": "shared"}
+        return {"document_exit": self.num_layers, "query_exits": [self.num_layers], "query_path": None}
 
     def add_exit_heads(self, kind: ExitHeadKind = "linear", layers: Sequence[int] | None = None) -> list[int]:
         """Give exits a head (see :mod:`matryoshka2d.encoder.heads`); new heads start as the identity.
@@ -309,6 +426,11 @@ class MatryoshkaEncoder(nn.Module):
         if folder.heads is not None:
             model.add_exit_heads(folder.heads.kind, layers=folder.heads.layers)  # type: ignore[arg-type]
             model.exit_heads.load_state_dict(folder.heads.tensors)
+        if folder.query_exits is not None:
+            entry, tensors = folder.query_exits
+            path = model.add_query_path(entry["layers"], rank=entry["rank"], alpha=entry.get("alpha"),
+                                        document_exit=entry["document_exit"])
+            path.load_tensors(tensors, where=str(name_or_path))
         return model.to(device) if device is not None else model
 
     load = from_pretrained
@@ -330,8 +452,9 @@ class MatryoshkaEncoder(nn.Module):
             **({"exit_heads": heads.entry()} if heads else {}),
             **{k: v for k, v in self.metadata.items() if k not in _OWN_KEYS},
         }
+        query = None if self.query_path is None else (self.query_path.entry(), self.query_path.state_tensors())
         return write_model_folder(path, backbone=self.backbone, tokenizer=self.tokenizer, config=config,
-                                  heads=heads, overwrite=overwrite)
+                                  heads=heads, overwrite=overwrite, query_exits=query)
 
     def exit_heads_state(self) -> ExitHeadsState | None:
         """The exit heads as a folder stores them (CPU tensors); ``None`` without heads."""
@@ -365,5 +488,7 @@ class MatryoshkaEncoder(nn.Module):
             "parameters_per_exit": {n: rest + sum(block_params[:n]) + head_params.get(n, 0)
                                     for n in range(1, len(blocks) + 1)},
             "exit_heads": exit_heads,
+            "document_space": self.document_space,
+            "query_exit_parameters": None if self.query_path is None else self.query_path.num_parameters(),
             "metadata": self.metadata,
         }

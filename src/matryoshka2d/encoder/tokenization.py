@@ -166,30 +166,51 @@ class TokenBatches:
                 yield first + rows, tokens.collate(rows)
 
 
-def check_texts(texts: Sequence[str]) -> list[str]:
+class TextError(ValueError):
+    """A text that cannot be encoded; ``index`` is its position in the list."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def check_texts(texts: Sequence[str], *, name: str = "texts", blank: bool = True) -> list[str]:
     """Return ``texts`` as a list if it is a non-empty sequence of valid Unicode strings.
 
+    Args:
+        texts: the texts.
+        name: what the messages call the list (e.g. ``input`` for the server).
+        blank: accept empty and whitespace-only texts and NUL characters; ``False`` refuses them as
+            ``m2d encode``'s readers do (a blank or NUL-only text embeds as the special tokens alone).
+
     Raises:
-        ValueError: not a sequence, empty, a non-string item, or a lone surrogate (naming the item).
+        ValueError: not a sequence, or empty.
+        TextError: a non-string item, a lone surrogate, or (``blank=False``) a blank text or a NUL
+            character, naming the item.
     """
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
-        raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}; pass e.g. ['a sentence']")
+        raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}; pass e.g. ['a sentence']")
     if len(texts) == 0:
-        raise ValueError("texts is empty: encode needs at least one string")
+        raise ValueError(f"{name} is empty: encode needs at least one string")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(
-                f"texts[{i}] is {type(t).__name__} ({t!r:.40}), not str; convert every item to str first"
-            )
+            raise TextError(f"{name}[{i}] is {type(t).__name__} ({t!r:.40}), not str; convert every item to str "
+                            "first", i)
         if not t.isascii():
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError as e:  # the tokenizer would fail with an unrelated TypeError
-                raise ValueError(
-                    f"texts[{i}] holds {t[e.start]!r} at position {e.start}, a lone surrogate that is not "
+                raise TextError(
+                    f"{name}[{i}] holds {t[e.start]!r} at position {e.start}, a lone surrogate that is not "
                     "valid Unicode (text decoded with errors='surrogateescape'?); clean it first, e.g. "
-                    "text.encode('utf-8', 'replace').decode('utf-8')"
-                ) from None
+                    "text.encode('utf-8', 'replace').decode('utf-8')", i) from None
+        if not blank:
+            if "\x00" in t:
+                raise TextError(f"{name}[{i}] holds a NUL character at position {t.index(chr(0))}; send text "
+                                "without control characters", i)
+            if not t.strip():
+                raise TextError(f"{name}[{i}] is {'empty' if not t else 'only whitespace'}; send text with at "
+                                "least one visible character", i)
     return list(texts)
 
 

@@ -196,12 +196,10 @@ class GridResult:
         path = Path(path)
         obj = self.to_dict()
         if self.predictions:
-            sidecar = predictions_path(path)
             arrays: dict[str, np.ndarray] = {"layers": np.asarray(self.layers), "dims": np.asarray(self.dims)}
             for i, name in enumerate(self.sets):
                 arrays[f"pred_{i}"], arrays[f"gold_{i}"] = self.predictions[name], self.gold[name]
-            _atomic_savez(sidecar, arrays)
-            obj["predictions"] = {"file": sidecar.name, "sets": self.sets}
+            obj["predictions"] = write_sidecar(path, arrays, self.sets)
         atomic_write_json(path, obj)
         return path
 
@@ -238,53 +236,100 @@ class GridResult:
                              "eval --output")
         result = cls(str(obj["model"]), records, metadata=obj.get("metadata") or {})
         if info:
-            sidecar = path.with_name(info["file"])
-            if sidecar.is_file():
-                read_predictions(sidecar, path, result, list(info.get("sets") or []))
-            else:
-                logger.warning("%s: predictions file %s is missing; bootstrap comparisons need it",
-                               path, sidecar)
+            arrays = read_sidecar(path, info)
+            if arrays is not None:
+                read_predictions(arrays, path.with_name(info["file"]), path, result, list(info.get("sets") or []))
         return result
 
 
-def read_predictions(sidecar: Path, path: Path, result: GridResult, sets: list[str]) -> None:
-    """Fill ``result.predictions`` / ``result.gold`` from ``sidecar``, checking every array and shape.
+def read_predictions(z: dict[str, np.ndarray], sidecar: Path, path: Path, result: GridResult,
+                     sets: list[str]) -> None:
+    """Fill ``result.predictions`` / ``result.gold`` from the arrays ``z`` of ``sidecar``, checking each shape.
 
     Raises:
-        ValueError: a damaged or truncated archive, a missing array, or arrays whose shapes do not match
-            the result in ``path`` (layers x dims x pairs per set); the message names the file and array.
+        ValueError: a missing array, or arrays whose shapes do not match the result in ``path`` (layers x
+            dims x pairs per set); the message names the file and array.
+    """
+    fix = f"rewrite both with m2d eval --output {path} --overwrite"
+    names = set(z)
+    needed = ["layers", "dims", *(f"{kind}_{i}" for i in range(len(sets)) for kind in ("pred", "gold"))]
+    missing = [k for k in needed if k not in names]
+    if missing:
+        raise ValueError(f"{sidecar}: arrays {missing} are missing (it holds {sorted(names)}); {fix}")
+    if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
+        raise ValueError(f"{sidecar}: layers/dims {z['layers'].tolist()}/{z['dims'].tolist()} do not match "
+                         f"{path} ({result.layers}/{result.dims}); {fix}")
+    for i, name in enumerate(sets):
+        if name not in result.sets:
+            raise ValueError(f"{sidecar}: set {name!r} is not in {path} ({result.sets}); {fix}")
+        pred, gold = z[f"pred_{i}"], z[f"gold_{i}"]
+        n = result.n_pairs(name)
+        expected = (len(result.layers), len(result.dims), n)
+        if pred.shape != expected or gold.shape != (n,):
+            raise ValueError(f"{sidecar}: pred_{i} / gold_{i} ({name}) have shapes {pred.shape} / "
+                             f"{gold.shape}, expected {expected} / ({n},); {fix}")
+        if not (np.issubdtype(pred.dtype, np.floating) and np.issubdtype(gold.dtype, np.number)):
+            raise ValueError(f"{sidecar}: pred_{i} / gold_{i} ({name}) are {pred.dtype} / {gold.dtype}, "
+                             f"not numbers; {fix}")
+        result.predictions[name], result.gold[name] = pred, gold
+
+
+def write_sidecar(path: Path, arrays: dict[str, np.ndarray], sets: list[str]) -> dict[str, Any]:
+    """Write the per-unit arrays of the result ``path`` to ``<stem>.preds.npz`` beside it, atomically.
+
+    Returns:
+        The result JSON's ``predictions`` entry: ``{"file", "sets", "sha256"}`` (the sidecar's digest, which
+        :func:`read_sidecar` checks, so a result never reads another run's sidecar).
+    """
+    from matryoshka2d.io.atomic import atomic_open
+    from matryoshka2d.io.manifest import file_sha256
+
+    sidecar = predictions_path(path)
+    with atomic_open(sidecar, "wb") as f:
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+    return {"file": sidecar.name, "sets": list(sets), "sha256": file_sha256(sidecar)}
+
+
+def read_sidecar(path: Path, info: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The arrays of the sidecar that the result ``path``'s ``predictions`` entry ``info`` names.
+
+    Its SHA-256 must be the one ``info`` records (results written before digests have none: not checked)
+    and every float array finite.
+
+    Returns:
+        ``{name: array}``, or ``None`` (logged) when the file is missing.
+
+    Raises:
+        ValueError: a malformed ``info``, another file than the one written with the result, NaN or infinite
+            values, or a damaged or truncated archive.
     """
     import zipfile
 
+    from matryoshka2d.io.manifest import file_sha256
+
     fix = f"rewrite both with m2d eval --output {path} --overwrite"
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not isinstance(info.get("sets"), list):
+        raise ValueError(f"{path}: 'predictions' must be {{'file': NAME, 'sets': [...], 'sha256': ...}}; {fix}")
+    sidecar = path.with_name(info["file"])
+    if not sidecar.is_file():
+        logger.warning("%s: per-unit file %s is missing; bootstrap comparisons need it", path, sidecar)
+        return None
+    expected = info.get("sha256")
+    if expected is not None and file_sha256(sidecar) != expected:
+        raise ValueError(f"{sidecar} is not the sidecar written with {path} (its SHA-256 differs from the one the "
+                         f"result records: another run's file, or altered); {fix}")
     try:
         with np.load(sidecar) as z:
-            names = set(z.files)
-            needed = ["layers", "dims", *(f"{kind}_{i}" for i in range(len(sets)) for kind in ("pred", "gold"))]
-            missing = [k for k in needed if k not in names]
-            if missing:
-                raise ValueError(f"{sidecar}: arrays {missing} are missing (it holds {sorted(names)}); {fix}")
-            if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
-                raise ValueError(f"{sidecar}: layers/dims {z['layers'].tolist()}/{z['dims'].tolist()} do not match "
-                                 f"{path} ({result.layers}/{result.dims}); {fix}")
-            for i, name in enumerate(sets):
-                if name not in result.sets:
-                    raise ValueError(f"{sidecar}: set {name!r} is not in {path} ({result.sets}); {fix}")
-                pred, gold = z[f"pred_{i}"], z[f"gold_{i}"]
-                n = result.n_pairs(name)
-                expected = (len(result.layers), len(result.dims), n)
-                if pred.shape != expected or gold.shape != (n,):
-                    raise ValueError(f"{sidecar}: pred_{i} / gold_{i} ({name}) have shapes {pred.shape} / "
-                                     f"{gold.shape}, expected {expected} / ({n},); {fix}")
-                if not (np.issubdtype(pred.dtype, np.floating) and np.issubdtype(gold.dtype, np.number)):
-                    raise ValueError(f"{sidecar}: pred_{i} / gold_{i} ({name}) are {pred.dtype} / {gold.dtype}, "
-                                     f"not numbers; {fix}")
-                result.predictions[name], result.gold[name] = pred, gold
+            arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(str(sidecar)):
-            raise  # ours, already naming the file
         raise ValueError(f"{sidecar} is damaged or truncated ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
                          f"; {fix}") from None
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise ValueError(f"{sidecar}: array {name} holds {bad} NaN or infinite value(s), so no comparison or "
+                             f"interval from it means anything; {fix}")
+    return arrays
 
 
 def predictions_path(path: str | os.PathLike[str]) -> Path:
@@ -295,13 +340,6 @@ def predictions_path(path: str | os.PathLike[str]) -> Path:
 
 def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from matryoshka2d.io.atomic import atomic_open
-
-    with atomic_open(path, "wb") as f:
-        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
 
 def _as_sets(sets: Mapping[str, ScoredPairs] | Sequence[ScoredPairs] | ScoredPairs) -> dict[str, ScoredPairs]:

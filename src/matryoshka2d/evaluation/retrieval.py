@@ -7,7 +7,9 @@ searching the full corpus exactly (blockwise matrix products, ties broken by cor
 (nDCG@10, the headline, Recall@100, MRR@10, MAP@100; x100) come from ``ranx`` (trec_eval definitions:
 nDCG uses the grade as the gain), per query, so results can be compared by a paired bootstrap over
 queries. With ``asymmetric_dims`` the same vectors also give a query-layer x doc-layer matrix: queries at
-one exit scored against documents encoded at another.
+one exit scored against documents encoded at another. As in BEIR and MTEB (``ignore_identical_ids``), a
+document whose id equals the query's id is left out of that query's ranking by default (some sets, e.g.
+ArguAna and Quora, hold each query in the corpus too); the result's metadata says whether it was.
 
 Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for ``ranx``.
 """
@@ -28,8 +30,8 @@ from matryoshka2d.evaluation.retrieval_result import HEADLINE_METRIC, RETRIEVAL_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEADLINE_METRIC", "RETRIEVAL_METRICS", "encode_retrieval_set", "evaluate_retrieval", "exact_topk",
-           "normalized_prefix", "run_metrics", "search_depth"]
+__all__ = ["HEADLINE_METRIC", "RETRIEVAL_METRICS", "drop_identical_ids", "encode_retrieval_set", "evaluate_retrieval",
+           "exact_topk", "identical_rows", "normalized_prefix", "rank", "run_metrics", "search_depth"]
 
 CORPUS_CHUNK = 2048  # documents per embed_layers call: bounds token ids and activations held at once
 SCORE_BLOCK_BYTES = 64 << 20  # float32 query x corpus scores held per block
@@ -112,6 +114,33 @@ def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     vals = np.take_along_axis(scores, idx, axis=1)
     order = np.lexsort((idx, -vals), axis=1)
     return np.take_along_axis(vals, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def drop_identical_ids(ranking: np.ndarray, self_rows: np.ndarray, depth: int) -> np.ndarray:
+    """``ranking`` without each query's own document (``self_rows[q]``, ``-1`` for none), cut to ``depth``.
+
+    Rank with one result more than ``depth`` so a query that loses its own document still has ``depth``;
+    rows that come out shorter (a tiny corpus) are padded with ``-1`` (no result).
+    """
+    out = np.full((len(ranking), depth), -1, dtype=np.int64)
+    for q, (row, own) in enumerate(zip(ranking, self_rows, strict=True)):
+        kept = row[row != own] if own >= 0 else row
+        out[q, :min(depth, len(kept))] = kept[:depth]
+    return out
+
+
+def identical_rows(data: BeirSet, ignore: bool = True) -> np.ndarray:
+    """Per evaluated query, the corpus row of the document with the query's own id (``-1``: none, or ``ignore``
+    is off): what ``ignore_identical_ids`` leaves out of that query's ranking."""
+    position = {d: i for i, d in enumerate(data.doc_ids)}
+    return np.array([position.get(q, -1) if ignore else -1 for q in data.query_ids], dtype=np.int64)
+
+
+def rank(queries: np.ndarray, docs: np.ndarray, depth: int, self_rows: np.ndarray) -> np.ndarray:
+    """Exact top-``depth`` document rows per query, each query's own document (``self_rows``) left out."""
+    if not (self_rows >= 0).any():
+        return exact_topk(queries, docs, depth)[1]
+    return drop_identical_ids(exact_topk(queries, docs, depth + 1)[1], self_rows, depth)
 
 
 def run_metrics(qrels: Mapping[str, Mapping[str, int]], query_ids: Sequence[str], doc_ids: Sequence[str],
@@ -199,7 +228,7 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
                        layers: Sequence[int] | None = None, dims: Sequence[int] | None = None,
                        metrics: Sequence[str] = RETRIEVAL_METRICS, asymmetric_dims: Sequence[int] | None = None,
                        batch_size: int = 64, chunk_size: int = CORPUS_CHUNK, show_progress_bar: bool | None = None,
-                       model_name: str | None = None) -> RetrievalResult:
+                       model_name: str | None = None, ignore_identical_ids: bool = True) -> RetrievalResult:
     """Retrieval metrics (x100) of every exit ``(layer, dim)`` on every set, from one encoding per set.
 
     Args:
@@ -214,6 +243,8 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
         chunk_size: documents per encoding chunk.
         show_progress_bar: ``None`` shows bars for long inputs when logging is at INFO.
         model_name: name stored in the result (default: the model's source).
+        ignore_identical_ids: leave a document whose id equals the query's id out of its ranking (BEIR's and
+            MTEB's default).
 
     Returns:
         The grid with per-query scores (for :func:`~matryoshka2d.evaluation.retrieval_compare.compare_retrieval`).
@@ -240,6 +271,8 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
         q_vecs, d_vecs, info = encode_retrieval_set(model, data, layers, dim=max(dims), batch_size=batch_size,
                                                     chunk_size=chunk_size, show_progress_bar=show_progress_bar)
         start = time.perf_counter()
+        self_rows = identical_rows(data, ignore_identical_ids)
+        identical = int((self_rows >= 0).sum())
         table = np.empty((len(metrics), len(layers), len(dims), len(data)), dtype=np.float32)
         for j, d in enumerate(dims):
             docs_d = {n: normalized_prefix(d_vecs[n], d) for n in layers}
@@ -247,7 +280,7 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
             for i, n in enumerate(layers):
                 pairs = [(n, m) for m in layers] if d in asym else [(n, n)]
                 for qn, dn in pairs:
-                    ranking = exact_topk(queries_d[qn], docs_d[dn], depth)[1]
+                    ranking = rank(queries_d[qn], docs_d[dn], depth, self_rows)
                     scores = run_metrics(data.qrels, data.query_ids, data.doc_ids, ranking, metrics)
                     row = {m: float(np.mean(v)) for m, v in scores.items()}
                     if d in asym:
@@ -260,12 +293,14 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
         query_ids[name] = list(data.query_ids)
         timings[name] = {"queries": len(data), "docs": data.num_docs, **info,
                          "score_s": round(time.perf_counter() - start, 4),
-                         "missing_docs": len(data.missing_docs), "dropped_queries": len(data.dropped_queries)}
+                         "missing_docs": len(data.missing_docs), "dropped_queries": len(data.dropped_queries),
+                         "identical_ids": identical}
         logger.info("%s: %d queries over %d documents, %d exits scored in %.1fs", name, len(data), data.num_docs,
                     len(layers) * len(dims), time.perf_counter() - start)
     meta = {"layers": layers, "dims": dims, "metrics": metrics, "batch_size": batch_size,
             "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
             "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None),
-            "split": {name: s.split for name, s in items.items()}, "timings": timings}
+            "split": {name: s.split for name, s in items.items()}, "timings": timings,
+            "ignore_identical_ids": bool(ignore_identical_ids)}
     name = model_name or str(getattr(model, "metadata", {}).get("source") or type(model).__name__)
     return RetrievalResult(name, records, metrics, per_query, query_ids, meta, asym_records)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka2d.evaluation.grid import predictions_path, read_result_json
+from matryoshka2d.evaluation.grid import read_result_json, read_sidecar, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -203,19 +203,16 @@ class RetrievalResult:
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (JSON) and, with per-query scores held, ``<stem>.preds.npz`` beside it, atomically."""
-        from matryoshka2d.io.atomic import atomic_open, atomic_write_json
+        from matryoshka2d.io.atomic import atomic_write_json
 
         path = Path(path)
         obj = self.to_dict()
         if self.per_query:
-            sidecar = predictions_path(path)
             arrays: dict[str, np.ndarray] = {"layers": np.asarray(self.layers), "dims": np.asarray(self.dims)}
             for i, name in enumerate(self.sets):
                 arrays[f"scores_{i}"] = self.per_query[name]
                 arrays[f"queries_{i}"] = np.asarray(self.query_ids[name], dtype=str)
-            with atomic_open(sidecar, "wb") as f:
-                np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
-            obj["predictions"] = {"file": sidecar.name, "sets": self.sets}
+            obj["predictions"] = write_sidecar(path, arrays, self.sets)
         atomic_write_json(path, obj)
         return path
 
@@ -237,17 +234,17 @@ class RetrievalResult:
         result = cls(str(obj["model"]), obj["results"], obj.get("metrics") or list(RETRIEVAL_METRICS),
                      metadata=obj.get("metadata") or {}, asymmetric=obj.get("asymmetric") or [])
         info = obj.get("predictions")
-        if info:
+        z = read_sidecar(path, info) if info else None
+        if z is not None:
             sidecar = path.with_name(info["file"])
-            if sidecar.is_file():
-                with np.load(sidecar) as z:
-                    if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
-                        raise ValueError(f"{sidecar}: layers/dims do not match {path}; re-run m2d eval")
-                    for i, name in enumerate(info["sets"]):
-                        result.per_query[name] = z[f"scores_{i}"]
-                        result.query_ids[name] = z[f"queries_{i}"].tolist()
-            else:
-                logger.warning("%s: per-query file %s is missing; bootstrap comparisons need it", path, sidecar)
+            try:
+                if z["layers"].tolist() != result.layers or z["dims"].tolist() != result.dims:
+                    raise ValueError(f"{sidecar}: layers/dims do not match {path}; re-run m2d eval")
+                for i, name in enumerate(info["sets"]):
+                    result.per_query[name] = z[f"scores_{i}"]
+                    result.query_ids[name] = z[f"queries_{i}"].tolist()
+            except KeyError as e:
+                raise ValueError(f"{sidecar}: array {e} is missing; re-run m2d eval") from None
         return result
 
 

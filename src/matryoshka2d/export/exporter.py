@@ -87,6 +87,7 @@ def export_model(
     eval_results: str | os.PathLike[str] | dict[str, Any] | None = None,
     bench_results: str | os.PathLike[str] | dict[str, Any] | None = None,
     sts: ScoredPairsLike | str | None = None,
+    source: str | None = None,
 ) -> Path:
     """Write exit ``(layer, dim)`` of ``model`` to ``path`` as a standalone folder, atomically.
 
@@ -105,6 +106,8 @@ def export_model(
         bench_results: an ``m2d bench`` results JSON (or dict) for the card's speed table.
         sts: an STS set (``ScoredPairs`` or a set name for :func:`matryoshka2d.data.datasets.load_sts`) on which the
             exported folder's Spearman is compared with the source exit's (and int8's with fp32's).
+        source: the name or folder ``model`` was loaded from (recorded as ``exported_from.source``; default:
+            the model's own ``source``, which for a trained model is the model it was trained from).
 
     Returns:
         The output folder.
@@ -146,7 +149,7 @@ def export_model(
     final = Path(path)
     if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before any slow work
         raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
-    meta = _export_metadata(model, n, d, fmt, eval_results, bench_results)
+    meta = _export_metadata(model, n, d, fmt, eval_results, bench_results, source)
     pairs = _resolve_sts(sts)
     texts = list(VERIFY_TEXTS)
     sub = model.truncate(n).eval()
@@ -190,8 +193,12 @@ def export_model(
 
 # ----------------------------------------------------------------------------------- metadata
 def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_results: Any,
-                     bench_results: Any) -> dict[str, Any]:
-    """The exported folder's ``matryoshka2d.json`` (the ``export`` key is added once written)."""
+                     bench_results: Any, source: str | None = None) -> dict[str, Any]:
+    """The exported folder's ``matryoshka2d.json`` (the ``export`` key is added once written).
+
+    The export's own facts (depth, width, default exit, pooling) come last, so a fact the source model
+    recorded about itself (a trained model's ``num_layers``) never overrides them.
+    """
     inherited = {k: v for k, v in model.metadata.items()
                  if k not in ("default_layer", "default_dim", "exported_from", "export", "truncated_from")}
     if eval_results is not None:
@@ -209,6 +216,7 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
     for package in extras.get(fmt, ()):
         versions[package] = installed_version(package) or "not installed"
     return {
+        **inherited,
         "format_version": FORMAT_VERSION,
         "pooling": model.pooling,
         "max_seq_length": model.max_seq_length,
@@ -218,9 +226,8 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
         "default_dim": d,
         "architecture": model.backbone.config.model_type,
         **({"transformers_kwargs": {"add_pooling_layer": False}} if dropped_pooler(model) else {}),
-        **inherited,
         "exported_from": {
-            "source": str(model.metadata.get("source", "unknown")),
+            "source": str(source or model.metadata.get("source", "unknown")),
             "layer": n,
             "dim": d,
             "num_layers": model.num_layers,

@@ -8,10 +8,14 @@ other shapes than the traced one (a trace that baked a shape or a branch fails t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +140,30 @@ def _features(model: MatryoshkaEncoder, texts: Sequence[str],
     return {k: features[k] for k in names}
 
 
+@contextlib.contextmanager
+def captured_stdout(what: str) -> Iterator[None]:
+    """Send what C++ and Python print on file descriptor 1 to a temporary file, logged at DEBUG.
+
+    The TorchScript exporter prints the whole graph (100 kB for a small BERT) on stdout when it fails;
+    the error that follows is the message the user needs.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            size = sink.tell()
+            if size:
+                sink.seek(0)
+                logger.debug("%s printed %d bytes on stdout, starting: %s", what, size,
+                             sink.read(2000).decode("utf-8", "replace"))
+
+
 def _trace(graph: ExitGraph, example: dict[str, torch.Tensor], names: list[str], path: Path, opset: int,
            model_type: str) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
@@ -144,7 +172,7 @@ def _trace(graph: ExitGraph, example: dict[str, torch.Tensor], names: list[str],
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         extra["dynamo"] = False  # the TorchScript-based exporter: needs no onnxscript
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), captured_stdout("torch.onnx.export"):
             warnings.simplefilter("ignore")  # TracerWarnings on shape checks: the onnxruntime check decides
             torch.onnx.export(graph, tuple(example[k] for k in names), str(path), input_names=names,
                               output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset,

@@ -8,6 +8,7 @@ against each other; :class:`~matryoshka2d.encoder.model.MatryoshkaEncoder` assem
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from matryoshka2d.io.manifest import (
     CONFIG_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    file_sha256,
     library_versions,
     read_model_config,
     verify_manifest,
@@ -42,6 +44,7 @@ MPNET_ALIASES = {"mpnet", "all-mpnet-base-v2", "sentence-transformers/all-mpnet-
 _HAS_POOLER = ("bert", "roberta", "xlm-roberta", "camembert")
 
 HEADS_FILE = "exit_heads.safetensors"
+QUERY_EXITS_FILE = "query_exits.safetensors"  # the query exits' own parameters (encoder/query_path.py)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ModelFolder:
         max_seq_length: the token limit it records (``None``: none).
         metadata: the rest of ``matryoshka2d.json`` (training, source, defaults...), with ``source`` set.
         heads: the exit heads it holds, checked against the backbone's depth and width.
+        query_exits: ``(entry, tensors)`` of the query exits' own parameters (``query_exits`` in
+            ``matryoshka2d.json`` and ``query_exits.safetensors``), or ``None``.
     """
 
     backbone: Any
@@ -82,6 +87,7 @@ class ModelFolder:
     max_seq_length: int | None
     metadata: dict[str, Any]
     heads: ExitHeadsState | None
+    query_exits: tuple[dict[str, Any], dict[str, Any]] | None = None
 
 
 def cache_dir() -> Path:
@@ -292,12 +298,14 @@ def read_model_folder(
     check_metadata(folder / CONFIG_NAME, meta, num_layers=depth, hidden_size=int(backbone.config.hidden_size))
     meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
     heads_entry = meta.pop("exit_heads", None)
+    query_entry = meta.pop("query_exits", None)
     for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
         meta.pop(key, None)
     heads = None if heads_entry is None else read_heads(
         folder, heads_entry, num_layers=depth, hidden_size=int(backbone.config.hidden_size)
     )
-    return ModelFolder(backbone, tokenizer, found_pooling, found_len, meta, heads)
+    query_exits = None if query_entry is None else read_query_exits(folder, query_entry, num_layers=depth)
+    return ModelFolder(backbone, tokenizer, found_pooling, found_len, meta, heads, query_exits)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -317,6 +325,39 @@ def check_has_weights(folder: Path) -> None:
         return
     raise ValueError(f"{folder} holds no weights (no {' or '.join(WEIGHT_FILES[::2])}); the folder is "
                      "incomplete: copy it again or re-save the model")
+
+
+def model_fingerprint(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """SHA-256 over a local model's weights, ``config.json`` and exit heads: what the model computes for documents
+    (the query exits' own parameters, ``query_exits.safetensors``, are left out: they never touch a document).
+
+    The digests of the folder's ``manifest.json`` are reused when it has one (the loader verified them);
+    other files are hashed. Two folders with the same weights and config share a fingerprint wherever they
+    live; renaming or moving a folder does not change it.
+
+    Returns:
+        The hex digest, or ``None`` for a name that is not a local folder (a hub id).
+    """
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():
+        return None
+    weights_dir = folder
+    if not (folder / "config.json").is_file() and (folder / "modules.json").is_file():
+        weights_dir = read_sentence_transformers_folder(folder)[0]
+    files = [weights_dir / "config.json",
+             *sorted(p for p in weights_dir.glob("*.safetensors") if p.name != QUERY_EXITS_FILE),
+             *sorted(weights_dir.glob("pytorch_model*.bin")), folder / HEADS_FILE]
+    recorded: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("files") or {}
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(files):
+        if path.is_file():
+            name = path.relative_to(folder).as_posix()
+            entry = recorded.get(name) if isinstance(recorded, dict) else None
+            sha = entry.get("sha256") if isinstance(entry, dict) else None
+            digest.update(f"{name.rsplit('/', 1)[-1]}:{sha or file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def check_metadata(path: Path, meta: dict[str, Any], *, num_layers: int, hidden_size: int) -> None:
@@ -500,8 +541,43 @@ def read_heads(folder: Path, entry: Any, *, num_layers: int, hidden_size: int) -
     return ExitHeadsState(str(kind), sorted(layers), {k: v.float() for k, v in tensors.items()})
 
 
+def read_query_exits(folder: Path, entry: Any, *, num_layers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The query exits named by ``entry`` (``query_exits`` of ``matryoshka2d.json``) and their tensors.
+
+    The tensors' names and shapes are checked by the encoder that loads them
+    (:meth:`~matryoshka2d.encoder.query_path.QueryPath.load_tensors`).
+
+    Raises:
+        ValueError: a malformed entry, or a missing or damaged file.
+    """
+    from safetensors.torch import load_file
+
+    where, n = Path(folder), num_layers
+    layers = entry.get("layers") if isinstance(entry, dict) else None
+    doc = entry.get("document_exit") if isinstance(entry, dict) else None
+    rank = entry.get("rank") if isinstance(entry, dict) else None
+    if not isinstance(layers, list) or not layers or not isinstance(doc, int) or isinstance(doc, bool) \
+            or not 1 <= doc <= n or not all(isinstance(m, int) and not isinstance(m, bool) and 1 <= m < doc
+                                            for m in layers) \
+            or not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"{where}: matryoshka2d.json has query_exits = {entry!r}, expected e.g. "
+                         f"{{'layers': [1, 2, 3], 'document_exit': {n}, 'rank': 16}} with layers below the "
+                         f"document exit (1..{n}); re-save the model or align it again (m2d align)")
+    path = where / QUERY_EXITS_FILE
+    if not path.is_file():
+        raise ValueError(f"{where}: matryoshka2d.json lists query exits {layers}, but {QUERY_EXITS_FILE} is "
+                         "missing; copy the whole folder again or align the model again (m2d align)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is damaged or not a safetensors file ({e}); re-copy the folder or align "
+                         "the model again") from e
+    return dict(entry), {k: v.float() for k, v in tensors.items()}
+
+
 def write_model_folder(path: str | os.PathLike[str], *, backbone: Any, tokenizer: Any, config: dict[str, Any],
-                       heads: ExitHeadsState | None = None, overwrite: bool = False) -> Path:
+                       heads: ExitHeadsState | None = None, overwrite: bool = False,
+                       query_exits: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
     """Write a model folder atomically: backbone (safetensors), tokenizer, heads, ``matryoshka2d.json``
     (``config`` plus ``format_version`` and ``library_versions``), model card and manifest.
 
@@ -514,6 +590,11 @@ def write_model_folder(path: str | os.PathLike[str], *, backbone: Any, tokenizer
         tokenizer.save_pretrained(tmp)
         if heads is not None:
             write_heads(tmp, heads)
+        if query_exits is not None:
+            from safetensors.torch import save_file
+
+            save_file(query_exits[1], str(tmp / QUERY_EXITS_FILE))
+            config = {**config, "query_exits": query_exits[0]}
         meta = {"format_version": FORMAT_VERSION, **config, "library_versions": library_versions()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         write_model_card(tmp, meta)

@@ -61,6 +61,17 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 MANIFEST_NAME = "manifest.json"
 
 
+def file_entries(folder: str | os.PathLike[str], *, skip: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, Any]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``folder`` but ``skip`` (what manifests list)."""
+    root = Path(folder)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        if name not in skip:
+            files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return files
+
+
 def write_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Record size and SHA-256 of every file under ``folder`` in ``manifest.json``.
 
@@ -70,18 +81,18 @@ def write_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         The manifest (``{"format_version": 1, "files": {relative path: {"size", "sha256"}}}``).
     """
     root = Path(folder)
-    files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        name = path.relative_to(root).as_posix()
-        if name != MANIFEST_NAME:
-            files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "files": files}
+    manifest = {"format_version": FORMAT_VERSION, "files": file_entries(root)}
     atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def verify_manifest(folder: str | os.PathLike[str]) -> None:
+def verify_manifest(folder: str | os.PathLike[str], *, digests: bool = True, fix: str | None = None) -> None:
     """Check every file listed in ``folder/manifest.json`` (size, then SHA-256).
+
+    Args:
+        folder: the folder holding ``manifest.json``.
+        digests: also compare SHA-256 digests (``False``: sizes only, for huge folders read often).
+        fix: the advice that ends the error (default: re-save or re-copy the folder).
 
     Raises:
         ValueError: a missing, truncated or altered file (every damaged one is named), or a missing,
@@ -97,24 +108,34 @@ def verify_manifest(folder: str | os.PathLike[str]) -> None:
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         raise ValueError(f"{path} is not a matryoshka2d manifest (no 'files' table of sizes and checksums); "
                          "the folder is damaged, or delete the file if another tool wrote it")
+    check_files(root, files, digests=digests, fix=fix or (
+        "re-save or re-copy the folder (or load an earlier checkpoint); if you edited these files on purpose, "
+        f"delete {MANIFEST_NAME}"))
+
+
+def check_files(root: Path, files: dict[str, Any], *, digests: bool = True, fix: str) -> None:
+    """Check that each ``{name: {"size", "sha256"}}`` of ``files`` is a file under ``root`` with that content.
+
+    Raises:
+        ValueError: the missing, truncated or altered files, each named, then ``fix``.
+    """
     problems = []
     for name, expected in files.items():
         file = root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if not isinstance(expected, dict):
+            problems.append(f"{name} (its manifest entry is not {{'size', 'sha256'}})")
+        elif Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{name} (a path outside the folder)")
         elif not file.is_file():
             problems.append(f"{file} (missing)")
         elif (size := file.stat().st_size) != expected.get("size"):
             problems.append(f"{file} ({size} bytes, the manifest says {expected.get('size')}: "
                             "truncated or altered)")
-        elif file_sha256(file) != expected.get("sha256"):
+        elif digests and file_sha256(file) != expected.get("sha256"):
             problems.append(f"{file} (same size, different SHA-256: altered)")
     if problems:
-        raise ValueError(
-            f"{root} is damaged: {len(problems)} of {len(files)} files differ from {MANIFEST_NAME}: "
-            + "; ".join(problems) + ". Re-save or re-copy the folder (or load an earlier checkpoint); if you "
-            f"edited these files on purpose, delete {MANIFEST_NAME}"
-        )
+        raise ValueError(f"{root} is damaged: {len(problems)} of {len(files)} files differ from {MANIFEST_NAME}: "
+                         + "; ".join(problems) + f"; {fix}")
 
 
 def file_sha256(path: Path) -> str:

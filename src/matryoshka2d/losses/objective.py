@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from matryoshka2d.losses.alignment import cross_exit_infonce, embedding_alignment, score_distillation
 from matryoshka2d.losses.base import BaseLoss
 from matryoshka2d.losses.options import (
     SAMPLES_DIMS,
@@ -99,6 +100,8 @@ class TwoDMatryoshkaLoss(nn.Module):
         self.kl_space: KLSpace = options.kl_space
         self.depth_weighting: DepthWeighting = options.depth_weighting
         self.detach_teacher = options.detach_teacher
+        self.cross_weight, self.align_weight = options.cross_weight, options.align_weight
+        self.score_kd_weight, self.align_distance = options.score_kd_weight, options.align_distance
         self.seed = int(seed)
         self.dims, self.small_dims, self.layer_pool = plan.dims, plan.small_dims, plan.layer_pool
         self.n_layers_per_step, self.n_dims_per_step = plan.n_layers_per_step, plan.n_dims_per_step
@@ -159,6 +162,10 @@ class TwoDMatryoshkaLoss(nn.Module):
             "detach_teacher": self.detach_teacher,
             "starbucks_pairs": [list(p) for p in self.starbucks_pairs],
             "compression_dim": self.compression_dim or None,
+            "cross_weight": self.cross_weight,
+            "align_weight": self.align_weight,
+            "score_kd_weight": self.score_kd_weight,
+            "align_distance": self.align_distance,
             "seed": self.seed,
         }
 
@@ -247,17 +254,21 @@ class TwoDMatryoshkaLoss(nn.Module):
         return F.kl_div(log_probs(student), log_probs(teacher), reduction="batchmean", log_target=True)
 
     def forward(
-        self, features: Sequence[dict[str, Tensor]], labels: Tensor | None = None
+        self, features: Sequence[dict[str, Tensor]], labels: Tensor | None = None,
+        unlabelled: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """One training step's loss.
 
         Args:
             features: one tokenized batch per input column.
             labels: one score per row, or ``None`` for unscored pairs/triplets.
+            unlabelled: a tokenized batch of unlabelled texts; only embedding alignment (``align_weight``)
+                is computed on it (one more backbone pass).
 
         Returns:
-            ``{"loss": total (backward this), "loss/last": ..., "loss/prior": ..., "loss/kl": ...}``: the
-            weighted parts that apply (detached); they sum to ``loss``.
+            ``{"loss": total (backward this), "loss/last": ..., "loss/prior": ..., "loss/kl": ...}`` and, with
+            the document-space terms, ``"loss/cross"``, ``"loss/align"``, ``"loss/score_kd"``: the weighted
+            parts that apply (detached); they sum to ``loss``.
 
         Raises:
             ValueError: malformed batch, or a score-based base loss on unscored data.
@@ -270,6 +281,8 @@ class TwoDMatryoshkaLoss(nn.Module):
         n_last = self.num_layers
         needed = {n for terms in groups.values() for n, _, _ in terms} | set(kl_layers)
         needed |= {n_last} if kl_layers else set()
+        shallow = self._shallow_exits(sample) if self._doc_space else []
+        needed |= {n for n, _ in shallow} | ({n_last} if shallow else set())
 
         pooled = [self.model(f, layers=sorted(needed)) for f in features]  # the ONE backbone pass per column
 
@@ -287,8 +300,42 @@ class TwoDMatryoshkaLoss(nn.Module):
         elif kl_layers:
             kls = [self._kl(p[n_last], p[n]) for n in kl_layers for p in pooled]
             parts["loss/kl"] = self.kl_weight * torch.stack(kls).mean() * self._layer_scale(kl_layers)
+        if shallow:
+            extra = [self.model(unlabelled, layers=sorted(needed))] if unlabelled and self.align_weight > 0 else []
+            parts.update(self._document_space(pooled, extra, shallow, self._layer_scale(sample["layers"])))
         total = torch.stack(list(parts.values())).sum()
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
+
+    @property
+    def _doc_space(self) -> bool:
+        return self.cross_weight > 0 or self.align_weight > 0 or self.score_kd_weight > 0
+
+    def _shallow_exits(self, sample: dict[str, Any]) -> list[tuple[int, int]]:
+        """The shallow exits ``(n, d)`` this step trains, which the document-space terms pull to ``(N, d)``."""
+        if self.strategy == "starbucks":
+            return [(n, d) for n, d in self.starbucks_pairs if n < self.num_layers]
+        if self.strategy == "ese":
+            return [(n, self.compression_dim) for n in sample["layers"]]
+        return [(n, d) for n in sample["layers"] for d in (self.hidden_size, *sample["dims"])]
+
+    def _document_space(self, pooled: Sequence[dict[int, Tensor]], unlabelled: Sequence[dict[int, Tensor]],
+                        shallow: Sequence[tuple[int, int]], scale: float) -> dict[str, Tensor]:
+        """The cross-exit terms of method.md section 8, each the mean over the step's shallow exits (times
+        :meth:`_layer_scale`, as the shallow base-loss terms)."""
+        n_last, parts = self.num_layers, {}
+        docs = torch.cat([p[n_last] for p in pooled[1:]])  # every kind of training data has >= 2 columns
+        queries = pooled[0]
+        if self.cross_weight > 0:
+            terms = [cross_exit_infonce(queries[n], docs, d) for n, d in shallow]
+            parts["loss/cross"] = self.cross_weight * torch.stack(terms).mean() * scale
+        if self.score_kd_weight > 0:
+            terms = [score_distillation(queries[n], queries[n_last], docs, d) for n, d in shallow]
+            parts["loss/score_kd"] = self.score_kd_weight * torch.stack(terms).mean() * scale
+        if self.align_weight > 0:
+            terms = [embedding_alignment(col[n], col[n_last], d, distance=self.align_distance)
+                     for col in [*pooled, *unlabelled] for n, d in shallow]
+            parts["loss/align"] = self.align_weight * torch.stack(terms).mean() * scale
+        return parts
 
     def _compression_distance(self, columns: Sequence[Tensor]) -> Tensor:
         """ESE's ``Dist(x, y) = MSE(x, y) + T * KL(softmax(y/T) || softmax(x/T))`` averaged over the input

@@ -20,9 +20,11 @@ import numpy as np
 
 from matryoshka2d.encoder.model import matryoshka_dims
 from matryoshka2d.vocab import (
+    ALIGN_DISTANCES,
     DEPTH_WEIGHTINGS,
     KL_SPACES,
     STRATEGIES,
+    AlignDistance,
     DepthWeighting,
     KLSpace,
     Strategy,
@@ -121,6 +123,14 @@ class ObjectiveOptions:
         starbucks_pairs: the fixed ``(layer, dim)`` pairs of ``starbucks``; ``None`` derives them.
         compression_dim: ESE's k, the width every shallow exit is trained at, in ``1..D-1``; ``None`` means
             ``min(128, D // 2)`` (128, the authors' default, on any model wider than 256).
+        cross_weight: weight of the cross-exit contrastive term (method.md section 8): InfoNCE of the queries
+            (first column) at each trained shallow exit ``(n, d)`` against the documents (the other columns) at
+            ``(N, d)``. Needs pair or triplet data.
+        align_weight: weight of embedding alignment: ``dist(x_n, sg(x_N))`` at each trained ``(n, d)`` for every
+            text of the batch (and of the unlabelled batch, if the data adds one).
+        score_kd_weight: weight of score distillation: ``KL(softmax(tau cos(sg(q_N), P)) || softmax(tau cos(q_n,
+            P)))`` over the in-batch documents ``P`` at the full exit. Needs pair or triplet data.
+        align_distance: ``cosine`` (1 - cos) or ``mse`` (of the normalised vectors) for ``align_weight``.
 
     Raises:
         ValueError: a value outside its range (the message names the option, the value and the range).
@@ -142,13 +152,22 @@ class ObjectiveOptions:
     detach_teacher: bool = True
     starbucks_pairs: list[list[int]] | None = None
     compression_dim: int | None = None
+    cross_weight: float = 0.0
+    align_weight: float = 0.0
+    score_kd_weight: float = 0.0
+    align_distance: AlignDistance = "cosine"
+
+    @property
+    def document_space_terms(self) -> bool:
+        """Whether any term pulls shallow exits into the full exit's space (method.md section 8)."""
+        return self.cross_weight > 0 or self.align_weight > 0 or self.score_kd_weight > 0
 
     def __post_init__(self) -> None:
         key = self.PREFIX
         for name, choices in (("strategy", STRATEGIES), ("depth_weighting", DEPTH_WEIGHTINGS),
-                              ("kl_space", KL_SPACES)):
+                              ("kl_space", KL_SPACES), ("align_distance", ALIGN_DISTANCES)):
             check_choice(f"{key}{name}", getattr(self, name), choices)
-        for name in ("last_weight", "prior_weight", "kl_weight"):
+        for name in ("last_weight", "prior_weight", "kl_weight", "cross_weight", "align_weight", "score_kd_weight"):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise ValueError(f"{key}{name} must be a finite number >= 0, got {value!r}; pass e.g. 1.0 "
@@ -239,6 +258,9 @@ class ObjectiveOptions:
                 value = getattr(self, name)
                 if value is not None and not (name == "layer_pool" and samples_layers):
                     logger.warning("%s=%r is ignored by strategy %r", name, value, strategy)
+        if self.document_space_terms and not (samples_layers or strategy == "starbucks"):
+            raise ValueError(f"{key}cross_weight / align_weight / score_kd_weight train shallow exits, but strategy "
+                             f"{strategy!r} trains none; use 'dense', '2dmse', 'layers', 'starbucks' or 'ese'")
         compression_dim = 0
         if strategy == "ese":
             compression_dim = _ese_compression_dim(f"{key}compression_dim", self.compression_dim, d_full)

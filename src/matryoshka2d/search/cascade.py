@@ -103,13 +103,15 @@ def cascade_search(index: CascadeIndex, query_vectors: np.ndarray, *, shortlist_
 
 
 def encode_queries(model: Any, texts: Sequence[str], layer: int, *, dim: int | None = None,
-                   batch_size: int = 64, show_progress_bar: bool | None = None) -> np.ndarray:
-    """Raw pooled query vectors at exit ``layer`` (first ``dim`` coordinates; all by default)."""
+                   batch_size: int = 64, show_progress_bar: bool | None = None,
+                   input_type: str = "query") -> np.ndarray:
+    """Raw pooled query vectors at exit ``layer`` (first ``dim`` coordinates; all by default); ``input_type``
+    ``"query"`` takes the exit's own query path where it has one (m2d align)."""
     from matryoshka2d.encoder.batching import embed_layers
 
     layer = model.check_layer(layer)
     return embed_layers(model, list(texts), [layer], dim=dim, batch_size=batch_size,
-                        show_progress_bar=show_progress_bar, desc="queries")[layer]
+                        show_progress_bar=show_progress_bar, desc="queries", input_type=input_type)[layer]
 
 
 def write_run(path: str | os.PathLike[str], query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.ndarray,
@@ -117,7 +119,8 @@ def write_run(path: str | os.PathLike[str], query_ids: Sequence[str], doc_ids: S
     """Write a TREC run file (``.trec`` / ``.txt`` / ``.run``) or JSONL (``.jsonl``) atomically.
 
     Raises:
-        ValueError: an unknown suffix or a tag with whitespace.
+        ValueError: an unknown suffix, a tag with whitespace, or (TREC) a query or document id that is empty
+            or holds whitespace (TREC splits on whitespace, so it would shift the fields): the row is named.
     """
     from matryoshka2d.io.atomic import atomic_write_text
 
@@ -128,8 +131,15 @@ def write_run(path: str | os.PathLike[str], query_ids: Sequence[str], doc_ids: S
     if not tag or any(c.isspace() for c in tag):
         raise ValueError(f"run tag {tag!r} must be one word")
     lines = []
-    for qid, s_row, i_row in zip(query_ids, scores, rows, strict=True):
+    for row, (qid, s_row, i_row) in enumerate(zip(query_ids, scores, rows, strict=True), 1):
         hits = [(doc_ids[i], float(s)) for s, i in zip(s_row, i_row, strict=True) if i >= 0]
+        if suffix != ".jsonl":
+            named = [("query id", qid, f"query {row}"), *(("document id", doc_ids[i], f"index row {i + 1}")
+                                                          for i in i_row if i >= 0)]
+            for what, value, where in named:
+                if not value or any(c.isspace() for c in value):
+                    raise ValueError(f"{what} {value!r} ({where}) is empty or holds whitespace, which a TREC run "
+                                     f"file cannot carry; write JSONL instead (--output {path.with_suffix('.jsonl')})")
         if suffix == ".jsonl":
             lines.append(json.dumps({"query_id": qid, "results": [{"doc_id": d, "rank": r, "score": s}
                                                                   for r, (d, s) in enumerate(hits, 1)]}))

@@ -2,8 +2,9 @@
 
 On disk an index is a folder written atomically (:func:`~matryoshka2d.io.atomic.atomic_dir`):
 
-* ``manifest.json``: format version, model, exit layer, pooling, dims, index type and parameters, and
-  each file with its size in bytes;
+* ``manifest.json``: format version, model (the name given, its absolute path and fingerprint: see
+  :mod:`matryoshka2d.search.provenance`), exit layer, pooling, dims, index type and parameters, and each
+  file with its size and SHA-256 (checked on load; ``verify=False`` checks sizes only);
 * ``ids.json``: the document ids, in row order;
 * ``shortlist-<d>.faiss``: a faiss inner-product index of the L2-normalised ``[:d]`` prefix, one per
   shortlist dim (every dim of ``dims`` but the largest; for a non-flat type the largest too, since an
@@ -22,6 +23,7 @@ Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for fais
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -34,7 +36,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files carry SHA-256 digests (1: sizes only, still read)
 INDEX_KIND = "m2d-cascade-index"
 IndexType = Literal["flat", "hnsw", "ivf", "sq8", "sq6", "sq4"]
 INDEX_TYPES = ("flat", "hnsw", "ivf", "sq8", "sq6", "sq4")
@@ -95,6 +97,49 @@ def build_faiss(vectors: np.ndarray, kind: IndexType = "flat", *, hnsw_m: int = 
         raise ValueError(f"index type {kind!r} is not one of {list(INDEX_TYPES)}")
     index.add(vectors)
     return index
+
+
+def check_manifest(manifest: Any, man_path: Path) -> list[int]:
+    """The dims of an index manifest, after checking the fields a load relies on.
+
+    Raises:
+        ValueError: not an index manifest, a newer format, or a field of the wrong type (named).
+    """
+    fix = "rebuild the index with m2d index"
+    if not isinstance(manifest, dict) or manifest.get("kind") != INDEX_KIND:
+        raise ValueError(f"{man_path}: not an m2d cascade index manifest (no 'kind': {INDEX_KIND!r}); {fix}")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{man_path}: format_version {version!r} is not a positive integer; {fix}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{man_path}: index format_version {version} is newer than this library's "
+                         f"{FORMAT_VERSION}; upgrade matryoshka2d")
+    dims = manifest.get("dims")
+    if (not isinstance(dims, list) or not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                                                         for d in dims) or dims != sorted(set(dims))):
+        raise ValueError(f"{man_path}: 'dims' is {dims!r}, not an ascending list of positive integers; {fix}")
+    layer = manifest.get("layer")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise ValueError(f"{man_path}: 'layer' is {layer!r}, not a positive integer; {fix}")
+    files = manifest.get("files")
+    entry = dict if version >= 2 else int
+    if not isinstance(files, dict) or not all(isinstance(v, entry) and not isinstance(v, bool)
+                                              for v in files.values()):
+        want = "{name: {'size', 'sha256'}}" if version >= 2 else "{name: size}"
+        raise ValueError(f"{man_path}: 'files' is a JSON {type(files).__name__}, not a table {want}; {fix}")
+    return dims
+
+
+def index_metadata(model: Any, layer: int, source: str | None) -> dict[str, Any]:
+    """What an index records of the model that encoded its documents: the model (name, absolute path,
+    fingerprint; :mod:`matryoshka2d.search.provenance`), its settings, and the document exit with the model's
+    document space (which query exits search it)."""
+    from matryoshka2d.search.provenance import model_record
+
+    recorded = model_record(source) if source is not None else {"model": None}
+    return {**recorded, "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None),
+            "document_exit": layer, "document_space": getattr(model, "document_space", None)}
 
 
 @dataclass
@@ -169,8 +214,12 @@ class CascadeIndex:
     def build(cls, model: Any, ids: Sequence[str], texts: Sequence[str], *, layer: int, dims: Sequence[int],
               kind: IndexType = "flat", batch_size: int = 64, chunk_size: int = 2048, hnsw_m: int = 32,
               ivf_nlist: int | None = None, rerank_dtype: Literal["float32", "float16"] = "float32",
-              show_progress_bar: bool | None = None) -> CascadeIndex:
+              show_progress_bar: bool | None = None, source: str | None = None) -> CascadeIndex:
         """Encode ``texts`` at exit ``layer`` (in chunks) and index them (see :meth:`from_vectors`).
+
+        ``source`` is the name or folder ``model`` was loaded from: the manifest records it with its absolute
+        path and fingerprint (:mod:`matryoshka2d.search.provenance`), so search can load and check the same
+        model. Without it the index records no model, and search needs one named.
 
         Raises:
             ValueError: a bad layer / dim, or the errors of :meth:`from_vectors`.
@@ -185,45 +234,50 @@ class CascadeIndex:
                                 batch_size=batch_size, show_progress_bar=show_progress_bar,
                                 desc=f"index chunk {first // chunk_size + 1}")[layer]
             pooled[first:first + len(part)] = part
-        meta = {"model": str(getattr(model, "metadata", {}).get("source") or type(model).__name__),
-                "pooling": getattr(model, "pooling", None), "num_layers": model.num_layers,
-                "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None)}
         return cls.from_vectors(ids, pooled, dims, layer=layer, kind=kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist,
-                                rerank_dtype=rerank_dtype, metadata=meta)
+                                rerank_dtype=rerank_dtype, metadata=index_metadata(model, layer, source))
 
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the index folder atomically; the manifest lists every file with its bytes.
+        """Write the index folder atomically; the manifest lists every file with its size and SHA-256.
 
         Raises:
             FileExistsError: ``path`` is a non-empty folder and ``overwrite`` is false.
         """
         from matryoshka2d.io.atomic import atomic_dir
+        from matryoshka2d.io.manifest import file_entries
 
         faiss = faiss_module()
-        files: dict[str, int] = {}
         with atomic_dir(path, overwrite=overwrite) as tmp:
             (tmp / "ids.json").write_text(json.dumps(self.ids), encoding="utf-8")
             np.save(tmp / f"vectors-{self.full_dim}.npy", self.vectors)
             for d, index in self.shortlists.items():
                 faiss.write_index(index, str(tmp / f"shortlist-{d}.faiss"))
-            for f in sorted(tmp.iterdir()):
-                files[f.name] = f.stat().st_size
-            manifest = {**self.manifest, "files": files}
+            files = file_entries(tmp)
+            manifest = {**self.manifest, "format_version": FORMAT_VERSION, "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         self.manifest, self.path = manifest, Path(path)
         logger.info("wrote index %s: %d documents, dims %s, %.1f MB", path, len(self), self.dims,
-                    sum(files.values()) / 2**20)
+                    sum(f["size"] for f in files.values()) / 2**20)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, mmap: bool = True) -> CascadeIndex:
-        """Read an index folder written by :meth:`save`.
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool = True, verify: bool = True) -> CascadeIndex:
+        """Read an index folder written by :meth:`save`, checking every file against the manifest.
+
+        Args:
+            path: the index folder.
+            mmap: memory-map the rerank vectors.
+            verify: compare each file's SHA-256 with the manifest (``False``: sizes only; for huge indexes
+                read often, see docs/retrieval.md for the cost).
 
         Raises:
-            FileNotFoundError: no such folder or a listed file is missing.
-            ValueError: not an index, a newer format, or files that disagree with the manifest.
+            FileNotFoundError: no such folder.
+            ValueError: not an index, a newer format, a damaged manifest, files that disagree with it
+                (missing, truncated, altered), repeated or non-string ids, or unreadable faiss / numpy files.
         """
+        from matryoshka2d.io.manifest import check_files
+
         faiss = faiss_module()
         path = Path(path)
         man_path = path / "manifest.json"
@@ -232,29 +286,48 @@ class CascadeIndex:
         try:
             manifest = json.loads(man_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{man_path}: not a JSON manifest ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("kind") != INDEX_KIND:
-            raise ValueError(f"{man_path}: not an m2d cascade index manifest")
-        if manifest.get("format_version", 1) > FORMAT_VERSION:
-            raise ValueError(f"{man_path}: index format_version {manifest['format_version']} is newer than this "
-                             f"library's {FORMAT_VERSION}; upgrade matryoshka2d")
-        for name, size in manifest.get("files", {}).items():
-            f = path / name
-            if not f.is_file() or f.stat().st_size != size:
-                raise ValueError(f"{f}: missing or not {size} bytes as the manifest says; rebuild the index")
-        dims = [int(d) for d in manifest["dims"]]
-        ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
-        vectors = np.load(path / f"vectors-{dims[-1]}.npy", mmap_mode="r" if mmap else None)
-        shortlists = {d: faiss.read_index(str(path / f"shortlist-{d}.faiss")) for d in dims
-                      if (path / f"shortlist-{d}.faiss").is_file()}
+            raise ValueError(f"{man_path}: not a JSON manifest ({e}); rebuild the index with m2d index") from None
+        dims = check_manifest(manifest, man_path)
+        fix = f"rebuild the index with m2d index --output {path} --overwrite, or copy it again"
+        files = manifest["files"]
+        if manifest["format_version"] < 2:  # sizes only
+            logger.warning("%s: an index of format 1 records file sizes, not digests; rebuild it to have its "
+                           "content checked", man_path)
+            files = {name: {"size": size} for name, size in files.items()}
+            verify = False
+        check_files(path, files, digests=verify, fix=fix)
+        needed = ["ids.json", f"vectors-{dims[-1]}.npy"]
+        if any(name not in files for name in needed):
+            raise ValueError(f"{man_path}: 'files' does not list {needed}; {fix}")
+        try:
+            ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / 'ids.json'}: not JSON ({e}); {fix}") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{path / 'ids.json'}: holds a JSON {type(ids).__name__}, not a list of id strings; "
+                             f"{fix}")
+        if len(set(ids)) != len(ids):
+            first = next(i for i, c in collections.Counter(ids).items() if c > 1)
+            raise ValueError(f"{path / 'ids.json'}: document id {first!r} appears more than once (ids must be "
+                             f"unique); {fix}")
+        try:
+            vectors = np.load(path / f"vectors-{dims[-1]}.npy", mmap_mode="r" if mmap else None)
+            shortlists = {d: faiss.read_index(str(path / f"shortlist-{d}.faiss")) for d in dims
+                          if f"shortlist-{d}.faiss" in files}
+        except Exception as e:  # noqa: BLE001 - numpy and faiss raise ValueError / RuntimeError / OSError
+            raise ValueError(f"{path}: an index file cannot be read ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:160]}); {fix}") from None
+        if vectors.ndim != 2 or vectors.shape[1] != dims[-1]:
+            raise ValueError(f"{path}: vectors-{dims[-1]}.npy has shape {vectors.shape}, not (N, {dims[-1]}); {fix}")
         if len(ids) != len(vectors) or any(s.ntotal != len(ids) for s in shortlists.values()):
-            raise ValueError(f"{path}: ids, vectors and shortlist indexes hold different numbers of documents")
+            raise ValueError(f"{path}: ids, vectors and shortlist indexes hold different numbers of documents; "
+                             f"{fix}")
         return cls(ids, vectors, shortlists, manifest, path)
 
     def index_bytes(self, shortlist_dim: int, rerank_dim: int | None = None) -> int:
         """Bytes of the files a search configuration reads (shortlist index + rerank vectors, or one of them)."""
         shortlist_dim = self.check_shortlist(shortlist_dim)
-        files = self.manifest.get("files", {})
+        files = {k: v["size"] if isinstance(v, dict) else v for k, v in self.manifest.get("files", {}).items()}
         vec = int(files.get(f"vectors-{self.full_dim}.npy", self.vectors.nbytes))
         if shortlist_dim not in self.shortlists:  # exhaustive search over the stored full-width vectors
             return vec

@@ -3,7 +3,10 @@
 - :mod:`~matryoshka2d.serve.config`: the limits (:class:`ServeConfig`).
 - :mod:`~matryoshka2d.serve.output`: truncation, normalisation, quantisation and encoding of vectors.
 - :mod:`~matryoshka2d.serve.batcher`: the dynamic batcher (token budget, mixed-depth batches).
-- :mod:`~matryoshka2d.serve.app`: the FastAPI application (:func:`create_app`).
+- :mod:`~matryoshka2d.serve.request`: a request parsed, checked and tokenised (plain functions).
+- :mod:`~matryoshka2d.serve.errors`: every error as OpenAI's JSON with a code.
+- :mod:`~matryoshka2d.serve.http`: the connection layer (middleware, timeouts, connection limit, shutdown).
+- :mod:`~matryoshka2d.serve.app`: the FastAPI routes over the server's state (:func:`create_app`).
 
 Needs the ``serve`` extra (``pip install matryoshka2d[serve]``).
 """

@@ -18,6 +18,10 @@ Rows of very different lengths are split into length-sorted sub-batches when tha
 
 A batch that fails is re-run one request at a time, so only the request that fails gets the error.
 
+On shutdown, when the graceful timeout is nearly spent, the server aborts the batcher (:meth:`Batcher.abort`):
+every request not yet answered gets the error (a 503), its rows leave the queue and are never computed, and
+the worker stops after the batch it is running.
+
 After a batch, at most once per ``trim_interval`` seconds, the C heap's free pages go back to the OS
 (:func:`~matryoshka2d.encoder.memory.release_free_memory`), so the server's resident memory does not creep up
 as batches of every shape come and go (docs/serving.md, soak).
@@ -163,6 +167,7 @@ class Batcher:
         self._busy = False
         self._cond = threading.Condition()
         self._stopping = False
+        self._running: list[Job] = []  # the jobs of the batch being run
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------ public
@@ -173,6 +178,7 @@ class Batcher:
 
     @property
     def running(self) -> bool:
+        """Whether the worker runs and new requests are taken."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def start(self) -> None:
@@ -187,6 +193,27 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def abort(self, error: BaseException) -> int:
+        """Answer every request not yet answered with ``error``, drop its queued rows, and stop the worker after
+        the batch it is running (whose results are dropped).
+
+        Returns:
+            How many requests got ``error``.
+        """
+        with self._cond:
+            self._stopping = True
+            jobs = [*self._running, *self._jobs]
+            self._jobs.clear()
+            self._queued_rows = 0
+            self._cond.notify_all()
+        answered = 0
+        for job in jobs:
+            if not job.failed and job.done < len(job.rows):
+                job.failed = True
+                job.resolve(error)
+                answered += 1
+        return answered
 
     def submit(self, rows: list[list[int]], layer: int) -> asyncio.Future[np.ndarray]:
         """Queue a request's rows (call from the event loop); the future gets the ``(rows, D)`` float32 vectors.
@@ -246,6 +273,7 @@ class Batcher:
                 if end < len(job.rows):
                     break  # budget reached inside this job
             self._busy = True
+            self._running = [job for job, _, _ in parts]
             return parts
 
     def _full(self) -> bool:
@@ -311,6 +339,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._running = []
             self._maybe_trim()
 
     def _maybe_trim(self) -> None:

@@ -19,6 +19,9 @@ class Metrics:
         r = self.registry
         self.requests = Counter("m2d_requests", "embedding requests by HTTP status and exit layer",
                                 ["status", "layer"], registry=r)
+        self.responses = Counter("m2d_http_responses", "every HTTP response by status (all paths; those the "
+                                 "connection layer sends before a request reaches the app included)", ["status"],
+                                 registry=r)
         self.inputs = Counter("m2d_inputs", "inputs embedded, by exit layer", ["layer"], registry=r)
         self.queue_rows = Gauge("m2d_queue_rows", "inputs waiting for a batch", registry=r)
         self.batch_rows = Histogram("m2d_batch_rows", "inputs per batch", buckets=_COUNTS, registry=r)
@@ -46,6 +49,10 @@ class Metrics:
             self.queue_seconds.observe(seconds)
         for layer, rows in stats.layers.items():
             self.inputs.labels(layer=str(layer)).inc(rows)
+
+    def on_response(self, status: int) -> None:
+        """Count one HTTP response."""
+        self.responses.labels(status=str(status)).inc()
 
     def on_trim(self, seconds: float) -> None:
         """Record one hand-back of the free heap (called by the batcher thread)."""

@@ -10,8 +10,9 @@ Quantisation follows sentence-transformers' ``quantize_embeddings``:
 - ``binary`` / ``ubinary``: ``x > 0`` packed 8 bits per byte, big-endian (``numpy.packbits``), ``ceil(d/8)``
   bytes; ``binary`` stores each byte minus 128 as int8.
 
-``encoding_format="base64"`` sends the raw little-endian bytes of that array (float32, int8 or uint8),
-base64-encoded, as OpenAI does for float32.
+``encoding_format="base64"`` sends the little-endian float32 bytes of each row, base64-encoded, as OpenAI
+does: quantised codes go as float32 numbers (``-37.0``, ``12.0``), so the ``openai`` client, which asks for
+base64 by default and decodes every payload as float32, gets the same values as ``encoding_format="float"``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def quantization_ranges(dim: int) -> np.ndarray:
 
 
 def encode_rows(rows: np.ndarray, encoding_format: EncodingFormat, *, as_lists: bool = True) -> list[Any]:
-    """One JSON value per row: its numbers (``float``) or the base64 of its little-endian bytes (``base64``).
+    """One JSON value per row: its numbers (``float``) or the base64 of its little-endian float32 bytes
+    (``base64``, whatever the precision: what OpenAI's clients decode).
 
     Args:
         rows: a 2-D float32, int8 or uint8 array.
@@ -68,6 +70,6 @@ def encode_rows(rows: np.ndarray, encoding_format: EncodingFormat, *, as_lists: 
             a serialiser that writes numpy arrays, such as orjson).
     """
     if encoding_format == "base64":
-        little = rows.astype(rows.dtype.newbyteorder("<"), copy=False)
+        little = rows.astype("<f4", copy=False)
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     return rows.tolist() if as_lists else list(rows)  # type: ignore[no-any-return]

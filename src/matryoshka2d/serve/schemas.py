@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
-from matryoshka2d.serve.output import Precision
+from matryoshka2d.serve.output import EncodingFormat, Precision
 
 
 def json_integer(value: Any) -> Any:
@@ -39,8 +39,9 @@ class EmbeddingRequest(BaseModel):
     model: StrictStr | None = Field(default=None, description="the served model id (GET /v1/models)")
     dimensions: Integer | None = Field(default=None, description="keep the first `dimensions` coordinates, "
                                                                    "1..D (default: the model's default width)")
-    encoding_format: Literal["float", "base64"] = Field(
-        default="float", description="float: JSON numbers; base64: the little-endian bytes of the array")
+    encoding_format: EncodingFormat = Field(
+        default="float", description="float: JSON numbers; base64: the little-endian float32 bytes of each "
+                                     "vector (quantised codes as float32 numbers), as OpenAI's clients decode")
     user: StrictStr | None = Field(default=None, description="an end-user id (logged, not used)")
     layer: Integer | None = Field(default=None, description="extension: the exit layer 1..N (default: the "
                                                               "model's default exit); blocks after it never run")
@@ -84,8 +85,8 @@ class ModelList(BaseModel):
 class ErrorBody(BaseModel):
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None = Field(default=None, description="the request field at fault, or null")
+    code: str = Field(description="a machine-readable code, e.g. invalid_layer, empty_input, queue_full")
 
 
 class ErrorResponse(BaseModel):
@@ -96,3 +97,24 @@ class ErrorResponse(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+TEXT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # what check_texts(blank=False) accepts: no NUL, not blank
+
+
+def tighten_schema(properties: dict[str, Any], *, layers: int, dims: int, vocab: int, max_items: int) -> None:
+    """Write this model's bounds into the ``EmbeddingRequest`` JSON schema (layer 1..N, dimensions 1..D, token
+    ids 0..vocab-1, non-empty inputs, at most ``max_items`` of them, texts with a visible character and no NUL),
+    so the schema says what the server accepts.
+    """
+    text, texts, ids, id_lists = properties["input"]["anyOf"]
+    text.update(minLength=1, pattern=TEXT_PATTERN)
+    texts.update(minItems=1, maxItems=max_items)
+    texts["items"].update(minLength=1, pattern=TEXT_PATTERN)
+    token = {"type": "integer", "minimum": 0, "maximum": vocab - 1}
+    ids.update(minItems=1, items=dict(token))
+    id_lists.update(minItems=1, maxItems=max_items, items={"type": "array", "minItems": 1, "items": dict(token)})
+    for name, upper in (("layer", layers), ("dimensions", dims)):
+        for option in properties[name]["anyOf"]:
+            if option.get("type") == "integer":
+                option.update(minimum=1, maximum=upper)

@@ -30,7 +30,14 @@ from matryoshka2d.training import checkpoint as ckpt
 from matryoshka2d.training.checkpoint import DataOrder
 from matryoshka2d.training.config import Config
 from matryoshka2d.training.interrupts import SigintFlag, TrainingInterrupted, stop_requested
-from matryoshka2d.training.setup import CONFIG_FILE, build, check_run_dir, make_accelerator, make_optimizer
+from matryoshka2d.training.setup import (
+    CONFIG_FILE,
+    build,
+    check_run_dir,
+    load_unlabelled,
+    make_accelerator,
+    make_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     resume_from = check_run_dir(config, resume=resume, overwrite=overwrite)
     set_seed(config.train.seed)
     model, data, dev, objective = build(config, world_size=world)
+    unlabelled = load_unlabelled(config)
+    extra_batch = config.data.unlabelled_batch_size or config.train.batch_size
     accelerator.wait_for_everyone()  # every process has checked everything before anything is written
     t = config.train
     order = DataOrder(len(data), t.batch_size, t.seed)
@@ -119,8 +128,15 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
                 rows = order.next_batch()[rank * per_rank : (rank + 1) * per_rank]
                 features, labels, cut = _collate(inner.model, data, rows, accelerator.device)
                 truncated += cut
+                kwargs = {}
+                if unlabelled:  # the same texts for a step on every run (resume included)
+                    first = ((step - 1) * accum + micro) * extra_batch * world + rank * extra_batch
+                    chosen = [unlabelled[(first + i) % len(unlabelled)] for i in range(extra_batch)]
+                    batch = inner.model.tokenize(chosen)
+                    truncated += int(batch.pop("num_truncated", 0))
+                    kwargs["unlabelled"] = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective):
-                    out = objective(features, labels)
+                    out = objective(features, labels, **kwargs)
                     accelerator.backward(out["loss"] / accum)
                 for key, value in out.items():
                     parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
@@ -293,4 +309,8 @@ def _save_model(inner: Any, config: Config, data: Any, path: Path, *, steps: int
         meta["training"].update({"exit_heads": model.exit_head_kind, "head_lr": config.train.head_lr or
                                  config.train.lr})
     meta["trained_layers"], meta["trained_dims"] = list(inner.trained_layers), list(inner.trained_dims)
+    terms = [name for name in ("cross", "align", "score_kd") if getattr(inner, f"{name}_weight") > 0]
+    if terms:  # the shallow exits were trained into the full exit's space: an index at N serves them
+        meta["document_space"] = {"document_exit": model.num_layers, "trained_by": terms,
+                                  "query_exits": [n for n in inner.trained_layers if n < model.num_layers]}
     model.save(path, overwrite=True)

@@ -123,6 +123,9 @@ class DataConfig:
         dev_split: its split.
         dev_layers: exits evaluated; ``None`` means ``{N // 2, N}``.
         dev_dims: widths evaluated; ``None`` means ``{64, D}``.
+        unlabelled: text files (one text per line) of unlabelled texts; each step adds a batch of them on which
+            only embedding alignment (``objective.align_weight``) is computed.
+        unlabelled_batch_size: texts of ``unlabelled`` per step; ``None`` means ``train.batch_size``.
     """
 
     source: str = "stsb"
@@ -135,8 +138,14 @@ class DataConfig:
     dev_split: str = "dev"
     dev_layers: list[int] | None = None
     dev_dims: list[int] | None = None
+    unlabelled: list[str] | None = None
+    unlabelled_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.unlabelled is not None and (not isinstance(self.unlabelled, list) or not self.unlabelled
+                                            or not all(isinstance(f, str) and f for f in self.unlabelled)):
+            invalid("data.unlabelled", self.unlabelled, "expected a list of text files, e.g. ['queries.txt']")
+        _int("data.unlabelled_batch_size", self.unlabelled_batch_size, 1, optional=True)
         if not isinstance(self.source, str) or not self.source:
             invalid("data.source", self.source, "expected a named set (stsb, sickr, nli) or a file path")
         if self.kind is not None:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from matryoshka2d.training import checkpoint as ckpt
@@ -80,6 +81,28 @@ def check_finished_run(config: Config) -> None:
     if diff:
         raise ValueError(f"{run_dir / 'final'} was trained with other settings than the study asks for now: "
                          f"{'; '.join(diff)}; restore the study's settings, or delete {run_dir} to retrain it")
+
+
+def load_unlabelled(config: Config) -> list[str]:
+    """The texts of ``data.unlabelled`` (blank and repeated ones dropped), shuffled by ``train.seed``; empty when
+    it is unset. Steps take them in this order, cycling, so a resumed run sees the same texts.
+
+    Raises:
+        ValueError / FileNotFoundError: a missing or empty file, or unlabelled texts without an alignment term.
+    """
+    d, o = config.data, config.objective
+    if not d.unlabelled:
+        return []
+    if o.align_weight <= 0:
+        raise ValueError(f"data.unlabelled = {d.unlabelled} adds texts that only embedding alignment uses, but "
+                         "objective.align_weight is 0; set objective.align_weight > 0 (e.g. 1.0) or drop "
+                         "data.unlabelled")
+    from matryoshka2d.data.datasets import read_sentences
+    from matryoshka2d.training.align import unlabelled_texts
+
+    texts = unlabelled_texts([t for path in d.unlabelled for t in read_sentences(path, data_dir=d.data_dir)])[0]
+    order = np.random.default_rng(config.train.seed).permutation(len(texts))
+    return [texts[i] for i in order]
 
 
 def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, Any], Any]:
