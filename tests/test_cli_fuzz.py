@@ -260,6 +260,21 @@ def command_flags(w: dict[str, str]) -> dict[str, tuple[list[V], dict[str, V | N
                 "--no-progress-bar": None,
             },
         ),
+        "align": (
+            [model],
+            {
+                **common,
+                "--texts": paths(w, ["txt", "tsv"], ["bad_txt", "corpus"]),
+                "--exits": V(["1", "1,2"], ["0", "4", "9", "x", ""]),
+                "--output": outputs(w, "-aligned"),
+                "--method": V(["head"], ["x", ""]),
+                "--rank": V(["2"], ["0", "-1", "x"]),
+                "--epochs": V(["0.5", "1"], ["0", "-1", "nan", "x"]),
+                "--batch-size": V(["2", "8"], ["0", "x"]),
+                "--distance": V(["cosine", "mse"], ["l1"]),
+                "--overwrite": None,
+            },
+        ),
         "export": (
             [model],
             {
@@ -376,6 +391,7 @@ def argv_for(draw: st.DrawFn, w: dict[str, str]) -> list[str]:
         "bench": ["--sentences", "--repeats", "--warmup"],
         "eval": ["--data-dir"],
         "train": ["--max-steps", "--data", "--output-dir"],
+        "align": ["--texts", "--exits", "--output", "--method"],
     }.get(command, [])
     chosen = set(draw(st.lists(st.sampled_from(sorted(usable)), max_size=6, unique=True))) | set(required)
     if chosen and not valid_only and draw(st.integers(0, 9)) == 0:  # sometimes a required flag is missing

@@ -310,3 +310,13 @@ def test_index_from_encoded_shards_equals_encoding_again(tiny_dir: Path, tmp_pat
     shard.write_bytes(shard.read_bytes()[:-8] + b"damaged!")
     assert main(["index", str(tiny_dir), "--encoded", str(enc), "--dims", "8,32", "--output", str(tmp_path / "y")]) == 2
     assert "differs from manifest.json" in capsys.readouterr().err
+
+
+def test_small_mode_encode_refuses_blank_lines(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 35's weak pattern: blank .txt lines were embedded silently as rows of the .npy."""
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n   \nworld\n", encoding="utf-8")
+    assert main(["encode", str(tiny_dir), "--input", str(src), "--output", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{src}:2: the text is blank" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.npy").exists()

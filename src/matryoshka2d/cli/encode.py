@@ -80,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.model} is {'an ONNX export' if fmt else 'not one'}: drop the flag")
     with claim_output(args.output, overwrite=args.overwrite) as out:  # held until the file is in place
         texts = read_sentences(args.input, column=args.column)
+        blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
+        if blank is not None:  # a row of the .npy per input line: a blank one would be silent garbage
+            where = f"{args.input}:{blank + 1}" if str(args.input).endswith(".txt") else f"{args.input} row {blank + 1}"
+            raise ValueError(f"{where}: the text is blank ({sum(not t.strip() for t in texts)} blank in all); the "
+                             ".npy has one row per input line, so remove blank lines, or encode with --exits "
+                             "L:D --skip-empty to skip and count them")
         if fmt:
             start = time.perf_counter()
             emb = _encode_exported(args, texts)
