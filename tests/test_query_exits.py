@@ -134,6 +134,18 @@ def test_align_cli_and_its_bad_inputs(tiny_dir: Path, tmp_path: Path, capsys: py
     assert MatryoshkaEncoder.from_pretrained(out).document_space["query_path"] == "own"
     assert main(["info", str(out)]) == 0
     assert "built at layer 4 can be searched with queries at layers [1, 2, 4]" in capsys.readouterr().out
+    for kind in ("query", "document"):
+        assert main(["encode", str(out), "--layer", "2", "--input", str(texts), "--input-type", kind,
+                     "--output", str(tmp_path / f"{kind}.npy")]) == 2  # the file ends with a blank line
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    for kind in ("query", "document"):
+        assert main(["encode", str(out), "--layer", "2", "--input", str(lines), "--input-type", kind,
+                     "--output", str(tmp_path / f"{kind}.npy")]) == 0
+    aligned = MatryoshkaEncoder.from_pretrained(out)
+    np.testing.assert_allclose(np.load(tmp_path / "query.npy"), aligned.encode(TEXTS, layer=2, input_type="query"),
+                               atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "document.npy"), aligned.encode(TEXTS, layer=2), atol=1e-6)
     empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
     empty.write_text("", encoding="utf-8")
     blank.write_text("\n  \n", encoding="utf-8")

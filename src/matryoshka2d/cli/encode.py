@@ -19,6 +19,7 @@ import numpy as np
 
 from matryoshka2d.cli.common import add_model_args, load_model
 from matryoshka2d.io.outputs import save_or_rescue
+from matryoshka2d.vocab import INPUT_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="exit layer 1..N (default: the model's default)")
     p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: full width)")
+    p.add_argument("--input-type", choices=INPUT_TYPES, default="document",
+                   help="query: take the exit's own query path where m2d align gave it one (encode queries this "
+                        "way); document (default): the shared path, what an index holds")
     p.add_argument("--input", required=True, nargs="+",
                    help=".txt (one sentence per line) or .tsv/.csv/.jsonl; with --exits also .parquet, several "
                         "files, globs or folders")
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             emb = model.encode(
                 texts, layer=args.layer, dim=args.dim, batch_size=args.batch_size, normalize=args.normalize,
-                show_progress_bar=not args.quiet,
+                show_progress_bar=not args.quiet, input_type=args.input_type,
             )
         seconds = time.perf_counter() - start
         save_or_rescue(out, lambda path: save_array(path, emb), what="embeddings")
