@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, int_list, load_model
+from matryoshka2d.vocab import INDEX_TYPES, RERANK_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -15,16 +17,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="encode a corpus at one exit into a cascade index (faiss shortlist + rerank)")
     add_model_args(p)
     p.add_argument("--corpus", required=True,
-                   help="corpus file (doc_id, title, text: .tsv/.jsonl), a BEIR folder, or scifact / nfcorpus")
+                   help="corpus file (.tsv/.csv/.jsonl/.parquet, read as m2d encode reads it: id column id / _id / "
+                        "doc_id, text = title + text), a BEIR folder, or scifact / nfcorpus")
     p.add_argument("--layer", default=None, help="exit layer of the documents (default: the last)")
     p.add_argument("--dims", required=True,
                    help="comma-separated dims: the smaller ones get shortlist indexes, the largest holds the rerank "
                         "vectors (e.g. 64,384)")
-    p.add_argument("--type", dest="index_type", choices=("flat", "hnsw", "ivf", "sq8", "sq6", "sq4"), default="flat",
+    p.add_argument("--type", dest="index_type", choices=INDEX_TYPES, default="flat",
                    help="shortlist index: flat (exact, default), hnsw, ivf, sq8 / sq6 / sq4 (scalar quantised)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     p.add_argument("--ivf-nlist", type=int, default=None, help="IVF clusters (default ~4 sqrt(N))")
-    p.add_argument("--rerank-dtype", choices=("float32", "float16"), default="float32",
+    p.add_argument("--rerank-dtype", choices=RERANK_DTYPES, default="float32",
                    help="storage of the rerank vectors")
     p.add_argument("--data-dir", default=None, help="data folder for scifact / nfcorpus")
     p.add_argument("--batch-size", type=int, default=64)
@@ -42,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     """The work of ``m2d index`` once its output folder is claimed."""
-    from matryoshka2d.data.beir import BEIR_SETS, read_corpus, resolve_beir_dir
+    from matryoshka2d.corpus.readers import read_corpus
+    from matryoshka2d.data.beir import BEIR_SETS, find_beir_file, resolve_beir_dir
     from matryoshka2d.search.index import CascadeIndex
 
-    corpus = resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus
-    ids, texts = read_corpus(corpus)
+    corpus = Path(resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus)
+    ids, texts = read_corpus(find_beir_file(corpus, "corpus") if corpus.is_dir() else corpus)
     model = load_model(args)
     layer = model.num_layers if args.layer is None else int_list(args.layer, name="layer", upper=model.num_layers,
                                                                  allow_all=False)[0]

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, load_model
+from matryoshka2d.vocab import SERVE_BACKENDS, SERVE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+    p.add_argument("--backend", default="torch", choices=SERVE_BACKENDS,
                    help="torch (default: one mixed-depth pass per batch) or onnx (every exit exported to ONNX at "
                         "start-up and run with onnxruntime; needs the onnx extra)")
     p.add_argument("--onnx-dir", default=None,
                    help="--backend onnx: keep the exported exits here and reuse them on the next start when they "
                         "still match the model (default: a temporary folder, removed at exit)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=SERVE_DTYPES, help="backbone dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model (default: torch's)")
     p.add_argument("--served-model-name", default=None,

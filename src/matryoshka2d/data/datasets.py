@@ -12,19 +12,22 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from matryoshka2d.data.files import (
     TABLE_SUFFIXES,
+    Columns,
     decode_text,
+    join_title,
     numbered_lines,
     parse_score,
     parse_text,
+    pick_columns,
     read_table,
     select_columns,
 )
+from matryoshka2d.vocab import DataKind, StsVariant
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ STS_SPLITS = {name: ("test",) for name in STS_SETS} | {"stsb": ("train", "dev", 
 NLI_FILES = {"train": "snli_dev_triplets.tsv", "dev": "snli_dev_triplets.tsv",
              "test": "snli_test_triplets.tsv"}
 NAMED_SETS = (*STS_SETS, "nli")
-Kind = Literal["scored", "pairs", "triplets"]
+Kind = DataKind  # the name data/ used before vocab.py held it
 KIND_COLUMNS: dict[str, tuple[str, ...]] = {
     "scored": ("sentence1", "sentence2", "score"),
     "pairs": ("anchor", "positive"),
@@ -194,7 +197,7 @@ def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
 
 
 # ----------------------------------------------------------------------------------- public loaders
-def load_sts(name: str, split: str = "test", *, variant: Literal["original", "senteval_tok"] = "original",
+def load_sts(name: str, split: str = "test", *, variant: StsVariant = "original",
              subset: str | None = None, data_dir: str | Path | None = None) -> ScoredPairs:
     """Load an STS evaluation set.
 
@@ -318,8 +321,10 @@ def read_sentences(path: str | Path, column: str | None = None, *,
     """Read sentences to encode.
 
     ``.txt``: one sentence per line, no header (an empty line is an empty sentence, so output rows stay
-    aligned with input lines). ``.tsv`` / ``.csv`` / ``.jsonl``: ``column`` (the first by default), every
-    value non-empty. An STS set name gives the unique sentences of its test split in first-seen order.
+    aligned with input lines). ``.tsv`` / ``.csv`` / ``.jsonl``: ``column``, every value non-empty; by
+    default the corpus readers' text column (:func:`~matryoshka2d.data.files.pick_columns`: ``text``, with
+    ``title`` joined before it, else the first column that is not an id). An STS set name gives the unique
+    sentences of its test split in first-seen order.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -343,7 +348,11 @@ def read_sentences(path: str | Path, column: str | None = None, *,
             raise ValueError(f"{file}:1: file is empty; expected one sentence per line")
         return sentences
     header, rows = read_table(file)
-    name = column if column is not None else header[0]
-    (i,) = select_columns(file, header, [name], "the sentence column",
+    cols = pick_columns(file, header) if column is None else Columns(None, column)  # the corpus readers' rule
+    (i,) = select_columns(file, header, [cols.text], "the sentence column",
                           fix="pass --column NAME (column=NAME in Python) to pick the column")
-    return [parse_text(file, line, name, fields[i]) for line, fields in rows]
+    texts = [parse_text(file, line, cols.text, fields[i]) for line, fields in rows]
+    if cols.title is None:
+        return texts
+    t = header.index(cols.title)
+    return [join_title(str(fields[t] or ""), text) for (_, fields), text in zip(rows, texts, strict=True)]

@@ -25,6 +25,7 @@ from matryoshka2d.data.beir import BeirSet
 from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.evaluation.grid import matryoshka_dims
 from matryoshka2d.evaluation.retrieval_result import HEADLINE_METRIC, RETRIEVAL_METRICS, RetrievalResult
+from matryoshka2d.truncation import truncate
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ def _ranx() -> Any:
     return ranx
 
 
-def normalized_prefix(x: np.ndarray, dim: int) -> np.ndarray:
-    """``x[:, :dim]`` L2-normalised per row (float32; an all-zero row stays zero)."""
-    part = np.ascontiguousarray(x[:, :dim], dtype=np.float32)
-    norms = np.linalg.norm(part, axis=1, keepdims=True)
-    return part / np.maximum(norms, 1e-12)
+normalized_prefix = truncate  # the name tests/test_search.py uses
 
 
 def exact_topk(queries: np.ndarray, docs: np.ndarray, k: int, *,
@@ -242,8 +239,8 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
         start = time.perf_counter()
         table = np.empty((len(metrics), len(layers), len(dims), len(data)), dtype=np.float32)
         for j, d in enumerate(dims):
-            docs_d = {n: normalized_prefix(d_vecs[n], d) for n in layers}
-            queries_d = {n: normalized_prefix(q_vecs[n], d) for n in layers}
+            docs_d = {n: truncate(d_vecs[n], d) for n in layers}
+            queries_d = {n: truncate(q_vecs[n], d) for n in layers}
             for i, n in enumerate(layers):
                 pairs = [(n, m) for m in layers] if d in asym else [(n, n)]
                 for qn, dn in pairs:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from matryoshka2d.encoder.tokenization import TokenBatches, TokenizerFile, check_texts
+from matryoshka2d.vocab import RUNTIME_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class OpenVinoEncoder(ExportedEncoder):
         import openvino as ov
 
         super().__init__(folder, max_seq_length=max_seq_length)
-        if precision not in ("f32", "bf16", "auto"):
+        if precision not in RUNTIME_PRECISIONS:
             raise ValueError(f"OpenVINO precision {precision!r} is not f32, bf16 or auto; pass one of them")
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
             raise ValueError(f"OpenVINO streams {streams!r} is out of range 1..64; pass 1 (one batch at a time) "

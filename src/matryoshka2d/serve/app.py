@@ -24,13 +24,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from matryoshka2d import truncation
 from matryoshka2d._version import __version__
 from matryoshka2d.encoder.tokenization import tokenize_unpadded
 from matryoshka2d.serve import schemas
 from matryoshka2d.serve.batcher import Batcher, QueueFullError, StoppedError
 from matryoshka2d.serve.config import ServeConfig
 from matryoshka2d.serve.metrics import Metrics
-from matryoshka2d.serve.output import encode_rows, normalize_rows, quantize
+from matryoshka2d.serve.output import encode_rows, quantize
 
 try:  # optional: about 10x faster JSON for embedding vectors
     import orjson
@@ -324,7 +325,7 @@ def create_app(model: MatryoshkaEncoder, config: ServeConfig, *, threads: int | 
                                "requests are unaffected", code="model_error") from None
             finally:
                 metrics.queue_rows.set(batcher.queued_rows)
-            out = quantize(normalize_rows(vectors, dim), body.precision)
+            out = quantize(truncation.truncate(vectors, dim), body.precision)
             data = [{"object": "embedding", "index": i, "embedding": e}
                     for i, e in enumerate(encode_rows(out, body.encoding_format, as_lists=orjson is None))]
             tokens = sum(len(r) for r in rows)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from matryoshka2d.vocab import SERVE_BACKENDS, SERVE_DTYPES
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -50,9 +52,9 @@ class ServeConfig:
         if isinstance(self.trim_interval_s, bool) or not 0 <= self.trim_interval_s <= 3600:
             raise ValueError(f"trim_interval_s {self.trim_interval_s!r} is out of range 0..3600 seconds; pass e.g. "
                              "2, or 0 to never trim")
-        if self.dtype not in ("fp32", "bf16"):
+        if self.dtype not in SERVE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; pass fp32 or bf16")
-        if self.backend not in ("torch", "onnx"):
+        if self.backend not in SERVE_BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not supported; pass torch or onnx")
         if self.backend == "onnx" and self.dtype != "fp32":
             raise ValueError(f"dtype {self.dtype!r} is torch only: the onnx backend runs the fp32 graphs; pass "

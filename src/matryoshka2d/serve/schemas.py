@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
-from matryoshka2d.serve.output import Precision
+from matryoshka2d.vocab import EncodingFormat, Precision
 
 
 def json_integer(value: Any) -> Any:
@@ -39,7 +39,7 @@ class EmbeddingRequest(BaseModel):
     model: StrictStr | None = Field(default=None, description="the served model id (GET /v1/models)")
     dimensions: Integer | None = Field(default=None, description="keep the first `dimensions` coordinates, "
                                                                    "1..D (default: the model's default width)")
-    encoding_format: Literal["float", "base64"] = Field(
+    encoding_format: EncodingFormat = Field(
         default="float", description="float: JSON numbers; base64: the little-endian bytes of the array")
     user: StrictStr | None = Field(default=None, description="an end-user id (logged, not used)")
     layer: Integer | None = Field(default=None, description="extension: the exit layer 1..N (default: the "

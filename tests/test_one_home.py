@@ -1,0 +1,73 @@
+"""One home for each concept: the vocabularies the CLI offers, the one rule for a corpus's columns, and the
+table of export writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from matryoshka2d import vocab
+from matryoshka2d.cli import main
+from matryoshka2d.data.datasets import read_sentences
+from matryoshka2d.data.files import pick_columns
+
+
+# ------------------------------------------------------------------------------------------ vocabularies
+@pytest.mark.parametrize(("argv", "choices"), [
+    (["index", "m", "--corpus", "c", "--dims", "8", "--output", "o", "--type", "bogus"], vocab.INDEX_TYPES),
+    (["index", "m", "--corpus", "c", "--dims", "8", "--output", "o", "--rerank-dtype", "bogus"],
+     vocab.RERANK_DTYPES),
+    (["encode", "m", "--input", "x", "--output", "o", "--engine", "bogus"], vocab.CORPUS_ENGINES),
+    (["encode", "m", "--input", "x", "--output", "o", "--format", "bogus"], vocab.STORAGE_FORMATS),
+    (["eval", "m", "--metric", "bogus"], vocab.METRICS),
+    (["serve", "m", "--backend", "bogus"], vocab.SERVE_BACKENDS),
+])
+def test_cli_choices_come_from_vocab(argv: list[str], choices: tuple[str, ...],
+                                     capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert all(repr(c) in err for c in choices), err
+
+
+def test_export_quantization_checked_against_vocab() -> None:
+    from matryoshka2d.export.formats import WRITERS
+
+    assert set(WRITERS) == set(vocab.FORMATS)  # one writer per format, none without a row
+    with pytest.raises(ValueError, match=r"unknown quantization 'int4'; choose one of int8 \(or none\)"):
+        WRITERS["onnx"].check(None, 1, "int4", None)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ corpus columns
+@pytest.mark.parametrize(("header", "expected"), [
+    (["id", "text"], ("id", "text", None)),
+    (["text", "id"], ("id", "text", None)),
+    (["doc_id", "title", "text"], ("doc_id", "text", "title")),
+    (["_id", "title", "text", "metadata"], ("_id", "text", "title")),
+    (["id", "sentence"], ("id", "sentence", None)),  # no text column: the first column that is not the id
+    (["sentence1", "sentence2", "score"], (None, "sentence1", None)),
+])
+def test_pick_columns_defaults(header: list[str], expected: tuple) -> None:
+    assert tuple(pick_columns(Path("c.tsv"), header)) == expected
+
+
+def test_encode_and_index_read_a_corpus_alike(tiny_dir: Path, tmp_path: Path) -> None:
+    """A column named id is the id and title + text the text, in every reader (m2d encode's --exits and .npy
+    paths, m2d index)."""
+    from matryoshka2d.corpus.readers import CorpusReader, read_corpus
+
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text("title\ttext\tid\nT1\tfirst doc\tx\n\tsecond doc\ty\n", encoding="utf-8")
+    records = list(CorpusReader([corpus]).records())
+    assert [(r.id, r.text) for r in records] == [("x", "T1 first doc"), ("y", "second doc")]
+    assert read_corpus(corpus) == (["x", "y"], ["T1 first doc", "second doc"])
+    assert read_sentences(corpus) == ["T1 first doc", "second doc"]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in (("a", "one"), ("b", "two"))),
+                     encoding="utf-8")
+    assert read_sentences(jsonl) == ["one", "two"]  # the text, not the id in the first column
+    out = tmp_path / "index"
+    assert main(["-q", "index", str(tiny_dir), "--pooling", "mean", "--corpus", str(corpus), "--dims", "8,32",
+                 "--output", str(out)]) == 0
+    assert json.loads((out / "ids.json").read_text()) == ["x", "y"]
