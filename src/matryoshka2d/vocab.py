@@ -104,6 +104,18 @@ ServeDtype = Literal["fp32", "bf16"]  # the served backbone's dtype (a subset of
 SERVE_DTYPES: tuple[str, ...] = get_args(ServeDtype)
 
 
+# ----------------------------------------------------------------------------------- packaging
+# pyproject's optional dependencies: ``pip install matryoshka2d`` is the encoder, io, export (hf / st folders)
+# and the CLI's inference commands; everything else is one of these
+Extra = Literal["train", "plot", "st", "onnx", "openvino", "retrieval", "corpus", "ray", "serve", "dev"]
+EXTRAS: tuple[str, ...] = get_args(Extra)
+
+
+def install_hint(extra: Extra) -> str:
+    """The command that installs ``extra``: from this repository's checkout (no release is on an index)."""
+    return f"pip install -e '.[{extra}]' in the matryoshka2d repository"
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...], *, fix: str = "") -> str:
     """Return ``value`` if it is one of ``choices``.
 
