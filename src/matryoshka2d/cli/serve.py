@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, load_model
-from matryoshka2d.vocab import SERVE_BACKENDS, SERVE_DTYPES
+from matryoshka2d.vocab import SERVE_BACKENDS, SERVE_DTYPES, install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
         from matryoshka2d.serve.app import create_app
     except ImportError as e:
-        raise ImportError(f"m2d serve needs the serve extra ({e}); pip install 'matryoshka2d[serve]'") from None
+        raise ImportError(f"m2d serve needs the serve extra ({e}): {install_hint('serve')}") from None
     import torch
 
     from matryoshka2d.serve.config import ServeConfig

@@ -38,6 +38,7 @@ from matryoshka2d.data.files import (
     parse_json_object,
     pick_columns,
 )
+from matryoshka2d.vocab import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def require_pyarrow() -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise ImportError("corpus encoding needs pyarrow; pip install 'matryoshka2d[corpus]'") from None
+        raise ImportError(f"corpus encoding needs pyarrow: {install_hint('corpus')}") from None
 
 
 def _lines(path: Path, offset: int, line: int) -> Iterator[tuple[int, int, bytes]]:

@@ -9,7 +9,7 @@ nDCG uses the grade as the gain), per query, so results can be compared by a pai
 queries. With ``asymmetric_dims`` the same vectors also give a query-layer x doc-layer matrix: queries at
 one exit scored against documents encoded at another.
 
-Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for ``ranx``.
+Needs the ``retrieval`` extra for ``ranx``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.evaluation.grid import matryoshka_dims
 from matryoshka2d.evaluation.retrieval_result import HEADLINE_METRIC, RETRIEVAL_METRICS, RetrievalResult
 from matryoshka2d.truncation import truncate
+from matryoshka2d.vocab import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def _ranx() -> Any:
     try:
         import ranx
     except ImportError:
-        raise ImportError("retrieval metrics need ranx; install it with "
-                          "`pip install matryoshka2d[retrieval]`") from None
+        raise ImportError(f"retrieval metrics need ranx: {install_hint('retrieval')}") from None
     return ranx
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from matryoshka2d.evaluation.metrics import sts_spearman
 from matryoshka2d.truncation import cosine
+from matryoshka2d.vocab import install_hint
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -53,7 +54,7 @@ def require_sentence_transformers() -> None:
     except ImportError:
         raise ImportError(
             "checking a sentence-transformers export needs sentence-transformers: "
-            'pip install "matryoshka2d[st]" (or skip the check with --no-verify / verify=False)'
+            f"{install_hint('st')} (or skip the check with --no-verify / verify=False)"
         ) from None
 
 

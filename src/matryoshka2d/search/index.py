@@ -17,7 +17,7 @@ rerank can run at any dim ``<= D`` from the one stored matrix. ``kind`` selects 
 clusters, ``nprobe`` probed at query time), ``sq8`` / ``sq6`` / ``sq4`` (exhaustive over 8- / 6- / 4-bit
 scalar-quantised vectors: 4x / 5.3x / 8x smaller than float32).
 
-Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for faiss.
+Needs the ``retrieval`` extra for faiss.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from matryoshka2d.truncation import truncate
-from matryoshka2d.vocab import INDEX_TYPES, RERANK_DTYPES, IndexType, RerankDtype
+from matryoshka2d.vocab import INDEX_TYPES, RERANK_DTYPES, IndexType, RerankDtype, install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def faiss_module() -> Any:
     try:
         import faiss
     except ImportError:
-        raise ImportError("indexes need faiss; install it with `pip install matryoshka2d[retrieval]`") from None
+        raise ImportError(f"indexes need faiss: {install_hint('retrieval')}") from None
     return faiss
 
 

@@ -5,7 +5,7 @@
 - :mod:`~matryoshka2d.serve.batcher`: the dynamic batcher (token budget, mixed-depth batches).
 - :mod:`~matryoshka2d.serve.app`: the FastAPI application (:func:`create_app`).
 
-Needs the ``serve`` extra (``pip install matryoshka2d[serve]``).
+Needs the ``serve`` extra (``pip install -e '.[serve]'`` in the repository).
 """
 
 from __future__ import annotations

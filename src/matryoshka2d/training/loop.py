@@ -30,7 +30,14 @@ from matryoshka2d.training import checkpoint as ckpt
 from matryoshka2d.training.checkpoint import DataOrder
 from matryoshka2d.training.config import Config
 from matryoshka2d.training.interrupts import SigintFlag, TrainingInterrupted, stop_requested
-from matryoshka2d.training.setup import CONFIG_FILE, build, check_run_dir, make_accelerator, make_optimizer
+from matryoshka2d.training.setup import (
+    CONFIG_FILE,
+    build,
+    check_run_dir,
+    make_accelerator,
+    make_optimizer,
+    require_accelerate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
         TrainingDivergedError: a NaN/inf loss part or gradient (the run stops, its checkpoints stay).
         TrainingInterrupted: Ctrl-C (SIGINT); the current step finished and was saved as a checkpoint.
     """
+    require_accelerate()
     from accelerate.utils import set_seed
 
     run_dir = Path(config.run.output_dir)
