@@ -145,9 +145,11 @@ class OnnxWriter(FormatWriter):
     def write(self, job: ExportJob) -> dict[str, Any]:
         from matryoshka2d.export.onnx import write_onnx
 
-        # traced and checked in fp32 on the CPU, where onnxruntime runs it here
-        return write_onnx(job.sub.to("cpu", torch.float32), job.folder, dim=job.dim, opset=job.opset,
-                          quantize=job.quantize, texts=job.texts, reference=job.reference, sts=job.sts)
+        # traced and checked in fp32 on the CPU, where onnxruntime runs it here; the long check text is
+        # truncated on purpose, so the runtime's truncation notice is not shown
+        with quiet_logger("matryoshka2d.export.runtime"):
+            return write_onnx(job.sub.to("cpu", torch.float32), job.folder, dim=job.dim, opset=job.opset,
+                              quantize=job.quantize, texts=job.texts, reference=job.reference, sts=job.sts)
 
 
 class OpenVinoWriter(OnnxWriter):
@@ -170,8 +172,9 @@ class OpenVinoWriter(OnnxWriter):
     def write(self, job: ExportJob) -> dict[str, Any]:
         from matryoshka2d.export.openvino import write_openvino
 
-        return write_openvino(job.sub.to("cpu", torch.float32), job.folder, dim=job.dim, opset=job.opset,
-                              texts=job.texts, reference=job.reference, sts=job.sts)
+        with quiet_logger("matryoshka2d.export.runtime"):
+            return write_openvino(job.sub.to("cpu", torch.float32), job.folder, dim=job.dim, opset=job.opset,
+                                  texts=job.texts, reference=job.reference, sts=job.sts)
 
 
 WRITERS: dict[str, FormatWriter] = {w.name: w for w in (HfWriter(), SentenceTransformersWriter(), OnnxWriter(),
