@@ -4,6 +4,7 @@ table of export writers."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,20 @@ def test_encode_and_index_read_a_corpus_alike(tiny_dir: Path, tmp_path: Path) ->
     assert main(["-q", "index", str(tiny_dir), "--pooling", "mean", "--corpus", str(corpus), "--dims", "8,32",
                  "--output", str(out)]) == 0
     assert json.loads((out / "ids.json").read_text()) == ["x", "y"]
+
+
+# ------------------------------------------------------------------------------------------ logging
+def test_applications_set_up_logging_in_one_place_and_quiet_third_parties(monkeypatch):
+    import logging
+
+    from matryoshka2d.logs import setup_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(logging.getLogger("faiss.loader"), "level", logging.NOTSET)
+    setup_logging(logging.INFO, verbose=True)  # -v: nothing silenced
+    assert logging.getLogger("faiss.loader").level == logging.NOTSET
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    setup_logging(logging.INFO)
+    assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING  # "Could not load ..." hidden
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # no "Writing model shards" bars
+    assert logging.getLogger("matryoshka2d").getEffectiveLevel() == logging.INFO

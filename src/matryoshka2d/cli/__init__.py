@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from typing import NoReturn
 
 from matryoshka2d._version import __version__
+from matryoshka2d.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_third_parties(*, verbose: bool) -> None:
-    """Silence what other libraries print when all goes well (``-v`` keeps it), in one place.
-
-    - faiss tries its fastest build first and logs every build this CPU lacks ("Could not load library with
-      AVX512 support") at INFO: the one it loads works, so only its warnings are kept.
-    - transformers draws a progress bar for every ``save_pretrained`` ("Writing model shards"); ours are the
-      bars of work that takes time. Set through the hub's variable before transformers is imported.
-    """
-    if verbose:
-        return
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``m2d`` with ``argv``; return the exit code.
 
@@ -64,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    quiet_third_parties(verbose=args.verbose > 0)
+    setup_logging(level, verbose=args.verbose > 0)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
