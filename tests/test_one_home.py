@@ -72,6 +72,11 @@ def test_encode_and_index_read_a_corpus_alike(tiny_dir: Path, tmp_path: Path) ->
     assert main(["-q", "index", str(tiny_dir), "--pooling", "mean", "--corpus", str(corpus), "--dims", "8,32",
                  "--output", str(out)]) == 0
     assert json.loads((out / "ids.json").read_text()) == ["x", "y"]
+    corpus.write_text("id\ttext\nx\tone\ny\t \n", encoding="utf-8")  # an empty document: the reader's rule
+    args = ["-q", "index", str(tiny_dir), "--pooling", "mean", "--corpus", str(corpus), "--dims", "8,32",
+            "--output", str(out), "--overwrite"]
+    assert main(args) == 2
+    assert main([*args, "--skip-empty"]) == 0 and json.loads((out / "ids.json").read_text()) == ["x"]
 
 
 # ------------------------------------------------------------------------------------------ logging

@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-dtype", choices=RERANK_DTYPES, default="float32",
                    help="storage of the rerank vectors")
     p.add_argument("--data-dir", default=None, help="data folder for scifact / nfcorpus")
+    p.add_argument("--skip-empty", action="store_true", help="skip documents with an empty text instead of failing")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", required=True, help="index folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
@@ -50,7 +51,8 @@ def build(args: argparse.Namespace) -> int:
     from matryoshka2d.search.index import CascadeIndex
 
     corpus = Path(resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus)
-    ids, texts = read_corpus(find_beir_file(corpus, "corpus") if corpus.is_dir() else corpus)
+    ids, texts = read_corpus(find_beir_file(corpus, "corpus") if corpus.is_dir() else corpus,
+                             skip_empty=args.skip_empty)
     model = load_model(args)
     layer = model.num_layers if args.layer is None else int_list(args.layer, name="layer", upper=model.num_layers,
                                                                  allow_all=False)[0]

@@ -354,13 +354,13 @@ class CorpusReader:
         return f"{label}:{number}" if label else str(number)
 
 
-def read_corpus(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
-    """``(ids, texts)`` of one corpus file, every text non-empty (what ``m2d index`` indexes).
+def read_corpus(path: str | os.PathLike[str], *, skip_empty: bool = False) -> tuple[list[str], list[str]]:
+    """``(ids, texts)`` of one corpus file (what ``m2d index`` indexes); an empty text is an error, or skipped.
 
     Raises:
         ValueError: the reader's ``file:line:`` errors.
     """
-    records = list(CorpusReader([path]).records())
+    records = list(CorpusReader([path], skip_empty=skip_empty).records())
     return [r.id for r in records], [r.text for r in records]
 
 
