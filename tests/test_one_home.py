@@ -94,3 +94,30 @@ def test_applications_set_up_logging_in_one_place_and_quiet_third_parties(monkey
     assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING  # "Could not load ..." hidden
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # no "Writing model shards" bars
     assert logging.getLogger("matryoshka2d").getEffectiveLevel() == logging.INFO
+
+
+# ------------------------------------------------------------------------------------------ figures, studies
+def test_figures_are_saved_as_palette_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from matryoshka2d.evaluation.plots import new_figure, save_figure
+
+    fig = new_figure(4, 3)
+    ax = fig.add_subplot()
+    for k in range(6):
+        ax.plot(range(10), [v * k for v in range(10)], label=f"layer {k}")
+    ax.legend()
+    path = save_figure(fig, tmp_path / "f.png")
+    with Image.open(path) as image:
+        assert image.mode == "P" and image.size == (600, 450)  # 150 dpi, a palette of at most 128 colours
+        assert len(image.getcolors(256)) <= 128
+
+
+@pytest.mark.parametrize("field", ["verdict_within", "verdict_full_exit"])
+def test_study_verdict_thresholds_are_checked(field):
+    from matryoshka2d.study.config import StudyConfig
+
+    assert StudyConfig().verdict_within == 1.0 and StudyConfig().verdict_full_exit == 0.5
+    with pytest.raises(ValueError, match=rf"study\.{field} -1: expected a number >= 0"):
+        StudyConfig(**{field: -1})

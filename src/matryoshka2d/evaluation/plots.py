@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka2d.evaluation.grid import AVG, GridResult, Metric
-from matryoshka2d.vocab import install_hint
+from matryoshka2d.evaluation.grid import AVG, GridResult
+from matryoshka2d.vocab import Metric, install_hint
 
 logger = logging.getLogger(__name__)
 
