@@ -32,7 +32,7 @@ from matryoshka2d.vocab import DataKind, StsVariant
 logger = logging.getLogger(__name__)
 
 __all__ = [  # TABLE_SUFFIXES is defined in data.files and re-exported here
-    "KIND_COLUMNS", "NAMED_SETS", "NLI_FILES", "SCORE_NAMES", "STS_SETS", "STS_SPLITS", "TABLE_SUFFIXES", "Kind",
+    "KIND_COLUMNS", "NAMED_SETS", "NLI_FILES", "SCORE_NAMES", "STS_SETS", "STS_SPLITS", "TABLE_SUFFIXES",
     "ScoredPairs", "TrainingData", "load_sts", "load_training_data", "read_sentences", "resolve_data_dir",
     "sts_subsets",
 ]
@@ -43,7 +43,6 @@ STS_SPLITS = {name: ("test",) for name in STS_SETS} | {"stsb": ("train", "dev", 
 NLI_FILES = {"train": "snli_dev_triplets.tsv", "dev": "snli_dev_triplets.tsv",
              "test": "snli_test_triplets.tsv"}
 NAMED_SETS = (*STS_SETS, "nli")
-Kind = DataKind  # the name data/ used before vocab.py held it
 KIND_COLUMNS: dict[str, tuple[str, ...]] = {
     "scored": ("sentence1", "sentence2", "score"),
     "pairs": ("anchor", "positive"),
@@ -96,7 +95,7 @@ class TrainingData:
     """Training examples as named text columns (in the order of ``KIND_COLUMNS[kind]``) plus raw scores."""
 
     name: str
-    kind: Kind
+    kind: DataKind
     columns: dict[str, list[str]]
     scores: np.ndarray | None = None
 
@@ -151,7 +150,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------- typed tables
-def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | None) -> Kind:
+def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | None) -> DataKind:
     if columns is None:
         for kind in ("scored", "triplets", "pairs"):
             if set(KIND_COLUMNS[kind]) <= set(header):
@@ -171,7 +170,7 @@ def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | Non
                      f"that is data.kind in the training config (m2d train --set data.kind=scored)")
 
 
-def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
+def _read_typed(path: Path, kind: DataKind | None, columns: Sequence[str] | None,
                 limit: int | None) -> TrainingData:
     header, rows = read_table(path, limit)
     kind = kind or _detect_kind(path, header, columns)
@@ -262,7 +261,7 @@ def _subset_rows(root: Path, name: str, subset: str, n_rows: int) -> tuple[int, 
     raise ValueError(f"{name} has no subset {subset!r}; known subsets: {', '.join(known)}")
 
 
-def load_training_data(source: str | Path, *, kind: Kind | None = None, columns: Sequence[str] | None = None,
+def load_training_data(source: str | Path, *, kind: DataKind | None = None, columns: Sequence[str] | None = None,
                        split: str = "train", data_dir: str | Path | None = None,
                        limit: int | None = None) -> TrainingData:
     """Load training examples from a named set or a .tsv / .csv / .jsonl file.
