@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from matryoshka2d.data.files import (
+    TABLE_SUFFIXES,
     Columns,
     check_header,
     check_width,
@@ -43,7 +44,7 @@ from matryoshka2d.vocab import install_hint
 logger = logging.getLogger(__name__)
 
 Kind = Literal["txt", "tsv", "csv", "jsonl", "parquet"]
-SUFFIXES: tuple[str, ...] = (".txt", ".tsv", ".csv", ".jsonl", ".parquet")
+SUFFIXES: tuple[str, ...] = (".txt", *TABLE_SUFFIXES, ".parquet")  # data/files' tables, plain text, Parquet
 PARQUET_BATCH = 4096  # rows per Arrow batch when streaming a Parquet file
 
 
