@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-EXTRAS ?= dev,plot,st,onnx,openvino,retrieval,corpus,serve
+# every extra: the tests need all of them (ray included: tests/test_corpus_ray.py); README installs the same set
+EXTRAS ?= train,dev,plot,st,onnx,openvino,retrieval,corpus,ray,serve
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -52,5 +53,5 @@ reproduce: install
 	$(call run_study,configs/reproduce-stsb-minilm.toml)
 
 research: reproduce
-	$(call run_study,configs/research-exits-ablations.toml)
-	$(call run_study,configs/research-exits-minilm.toml)
+	$(call run_study,research/configs/research-exits-ablations.toml)
+	$(call run_study,research/configs/research-exits-minilm.toml)

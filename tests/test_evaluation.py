@@ -265,7 +265,7 @@ def test_plots_without_matplotlib_say_how_to_install(seven: GridResult, tmp_path
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"pip install matryoshka2d\[plot\]"):
+    with pytest.raises(ImportError, match=r"plots need matplotlib: pip install -e '\.\[plot\]' in the matryoshka2d "):
         plot_heatmaps(seven, tmp_path / "h.png")
     assert not (tmp_path / "h.png").exists()
 

@@ -312,14 +312,14 @@ def test_missing_onnxruntime_names_the_extra(bert, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real(name))
-    hint = r'^ONNX export needs onnxruntime: pip install "matryoshka2d\[onnx\]"$'
+    hint = r"^ONNX export needs onnxruntime: pip install -e '\.\[onnx\]' in the matryoshka2d repository$"
     with pytest.raises(ImportError, match=hint):
         export_model(bert, tmp_path / "out", format="onnx")
 
 
 def test_missing_sentence_transformers_names_the_extra(bert, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)
-    with pytest.raises(ImportError, match=r'pip install "matryoshka2d\[st\]" \(or skip the check with'):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[st\]' in the matryoshka2d repository \(or skip"):
         export_model(bert, tmp_path / "out", format="sentence-transformers")
     # without the check the folder is still written (sentence-transformers is not needed to write it)
     folder = export_model(bert, tmp_path / "out", format="sentence-transformers", verify=False)

@@ -147,21 +147,17 @@ def test_default_model_aliases_resolve_offline():
     assert len(paths) == 1 and paths.pop().endswith("model")
 
 
-def test_mpnet_alias_is_the_fetched_folder_or_an_error_that_says_how_to_fetch_it(tiny_dirs, tmp_path, monkeypatch):
+def test_a_fetched_model_is_an_ordinary_folder_not_an_alias(tiny_dirs, tmp_path):
+    """io/ knows no cache of the research scripts: mpnet names stay hub ids, the fetched folder is a path."""
     import shutil
 
     from matryoshka2d.io.folder import resolve_model_path
 
-    monkeypatch.setenv("M2D_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match=r"'mpnet' is all-mpnet-base-v2, .*run python scripts/fetch_mpnet.py"):
-        MatryoshkaEncoder.from_pretrained("mpnet")
-    # the hub id stays a hub id when the folder is not here
-    assert resolve_model_path("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
+    for name in ("mpnet", "sentence-transformers/all-mpnet-base-v2"):
+        assert resolve_model_path(name) == name
     folder = tmp_path / "models" / "all-mpnet-base-v2"
     shutil.copytree(tiny_dirs["mpnet"], folder)
-    names = ("mpnet", "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2")
-    assert {resolve_model_path(name) for name in names} == {str(folder)}
-    model = MatryoshkaEncoder.from_pretrained("mpnet")
+    model = MatryoshkaEncoder.from_pretrained(str(folder))
     assert model.backbone.config.model_type == "mpnet" and model.num_layers == 4
 
 

@@ -71,6 +71,8 @@ EXIT_HEADS: tuple[str, ...] = get_args(ExitHeads)
 # ----------------------------------------------------------------------------------- evaluation, export, bench
 Metric = Literal["spearman", "pearson"]
 METRICS: tuple[str, ...] = get_args(Metric)
+StsVariant = Literal["original", "senteval_tok"]  # the STS files as published, or SentEval's tokenised copies
+STS_VARIANTS: tuple[str, ...] = get_args(StsVariant)
 ExportFormat = Literal["hf", "sentence-transformers", "onnx", "openvino"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 FORMAT_ALIASES: dict[str, str] = {"st": "sentence-transformers", "sentence_transformers": "sentence-transformers"}
@@ -89,6 +91,39 @@ Backend = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "op
 BACKENDS: tuple[str, ...] = get_args(Backend)
 Attention = Literal["auto", "sdpa", "eager"]
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+# the runtime precision of an exported OpenVINO folder (``auto``: bf16 where the CPU runs it natively)
+RuntimePrecision = Literal["auto", "f32", "bf16"]
+RUNTIME_PRECISIONS: tuple[str, ...] = get_args(RuntimePrecision)
+
+# ----------------------------------------------------------------------------------- search, corpus, serving
+IndexType = Literal["flat", "hnsw", "ivf", "sq8", "sq6", "sq4"]  # the shortlist index of a cascade index
+INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
+RerankDtype = Literal["float32", "float16"]  # storage of a cascade index's rerank vectors
+RERANK_DTYPES: tuple[str, ...] = get_args(RerankDtype)
+StorageFormat = Literal["float32", "float16", "int8", "binary"]  # the vectors of a corpus's Parquet shards
+STORAGE_FORMATS: tuple[str, ...] = get_args(StorageFormat)
+CorpusEngine = Literal["local", "ray"]  # this process, or Ray Data
+CORPUS_ENGINES: tuple[str, ...] = get_args(CorpusEngine)
+Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]  # a served embedding's precision
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+EncodingFormat = Literal["float", "base64"]  # OpenAI's encoding_format
+ENCODING_FORMATS: tuple[str, ...] = get_args(EncodingFormat)
+ServeBackend = Literal["torch", "onnx", "openvino"]  # what runs a server's batches ("auto" picks one of them)
+SERVE_BACKENDS: tuple[str, ...] = get_args(ServeBackend)
+ServeDtype = Literal["fp32", "bf16", "fp16"]  # the served backbone's dtype (a subset of DTYPE_NAMES; fp16 on GPUs)
+SERVE_DTYPES: tuple[str, ...] = get_args(ServeDtype)
+
+
+# ----------------------------------------------------------------------------------- packaging
+# pyproject's optional dependencies: ``pip install matryoshka2d`` is the encoder, io, export (hf / st folders)
+# and the CLI's inference commands; everything else is one of these
+Extra = Literal["train", "plot", "st", "onnx", "openvino", "retrieval", "corpus", "ray", "serve", "dev"]
+EXTRAS: tuple[str, ...] = get_args(Extra)
+
+
+def install_hint(extra: Extra) -> str:
+    """The command that installs ``extra``: from this repository's checkout (no release is on an index)."""
+    return f"pip install -e '.[{extra}]' in the matryoshka2d repository"
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...], *, fix: str = "") -> str:

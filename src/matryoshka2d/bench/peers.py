@@ -11,7 +11,7 @@ import numpy as np
 
 from matryoshka2d.encoder import architectures
 from matryoshka2d.io.folder import resolve_model_path
-from matryoshka2d.vocab import ST_POOLING_MODES, st_pooling_name
+from matryoshka2d.vocab import ST_POOLING_MODES, install_hint, st_pooling_name
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -26,8 +26,8 @@ def require_peer() -> Any:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise ImportError('--peer sentence-transformers needs the sentence-transformers library; '
-                          'pip install "matryoshka2d[st]"') from None
+        raise ImportError(f"--peer sentence-transformers needs the sentence-transformers library: "
+                          f"{install_hint('st')}") from None
     return SentenceTransformer
 
 

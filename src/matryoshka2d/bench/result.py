@@ -56,7 +56,7 @@ class BenchmarkResult:
         peer = bool(self.meta.get("peer"))
         head += [f"ST {unit}", "ours/ST", "ours/ST fp32"] * peer + ["cos to fp32", "STS-B rho (delta)", "RSS MB"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in (r for r in self.records if r["impl"] != PEER):
+        for r in (r for r in self.records if r["impl"].startswith(OURS)):  # peers only in their own columns
             row = [r["batch_size"], r["impl"], r["dtype"], r["layer"], r["dim"], _rate(r, cpu),
                    _x(r[f"speedup_vs_full{cpu}"]), _x(r["ideal_speedup"])]
             if peer:

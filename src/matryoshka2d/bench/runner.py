@@ -35,6 +35,7 @@ from matryoshka2d.bench.timing import TimedConfig, add_quality, records_of, time
 from matryoshka2d.encoder import architectures
 from matryoshka2d.encoder.tokenization import tokenize_unpadded
 from matryoshka2d.io.manifest import library_versions
+from matryoshka2d.truncation import truncate
 from matryoshka2d.vocab import Attention
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def _exported_runner(encoder: Any, dim: int) -> Callable[[list[str], int], np.nd
     def run(texts: list[str], batch_size: int) -> np.ndarray:
         emb = encoder.encode(texts, batch_size=batch_size)
         if dim < emb.shape[1]:
-            emb = emb[:, :dim] / np.maximum(np.linalg.norm(emb[:, :dim], axis=1, keepdims=True), 1e-12)
+            emb = truncate(emb, dim)
         return emb
     return run
 

@@ -22,7 +22,8 @@ import torch
 
 from matryoshka2d.bench.result import COMPILED, OURS, PEER
 from matryoshka2d.bench.settings import BenchmarkSettings
-from matryoshka2d.evaluation.metrics import correlations, pair_cosines, row_cosines
+from matryoshka2d.evaluation.metrics import correlations, pair_cosines
+from matryoshka2d.truncation import cosine
 
 if TYPE_CHECKING:
     from matryoshka2d.data.datasets import ScoredPairs
@@ -184,7 +185,7 @@ def add_quality(records: list[dict[str, Any]], configs: list[TimedConfig], texts
 
 
 def _cosine(a: np.ndarray | None, b: np.ndarray | None, reduce: Callable[..., Any] = np.mean) -> float:
-    return float(reduce(row_cosines(a, b)))  # type: ignore[arg-type]
+    return float(reduce(cosine(a, b)))  # type: ignore[arg-type]
 
 
 def _spearman(emb: np.ndarray | None, texts: list[str], pairs: ScoredPairs) -> float | None:

@@ -9,6 +9,7 @@ import sys
 from typing import NoReturn
 
 from matryoshka2d._version import __version__
+from matryoshka2d.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    setup_logging(level, verbose=args.verbose > 0)
     from matryoshka2d.cli.common import quiet_libraries
 
     try:

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from matryoshka2d.vocab import POOLING_MODES
+from matryoshka2d.vocab import POOLING_MODES, install_hint
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -84,7 +84,7 @@ def check_plot_path(path: str | None, *, flag: str = "--plot") -> None:
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        raise ImportError(f'{flag} needs matplotlib; pip install "matryoshka2d[plot]"') from None
+        raise ImportError(f"{flag} needs matplotlib: {install_hint('plot')}") from None
     formats = FigureCanvasBase.get_supported_filetypes()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     if fmt not in formats:

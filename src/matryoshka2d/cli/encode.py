@@ -19,7 +19,8 @@ import numpy as np
 
 from matryoshka2d.cli.common import add_model_args, load_model
 from matryoshka2d.io.outputs import save_or_rescue
-from matryoshka2d.vocab import INPUT_TYPES
+from matryoshka2d.truncation import truncate
+from matryoshka2d.vocab import CORPUS_ENGINES, INPUT_TYPES, RUNTIME_PRECISIONS, STORAGE_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +36,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, nargs="+",
                    help=".txt (one sentence per line) or .tsv/.csv/.jsonl; with --exits also .parquet, several "
                         "files, globs or folders")
-    p.add_argument("--column", default=None, help="column of a .tsv/.csv/.jsonl input (default: first)")
+    p.add_argument("--column", default=None,
+                   help="text column of a .tsv/.csv/.jsonl input (default: text, with a title joined, else the first "
+                        "column that is not an id)")
     p.add_argument("--output", required=True, help="output .npy file (with --exits: output folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c = p.add_argument_group("corpus encoding (with --exits; see docs/encoding.md)")
     c.add_argument("--exits", default=None, help="exits LAYER:DIM,... from one pass, e.g. 3:128,6:384")
-    c.add_argument("--engine", choices=("local", "ray"), default="local", help="this process, or Ray Data")
-    c.add_argument("--format", default="float32", help="float32, float16, int8 or binary")
-    c.add_argument("--id-column", default=None, help="column of unique ids (default: line numbers)")
-    c.add_argument("--text-column", default=None, help="column of the texts (default: text, else the first)")
+    c.add_argument("--engine", choices=CORPUS_ENGINES, default="local", help="this process, or Ray Data")
+    c.add_argument("--format", default="float32", choices=STORAGE_FORMATS, help="storage of the vectors")
+    c.add_argument("--id-column", default=None, help="column of unique ids (default: id, _id or doc_id, else lines)")
+    c.add_argument("--text-column", default=None, help="column of the texts (default: as --column)")
     c.add_argument("--shard-size", type=int, default=100_000, help="rows per Parquet shard")
     c.add_argument("--skip-empty", action="store_true", help="skip (and count) empty texts instead of failing")
     p.add_argument("--int8", action="store_true",
                    help="ONNX/OpenVINO export: run its int8 graph (faster, slightly different numbers)")
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads: torch's (also the local corpus engine's), or an export's runtime")
-    p.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=RUNTIME_PRECISIONS, default="auto",
                    help="OpenVINO export: auto (default; bf16 on CPUs with native bf16 such as AMX when the "
                         "export's recorded bf16 checks hold, else f32; the same rule as load_exported and m2d "
                         "serve), or f32 / bf16")
@@ -193,6 +196,5 @@ def _encode_exported(args: argparse.Namespace, texts: list[str]) -> np.ndarray:
     encoder = load_exported(args.model, int8=args.int8, threads=args.threads, precision=args.precision)
     emb = encoder.encode(texts, batch_size=args.batch_size)
     if args.dim is not None and args.dim < width:  # a prefix of the normalised vector, normalised again
-        emb = emb[:, : args.dim]
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = truncate(emb, args.dim)
     return emb

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, check_plot_path, int_list, load_model
 from matryoshka2d.cli.eval_retrieval import add_retrieval_args, run_retrieval
+from matryoshka2d.vocab import METRICS, STS_VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="all", help="exit layers, e.g. 2,4,6, or 'all' (default)")
     p.add_argument("--dims", default="all", help="dims, e.g. 64,384, or 'all' (8, 16, ... and D; default)")
     p.add_argument("--split", default="test", help="split (train/dev only exist for stsb and sickr)")
-    p.add_argument("--variant", choices=("original", "senteval_tok"), default="original",
+    p.add_argument("--variant", choices=STS_VARIANTS, default="original",
                    help="original text or SentEval's tokenised text")
     p.add_argument("--data-dir", default=None,
                    help="data folder (default: $M2D_DATA_DIR, ./data, ../shared/data)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--metric", choices=("spearman", "pearson"), default="spearman",
+    p.add_argument("--metric", choices=METRICS, default="spearman",
                    help="metric of the printed tables")
     p.add_argument("--output", default=None, help="write results JSON (+ <name>.preds.npz for m2d compare)")
     p.add_argument("--plot", default=None, help="write a layer x dim heatmap per set (PNG/PDF/SVG)")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, int_list, load_model
+from matryoshka2d.vocab import INDEX_TYPES, RERANK_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus",
-                        help="corpus file (doc_id, title, text: .tsv/.jsonl), a BEIR folder, or scifact / nfcorpus")
+                        help="corpus file (.tsv/.csv/.jsonl/.parquet, read as m2d encode reads it: id column id / "
+                             "_id / doc_id, text = title + text), a BEIR folder, or scifact / nfcorpus")
     source.add_argument("--encoded",
                         help="an m2d encode --exits output folder: index its vectors of --layer instead of "
                              "encoding the corpus again (float32/float16 shards, checked against its manifest)")
@@ -25,13 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dims", required=True,
                    help="comma-separated dims: the smaller ones get shortlist indexes, the largest holds the rerank "
                         "vectors (e.g. 64,384)")
-    p.add_argument("--type", dest="index_type", choices=("flat", "hnsw", "ivf", "sq8", "sq6", "sq4"), default="flat",
+    p.add_argument("--type", dest="index_type", choices=INDEX_TYPES, default="flat",
                    help="shortlist index: flat (exact, default), hnsw, ivf, sq8 / sq6 / sq4 (scalar quantised)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     p.add_argument("--ivf-nlist", type=int, default=None, help="IVF clusters (default ~4 sqrt(N))")
-    p.add_argument("--rerank-dtype", choices=("float32", "float16"), default="float32",
+    p.add_argument("--rerank-dtype", choices=RERANK_DTYPES, default="float32",
                    help="storage of the rerank vectors")
     p.add_argument("--data-dir", default=None, help="data folder for scifact / nfcorpus")
+    p.add_argument("--skip-empty", action="store_true", help="skip documents with an empty text instead of failing")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", required=True, help="index folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     """The work of ``m2d index`` once its output folder is claimed."""
-    from matryoshka2d.data.beir import BEIR_SETS, read_corpus, resolve_beir_dir
+    from matryoshka2d.corpus.readers import read_corpus
+    from matryoshka2d.data.beir import BEIR_SETS, find_beir_file, resolve_beir_dir
     from matryoshka2d.search.index import CascadeIndex
 
     model = load_model(args)
@@ -58,8 +63,9 @@ def build(args: argparse.Namespace) -> int:
     if args.encoded:
         index, ids = from_encoded(args, model, layer, dims)
     else:
-        corpus = resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus
-        ids, texts = read_corpus(corpus)
+        corpus = Path(resolve_beir_dir(args.corpus, args.data_dir) if args.corpus in BEIR_SETS else args.corpus)
+        ids, texts = read_corpus(find_beir_file(corpus, "corpus") if corpus.is_dir() else corpus,
+                                 skip_empty=args.skip_empty)
         layer = model.num_layers if layer is None else layer
         index = CascadeIndex.build(model, ids, texts, layer=layer, dims=dims, kind=args.index_type,
                                    batch_size=args.batch_size, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist,

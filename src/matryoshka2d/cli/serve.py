@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from matryoshka2d.cli.common import add_model_args, load_model
+from matryoshka2d.vocab import SERVE_BACKENDS, SERVE_DTYPES, install_hint
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -28,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+    p.add_argument("--backend", default="auto", choices=["auto", *SERVE_BACKENDS],
                    help="auto (default: openvino where installed, else torch), torch (one mixed-depth pass per "
                         "batch, any --device), onnx or openvino (every exit exported at start-up, kept in "
                         "--export-dir; the onnx / openvino extras)")
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"],
                    help="openvino: auto (default: bf16 where the CPU runs it natively and every exit's recorded "
                         "bf16 checks hold, STS-B within 0.2 of fp32 where the data is found; else f32), f32 or bf16")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="fp32", choices=SERVE_DTYPES,
                    help="torch backend's backbone dtype (default fp32; fp16 on a GPU)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda for a GPU, torch backend)")
     p.add_argument("--threads", type=int, default=None,
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         from matryoshka2d.serve import http
         from matryoshka2d.serve.app import create_app  # noqa: F401 - the serve extra, checked before any work
     except ImportError as e:
-        raise ImportError(f"m2d serve needs the serve extra ({e}); pip install -e '.[serve]'") from None
+        raise ImportError(f"m2d serve needs the serve extra ({e}): {install_hint('serve')}") from None
     import torch
 
     from matryoshka2d.encoder.devices import check_device

@@ -12,7 +12,7 @@ from __future__ import annotations
 from matryoshka2d.corpus.job import CorpusJob, make_job
 from matryoshka2d.corpus.pipeline import encode_corpus
 from matryoshka2d.corpus.readers import CorpusReader, resolve_inputs
-from matryoshka2d.corpus.shards import FORMATS, Exit, embed_exits, parse_exits
+from matryoshka2d.corpus.shards import STORAGE_FORMATS, Exit, embed_exits, parse_exits
 
-__all__ = ["FORMATS", "CorpusJob", "CorpusReader", "Exit", "embed_exits", "encode_corpus", "make_job",
+__all__ = ["STORAGE_FORMATS", "CorpusJob", "CorpusReader", "Exit", "embed_exits", "encode_corpus", "make_job",
            "parse_exits", "resolve_inputs"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka2d.corpus.readers import CorpusReader, resolve_inputs
-from matryoshka2d.corpus.shards import Exit, Format, check_format, parse_exits
+from matryoshka2d.corpus.shards import Exit, StorageFormat, check_format, parse_exits
 from matryoshka2d.io.manifest import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class CorpusJob:
     model: str
     inputs: tuple[str, ...]
     exits: tuple[Exit, ...]
-    format: Format = "float32"
+    format: StorageFormat = "float32"
     normalize: bool = True
     id_column: str | None = None
     text_column: str | None = None

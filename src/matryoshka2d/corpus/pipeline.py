@@ -19,13 +19,12 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from matryoshka2d.corpus.job import CorpusJob
 from matryoshka2d.corpus.shards import (
-    FORMATS,
     INT8_SCALE,
     SHARD_DIR,
     ShardSpec,
@@ -37,10 +36,10 @@ from matryoshka2d.corpus.shards import (
 )
 from matryoshka2d.io.atomic import atomic_write_json
 from matryoshka2d.io.manifest import file_sha256, library_versions
+from matryoshka2d.vocab import CORPUS_ENGINES, CorpusEngine
 
 logger = logging.getLogger(__name__)
 
-Engine = Literal["local", "ray"]
 RUN_NAME = "run.json"
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -121,7 +120,7 @@ def _run_record(job: CorpusJob) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "job": job.to_dict()}
 
 
-def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local", model: Any = None,
+def encode_corpus(job: CorpusJob, output: str | Path, *, engine: CorpusEngine = "local", model: Any = None,
                   workers: int = 2, threads_per_worker: int = 1, ray_address: str | None = None,
                   ray_timeout: float = 60.0, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Encode ``job``'s corpus into Parquet shards under ``output``; resume what a killed run left.
@@ -144,7 +143,7 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: Engine = "local
     Raises:
         ValueError: bad records (``file:line: ...``), duplicate ids, an output of another command.
     """
-    if engine not in ("local", "ray"):
+    if engine not in CORPUS_ENGINES:
         raise ValueError(f"--engine {engine!r} is not one of ['local', 'ray']")
     for name, value in (("--workers", workers), ("--threads-per-worker", threads_per_worker)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -209,8 +208,8 @@ def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, 
         "formats": {"int8": f"q = round({INT8_SCALE} x) of the normalised vector",
                     "binary": "numpy.packbits(x > 0), ceil(dim / 8) bytes"}.get(job.format, "IEEE floats"),
         "normalize": job.normalize,
-        "id_column": job.id_column or "(line numbers)",
-        "text_column": job.text_column or "(text, else the first column)",
+        "id_column": job.id_column or "(id, _id or doc_id when present, else line numbers)",
+        "text_column": job.text_column or "(title + text, text, else the first column that is not the id)",
         "inputs": job.input_records(),
         "rows": sum(s.rows for s in specs),
         "skipped_empty": skipped_empty,
@@ -221,4 +220,4 @@ def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, 
     }
 
 
-__all__ = ["FORMATS", "Engine", "build_manifest", "encode_corpus", "prepare_output", "run_local"]
+__all__ = ["build_manifest", "encode_corpus", "prepare_output", "run_local"]

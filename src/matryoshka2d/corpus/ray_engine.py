@@ -25,6 +25,7 @@ import numpy as np
 
 from matryoshka2d.corpus.job import CorpusJob
 from matryoshka2d.corpus.shards import ShardSpec, encode_shard
+from matryoshka2d.vocab import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers
         import ray
         import ray.data
     except ImportError:
-        raise ImportError("--engine ray needs Ray Data; pip install 'matryoshka2d[ray]'") from None
+        raise ImportError(f"--engine ray needs Ray Data: {install_hint('ray')}") from None
     started = not ray.is_initialized()
     if started:
         if address is None:  # a local cluster big enough for the pool (Ray counts this machine's cores)

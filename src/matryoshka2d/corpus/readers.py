@@ -7,17 +7,18 @@ from where it starts, in another process or on another machine. The file rules a
 ``.csv`` is quoted CSV with a header, ``.jsonl`` one object per line, blank lines skipped), checked per line
 instead of per file; every error is a ``ValueError`` starting ``file:line:`` (for Parquet, the 1-based row).
 
-Ids come from ``id_column`` or, without one, from line numbers: ``"7"`` for line 7 of a single input file,
-``"sub/b.tsv:7"`` (the path relative to the inputs' common folder) when there are several. An empty or
-whitespace-only text is an error unless ``skip_empty`` is set; skipped rows are counted in
-:class:`ScanStats` and the manifest.
+The columns, unless named, are :func:`~matryoshka2d.data.files.pick_columns`'s: the id is ``id`` (or BEIR's
+``_id`` / ``doc_id``); without one, ids are line numbers: ``"7"`` for line 7 of a single input file,
+``"sub/b.tsv:7"`` (the path relative to the inputs' common folder) when there are several. The text is
+``text`` (``title + " " + text`` with a title column, as in BEIR corpora), else the first column that is not
+the id. ``m2d encode`` and ``m2d index`` read corpora with these same defaults. An empty or whitespace-only text is an
+error unless ``skip_empty`` is set; skipped rows are counted in :class:`ScanStats` and the manifest.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,10 +27,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from matryoshka2d.data.files import (
+    TABLE_SUFFIXES,
+    Columns,
+    check_header,
+    check_width,
+    csv_error,
+    decode_utf8,
+    is_blank,
+    join_title,
+    parse_json_object,
+    pick_columns,
+)
+from matryoshka2d.vocab import install_hint
+
 logger = logging.getLogger(__name__)
 
 Kind = Literal["txt", "tsv", "csv", "jsonl", "parquet"]
-SUFFIXES: tuple[str, ...] = (".txt", ".tsv", ".csv", ".jsonl", ".parquet")
+SUFFIXES: tuple[str, ...] = (".txt", *TABLE_SUFFIXES, ".parquet")  # data/files' tables, plain text, Parquet
 PARQUET_BATCH = 4096  # rows per Arrow batch when streaming a Parquet file
 
 
@@ -119,8 +134,10 @@ class CorpusReader:
 
     Args:
         files: the input files (see :func:`resolve_inputs`), read in this order.
-        id_column: column holding unique ids; ``None`` numbers the records by line.
-        text_column: column holding the text; ``None`` takes ``text`` if the file has it, else its first column.
+        id_column: column holding unique ids; ``None``: ``id`` (or ``_id`` / ``doc_id``) when the file has
+            it, else line numbers.
+        text_column: column holding the text; ``None``: ``text`` (``title`` joined before it when the file
+            has one), else the first column that is not the id.
         skip_empty: skip (and count) empty texts instead of raising.
 
     Raises:
@@ -189,20 +206,18 @@ class CorpusReader:
             return
         header = self._header(i)
         offset, line = (header.data_offset, header.data_line) if start is None else (start.offset, start.line)
-        id_index, text_index = self._columns(i, header.columns)
+        cols = self._columns(i, header.columns)
         for at, number, fields in self._rows(i, offset, line):
             if isinstance(fields, dict):
-                missing = [c for c in (self.id_column, header.columns[text_index]) if c and c not in fields]
+                missing = [c for c in (cols.id, cols.text) if c and c not in fields]
                 if missing:
                     raise ValueError(f"{self.files[i]}:{number}: object lacks key(s) {missing}; every line needs "
                                      f"the id and text keys")
-                values = [fields.get(c) for c in header.columns]
+                row = fields
             else:
-                if len(fields) != len(header.columns):
-                    raise ValueError(f"{self.files[i]}:{number}: {len(fields)} fields, expected "
-                                     f"{len(header.columns)} ({header.columns}); row: {str(fields)[:200]!r}")
-                values = fields
-            yield Record(self._id(i, number, values, id_index), self._text(i, number, values[text_index]),
+                check_width(self.files[i], number, fields, header.columns)
+                row = dict(zip(header.columns, fields, strict=True))
+            yield Record(self._id(i, number, row, cols), self._record_text(i, number, row, cols),
                          Position(i, at, number))
 
     def _rows(self, i: int, offset: int, line: int) -> Iterator[tuple[int, int, list | dict]]:
@@ -210,13 +225,14 @@ class CorpusReader:
         if kind == "tsv":
             for at, number, raw in _lines(path, offset, line):
                 text = self._decode(i, number, raw, first=at == 0)
-                if text.strip() or "\t" in text:
-                    yield at, number, text.split("\t")
+                fields = text.split("\t")
+                if not is_blank(".tsv", fields):
+                    yield at, number, fields
         elif kind == "jsonl":
             for at, number, raw in _lines(path, offset, line):
                 text = self._decode(i, number, raw, first=at == 0)
                 if text.strip():
-                    yield at, number, self._json(i, number, text)
+                    yield at, number, parse_json_object(self.files[i], number, text)
         else:
             yield from self._csv(i, offset, line)
 
@@ -238,22 +254,19 @@ class CorpusReader:
             except StopIteration:
                 return
             except csv.Error as e:
-                raise ValueError(f"{self.files[i]}:{number}: malformed CSV ({e}); quote fields holding commas, "
-                                 "quotes or newlines") from None
-            if len(fields) > 1 or (fields and fields[0].strip()):
+                raise csv_error(self.files[i], number, e) from None
+            if not is_blank(".csv", fields):
                 yield at, number, fields
 
     def _header(self, i: int) -> _Header:
         if i not in self._headers:
             path = self.files[i]
             for at, number, fields in self._rows(i, 0, 1):
+                columns = check_header(path, number, list(fields))
                 if isinstance(fields, dict):  # jsonl: the first object's keys; its line is data too
-                    columns, data_offset, data_line = [str(k) for k in fields], at, number
+                    data_offset, data_line = at, number
                 else:
-                    columns = [str(f).strip() for f in fields]
                     data_offset, data_line = self._after(i, at, number)
-                if len(set(columns)) != len(columns) or any(not c for c in columns):
-                    raise ValueError(f"{path}:{number}: header {columns} has empty or repeated column names")
                 self._headers[i] = _Header(columns, data_offset, data_line)
                 break
             else:
@@ -273,15 +286,8 @@ class CorpusReader:
                     return nxt_at, nxt_line
         return os.path.getsize(self.files[i]), number + 1
 
-    def _columns(self, i: int, columns: list[str]) -> tuple[int | None, int]:
-        path = self.files[i]
-        text = self.text_column or ("text" if "text" in columns else columns[0])
-        missing = [c for c in (self.id_column, text) if c is not None and c not in columns]
-        if missing:
-            raise ValueError(f"{path}:1: missing column(s) {missing}; found {columns}; pass --id-column/"
-                             f"--text-column with one of these")
-        id_index = None if self.id_column is None else columns.index(self.id_column)
-        return id_index, columns.index(text)
+    def _columns(self, i: int, columns: list[str]) -> Columns:
+        return pick_columns(self.files[i], columns, self.id_column, self.text_column)
 
     # ------------------------------------------------------------------ parquet
     def _parquet(self, i: int, offset: int) -> Iterator[Record]:
@@ -293,8 +299,8 @@ class CorpusReader:
             pf = pq.ParquetFile(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-        id_index, text_index = self._columns(i, pf.schema_arrow.names)
-        wanted = [pf.schema_arrow.names[text_index]] + ([] if id_index is None else [pf.schema_arrow.names[id_index]])
+        cols = self._columns(i, pf.schema_arrow.names)
+        wanted = [c for c in cols if c is not None]
         group, first_row = 0, 0
         while group < pf.num_row_groups and first_row + pf.metadata.row_group(group).num_rows <= offset:
             first_row += pf.metadata.row_group(group).num_rows
@@ -304,40 +310,26 @@ class CorpusReader:
         if not groups:
             return
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=wanted):
-            texts = batch.column(0).to_pylist()
-            ids = batch.column(1).to_pylist() if id_index is not None else None
-            for k, value in enumerate(texts):
+            for k, values in enumerate(batch.to_pylist()):
                 if row + k < offset:
                     continue
                 number = row + k + 1
-                text = "" if value is None else self._text(i, number, value)
-                rid = self._line_id(i, number) if ids is None else self._id(i, number, [ids[k]], 0)
-                yield Record(rid, text, Position(i, row + k, number))
-            row += len(texts)
+                yield Record(self._id(i, number, values, cols), self._record_text(i, number, values, cols),
+                             Position(i, row + k, number))
+            row += batch.num_rows
 
     # ------------------------------------------------------------------ fields
     def _decode(self, i: int, number: int, raw: bytes, *, first: bool, keep_newline: bool = False) -> str:
-        if b"\x00" in raw:
-            raise ValueError(f"{self.files[i]}:{number}: NUL byte in the line; the file must be UTF-8 text "
-                             f"(is it UTF-16 or binary?)")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{self.files[i]}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
-                             f"line); re-save the file as UTF-8 or fix that line") from None
+        text = decode_utf8(self.files[i], raw, number, unit="line")
         if first:
             text = text.removeprefix("\ufeff")
         return text if keep_newline else text.removesuffix("\n").removesuffix("\r")
 
-    def _json(self, i: int, number: int, line: str) -> dict:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.files[i]}:{number}: invalid JSON ({e.msg}); row: {line[:200]!r}") from None
-        if not isinstance(obj, dict) or not obj:
-            raise ValueError(f"{self.files[i]}:{number}: expected a non-empty JSON object per line, got "
-                             f"{line[:200]!r}")
-        return obj
+    def _record_text(self, i: int, number: int, row: dict[str, Any], cols: Columns) -> str:
+        text = self._text(i, number, row.get(cols.text))
+        if cols.title is None:
+            return text
+        return join_title(self._text(i, number, row.get(cols.title)), text)
 
     def _text(self, i: int, number: int, value: object) -> str:
         if value is None:
@@ -346,16 +338,16 @@ class CorpusReader:
             raise ValueError(f"{self.files[i]}:{number}: the text must be a string, got {value!r:.80}")
         return value
 
-    def _id(self, i: int, number: int, values: Sequence[object], index: int | None) -> str:
-        if index is None:
+    def _id(self, i: int, number: int, row: dict[str, Any], cols: Columns) -> str:
+        if cols.id is None:
             return self._line_id(i, number)
-        value = values[index]
+        value = row.get(cols.id)
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ValueError(f"{self.files[i]}:{number}: id {value!r:.80} in column {self.id_column!r} must be a "
+            raise ValueError(f"{self.files[i]}:{number}: id {value!r:.80} in column {cols.id!r} must be a "
                              f"string or an integer")
         rid = str(value)
         if not rid.strip():
-            raise ValueError(f"{self.files[i]}:{number}: empty id in column {self.id_column!r}; every row needs one")
+            raise ValueError(f"{self.files[i]}:{number}: empty id in column {cols.id!r}; every row needs one")
         return rid
 
     def _line_id(self, i: int, number: int) -> str:
@@ -363,12 +355,22 @@ class CorpusReader:
         return f"{label}:{number}" if label else str(number)
 
 
+def read_corpus(path: str | os.PathLike[str], *, skip_empty: bool = False) -> tuple[list[str], list[str]]:
+    """``(ids, texts)`` of one corpus file (what ``m2d index`` indexes); an empty text is an error, or skipped.
+
+    Raises:
+        ValueError: the reader's ``file:line:`` errors.
+    """
+    records = list(CorpusReader([path], skip_empty=skip_empty).records())
+    return [r.id for r in records], [r.text for r in records]
+
+
 def require_pyarrow() -> None:
     """Raise a clear ``ImportError`` when pyarrow (the ``corpus`` extra) is missing."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise ImportError("corpus encoding needs pyarrow; pip install 'matryoshka2d[corpus]'") from None
+        raise ImportError(f"corpus encoding needs pyarrow: {install_hint('corpus')}") from None
 
 
 def _lines(path: Path, offset: int, line: int) -> Iterator[tuple[int, int, bytes]]:

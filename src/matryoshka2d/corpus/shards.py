@@ -24,22 +24,21 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from matryoshka2d.corpus.readers import CorpusReader, Position, ScanStats, require_pyarrow, take
 from matryoshka2d.encoder.batching import MultiExitModel, embed_layers
 from matryoshka2d.encoder.memory import release_free_memory
 from matryoshka2d.encoder.tokenization import TOKENIZE_CHUNK
 from matryoshka2d.io.atomic import atomic_open
+from matryoshka2d.truncation import truncate
+from matryoshka2d.vocab import STORAGE_FORMATS, StorageFormat
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["float32", "float16", "int8", "binary"]
-FORMATS: tuple[str, ...] = get_args(Format)
 INT8_SCALE = 127
 SHARD_DIR = "shards"
 
@@ -79,14 +78,14 @@ def parse_exits(text: str, model: MultiExitModel) -> list[Exit]:
     return exits
 
 
-def check_format(fmt: str, normalize: bool) -> Format:
-    """``fmt`` if it is one of :data:`FORMATS` and fits ``normalize``.
+def check_format(fmt: str, normalize: bool) -> StorageFormat:
+    """``fmt`` if it is one of :data:`STORAGE_FORMATS` and fits ``normalize``.
 
     Raises:
         ValueError: an unknown format, or ``int8`` without normalisation (its fixed scale needs |x| <= 1).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+    if fmt not in STORAGE_FORMATS:
+        raise ValueError(f"--format {fmt!r} is not one of {list(STORAGE_FORMATS)}")
     if fmt == "int8" and not normalize:
         raise ValueError("--format int8 quantises normalised vectors (q = round(127 x)); drop --no-normalize")
     return fmt  # type: ignore[return-value]
@@ -109,11 +108,11 @@ def embed_exits(model: MultiExitModel, texts: Sequence[str], exits: Sequence[Exi
                             progress=progress)
         for e in exits:
             emb = torch.from_numpy(full[e.layer])[:, : e.dim]
-            out[e][first : first + len(part)] = (F.normalize(emb, dim=-1) if normalize else emb).numpy()
+            out[e][first : first + len(part)] = (truncate(emb) if normalize else emb).numpy()
     return out
 
 
-def vector_column(vectors: np.ndarray, fmt: Format) -> Any:
+def vector_column(vectors: np.ndarray, fmt: StorageFormat) -> Any:
     """A ``pyarrow.FixedSizeListArray`` of ``vectors`` (float32 rows) in ``fmt``."""
     require_pyarrow()
     import pyarrow as pa
@@ -129,12 +128,12 @@ def vector_column(vectors: np.ndarray, fmt: Format) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
-def list_size(exit_: Exit, fmt: Format) -> int:
+def list_size(exit_: Exit, fmt: StorageFormat) -> int:
     """Values per row of ``exit_``'s column in ``fmt``."""
     return -(-exit_.dim // 8) if fmt == "binary" else exit_.dim
 
 
-def value_type(fmt: Format) -> str:
+def value_type(fmt: StorageFormat) -> str:
     """The Arrow value type of a column in ``fmt``."""
     return {"float32": "float", "float16": "halffloat", "int8": "int8", "binary": "uint8"}[fmt]
 
@@ -218,7 +217,7 @@ def plan_shards(reader: CorpusReader, shard_size: int) -> tuple[list[ShardSpec],
 
 
 def encode_shard(model: MultiExitModel, reader: CorpusReader, spec: ShardSpec, exits: Sequence[Exit],
-                 output: str | Path, *, fmt: Format = "float32", normalize: bool = True, batch_size: int = 64,
+                 output: str | Path, *, fmt: StorageFormat = "float32", normalize: bool = True, batch_size: int = 64,
                  progress: Callable[[int], None] | None = None) -> Path:
     """Read shard ``spec`` from the corpus, embed it at every exit and write it atomically under ``output``.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from matryoshka2d.data.datasets import TrainingData, resolve_data_dir
-from matryoshka2d.data.files import parse_score, parse_text, read_table
+from matryoshka2d.data.files import join_title, parse_score, parse_text, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def read_corpus(path: str | Path) -> tuple[list[str], list[str]]:
         body = fields[i_text]
         if not isinstance(title, str) or not isinstance(body, str):
             raise ValueError(f"{path}:{line}: title and text of {doc!r} must be text, got {title!r} / {body!r}")
-        text = f"{title} {body}".strip()
+        text = join_title(title, body)
         if not text:
             raise ValueError(f"{path}:{line}: document {doc!r} has an empty title and text; drop the row or fill "
                              f"it")

@@ -12,24 +12,27 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from matryoshka2d.data.files import (
     TABLE_SUFFIXES,
+    Columns,
     decode_text,
+    join_title,
     numbered_lines,
     parse_score,
     parse_text,
+    pick_columns,
     read_table,
     select_columns,
 )
+from matryoshka2d.vocab import DataKind, StsVariant
 
 logger = logging.getLogger(__name__)
 
 __all__ = [  # TABLE_SUFFIXES is defined in data.files and re-exported here
-    "KIND_COLUMNS", "NAMED_SETS", "NLI_FILES", "SCORE_NAMES", "STS_SETS", "STS_SPLITS", "TABLE_SUFFIXES", "Kind",
+    "KIND_COLUMNS", "NAMED_SETS", "NLI_FILES", "SCORE_NAMES", "STS_SETS", "STS_SPLITS", "TABLE_SUFFIXES",
     "ScoredPairs", "TrainingData", "load_sts", "load_training_data", "read_sentences", "resolve_data_dir",
     "sts_subsets",
 ]
@@ -40,7 +43,6 @@ STS_SPLITS = {name: ("test",) for name in STS_SETS} | {"stsb": ("train", "dev", 
 NLI_FILES = {"train": "snli_dev_triplets.tsv", "dev": "snli_dev_triplets.tsv",
              "test": "snli_test_triplets.tsv"}
 NAMED_SETS = (*STS_SETS, "nli")
-Kind = Literal["scored", "pairs", "triplets"]
 KIND_COLUMNS: dict[str, tuple[str, ...]] = {
     "scored": ("sentence1", "sentence2", "score"),
     "pairs": ("anchor", "positive"),
@@ -95,7 +97,7 @@ class TrainingData:
     """Training examples as named text columns (in the order of ``KIND_COLUMNS[kind]``) plus raw scores."""
 
     name: str
-    kind: Kind
+    kind: DataKind
     columns: dict[str, list[str]]
     scores: np.ndarray | None = None
 
@@ -150,7 +152,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------- typed tables
-def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | None) -> Kind:
+def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | None) -> DataKind:
     if columns is None:
         for kind in ("scored", "triplets", "pairs"):
             if set(KIND_COLUMNS[kind]) <= set(header):
@@ -170,7 +172,7 @@ def _detect_kind(path: Path, header: Sequence[str], columns: Sequence[str] | Non
                      f"that is data.kind in the training config (m2d train --set data.kind=scored)")
 
 
-def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
+def _read_typed(path: Path, kind: DataKind | None, columns: Sequence[str] | None,
                 limit: int | None) -> TrainingData:
     header, rows = read_table(path, limit)
     kind = kind or _detect_kind(path, header, columns)
@@ -196,7 +198,7 @@ def _read_typed(path: Path, kind: Kind | None, columns: Sequence[str] | None,
 
 
 # ----------------------------------------------------------------------------------- public loaders
-def load_sts(name: str, split: str = "test", *, variant: Literal["original", "senteval_tok"] = "original",
+def load_sts(name: str, split: str = "test", *, variant: StsVariant = "original",
              subset: str | None = None, data_dir: str | Path | None = None) -> ScoredPairs:
     """Load an STS evaluation set.
 
@@ -261,7 +263,7 @@ def _subset_rows(root: Path, name: str, subset: str, n_rows: int) -> tuple[int, 
     raise ValueError(f"{name} has no subset {subset!r}; known subsets: {', '.join(known)}")
 
 
-def load_training_data(source: str | Path, *, kind: Kind | None = None, columns: Sequence[str] | None = None,
+def load_training_data(source: str | Path, *, kind: DataKind | None = None, columns: Sequence[str] | None = None,
                        split: str = "train", data_dir: str | Path | None = None,
                        limit: int | None = None) -> TrainingData:
     """Load training examples from a named set or a .tsv / .csv / .jsonl file.
@@ -320,8 +322,10 @@ def read_sentences(path: str | Path, column: str | None = None, *,
     """Read sentences to encode.
 
     ``.txt``: one sentence per line, no header (an empty line is an empty sentence, so output rows stay
-    aligned with input lines). ``.tsv`` / ``.csv`` / ``.jsonl``: ``column`` (the first by default), every
-    value non-empty. An STS set name gives the unique sentences of its test split in first-seen order.
+    aligned with input lines). ``.tsv`` / ``.csv`` / ``.jsonl``: ``column``, every value non-empty; by
+    default the corpus readers' text column (:func:`~matryoshka2d.data.files.pick_columns`: ``text``, with
+    ``title`` joined before it, else the first column that is not an id). An STS set name gives the unique
+    sentences of its test split in first-seen order.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -345,7 +349,11 @@ def read_sentences(path: str | Path, column: str | None = None, *,
             raise ValueError(f"{file}:1: file is empty; expected one sentence per line")
         return sentences
     header, rows = read_table(file)
-    name = column if column is not None else header[0]
-    (i,) = select_columns(file, header, [name], "the sentence column",
+    cols = pick_columns(file, header) if column is None else Columns(None, column)  # the corpus readers' rule
+    (i,) = select_columns(file, header, [cols.text], "the sentence column",
                           fix="pass --column NAME (column=NAME in Python) to pick the column")
-    return [parse_text(file, line, name, fields[i]) for line, fields in rows]
+    texts = [parse_text(file, line, cols.text, fields[i]) for line, fields in rows]
+    if cols.title is None:
+        return texts
+    t = header.index(cols.title)
+    return [join_title(str(fields[t] or ""), text) for (_, fields), text in zip(rows, texts, strict=True)]

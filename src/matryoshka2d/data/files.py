@@ -16,8 +16,10 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
+ID_COLUMNS = ("id", "_id", "doc_id")  # a corpus's id column when none is named: the first of these it has
 
 
 def decode_text(path: Path) -> str:
@@ -26,19 +28,25 @@ def decode_text(path: Path) -> str:
         raise IsADirectoryError(f"{path} is a folder, not a file; pass a file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    raw = path.read_bytes()
+    return decode_utf8(path, path.read_bytes()).removeprefix("\ufeff")
+
+
+def decode_utf8(path: Path, raw: bytes, line: int = 1, *, unit: str = "file") -> str:
+    """``raw`` (the whole file, or one ``unit`` of it starting at ``line``) as UTF-8 text.
+
+    Raises:
+        ValueError: ``file:line:`` for a NUL byte (UTF-16 or binary) or invalid UTF-8.
+    """
     nul = raw.find(b"\x00")
     if nul >= 0:
-        line = raw.count(b"\n", 0, nul) + 1
-        raise ValueError(f"{path}:{line}: NUL byte in the file; it must be UTF-8 text "
-                         f"(is it UTF-16 or binary?)")
+        at = line + raw.count(b"\n", 0, nul)
+        raise ValueError(f"{path}:{at}: NUL byte in the {unit}; it must be UTF-8 text (is it UTF-16 or binary?)")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                         f"re-save the file as UTF-8") from None
-    return text.removeprefix("\ufeff")
+        at = line + raw.count(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{at}: not valid UTF-8 ({e.reason} at byte {e.start} of the {unit}); re-save the "
+                         "file as UTF-8") from None
 
 
 def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -62,24 +70,21 @@ def read_table(path: Path, limit: int | None = None) -> tuple[list[str], list[tu
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         records: Iterator[tuple[int, list | dict]] = _csv_records(path, reader)
     elif suffix == ".tsv":
-        records = ((n, line.split("\t")) for n, line in numbered_lines(text) if line.strip() or "\t" in line)
+        records = ((n, f) for n, f in ((n, line.split("\t")) for n, line in numbered_lines(text))
+                   if not is_blank(".tsv", f))
     else:
         records = _jsonl_records(path, text)
     for number, fields in records:
         if header is None:
-            header = [str(f).strip() for f in fields]
-            if len(set(header)) != len(header) or any(not h for h in header):
-                raise ValueError(f"{path}:{number}: header {header} has empty or repeated column names")
+            header = check_header(path, number, fields)
             continue
         if isinstance(fields, dict):
             if list(fields) != header and set(fields) != set(header):
                 raise ValueError(f"{path}:{number}: keys {sorted(fields)} differ from the first object's "
                                  f"keys {sorted(header)}")
             fields = [fields[h] for h in header]
-        elif len(fields) != len(header):
-            shown = "\\t".join(map(str, fields)) if suffix == ".tsv" else fields
-            raise ValueError(f"{path}:{number}: {len(fields)} fields, expected {len(header)} ({header}); "
-                             f"row: {str(shown)[:200]!r}")
+        else:
+            check_width(path, number, fields, header)
         rows.append((number, fields))
         if limit is not None and len(rows) >= limit:
             break
@@ -94,12 +99,11 @@ def _csv_records(path: Path, reader: Iterator[list[str]]) -> Iterator[tuple[int,
     start = 1
     try:
         for fields in reader:
-            if len(fields) > 1 or (fields and fields[0].strip()):  # skip blank lines only
+            if not is_blank(".csv", fields):
                 yield start, fields
             start = reader.line_num + 1  # type: ignore[attr-defined]
     except csv.Error as e:
-        raise ValueError(f"{path}:{start}: malformed CSV ({e}); quote fields holding commas, quotes or "
-                         f"newlines") from None
+        raise csv_error(path, start, e) from None
 
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, list | dict]]:
@@ -107,17 +111,50 @@ def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, list | dict]]:
     for number, line in numbered_lines(text):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg}); row: {line[:200]!r}") from None
-        if not isinstance(obj, dict) or not obj:
-            raise ValueError(f"{path}:{number}: expected a non-empty JSON object per line, got "
-                             f"{line[:200]!r}")
+        obj = parse_json_object(path, number, line)
         if first:
             yield number, list(obj)
             first = False
         yield number, obj
+
+
+def check_header(path: Path, line: int, fields: Sequence[object]) -> list[str]:
+    """The column names of a header record; an error for an empty or repeated name."""
+    header = [str(f).strip() for f in fields]
+    if len(set(header)) != len(header) or any(not h for h in header):
+        raise ValueError(f"{path}:{line}: header {header} has empty or repeated column names")
+    return header
+
+
+def check_width(path: Path, line: int, fields: Sequence[object], header: Sequence[str]) -> None:
+    """An error unless the row has one field per header column (a TSV row is shown with its tabs)."""
+    if len(fields) != len(header):
+        shown = "\\t".join(map(str, fields)) if path.suffix.lower() == ".tsv" else fields
+        raise ValueError(f"{path}:{line}: {len(fields)} fields, expected {len(header)} ({list(header)}); "
+                         f"row: {str(shown)[:200]!r}")
+
+
+def csv_error(path: Path, line: int, error: csv.Error) -> ValueError:
+    """The error for a malformed CSV record starting at ``line``."""
+    return ValueError(f"{path}:{line}: malformed CSV ({error}); quote fields holding commas, quotes or newlines")
+
+
+def parse_json_object(path: Path, line: int, text: str) -> dict:
+    """The non-empty JSON object on one ``.jsonl`` line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line}: invalid JSON ({e.msg}); row: {text[:200]!r}") from None
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path}:{line}: expected a non-empty JSON object per line, got {text[:200]!r}")
+    return obj
+
+
+def is_blank(suffix: str, fields: Sequence[str]) -> bool:
+    """Whether a split ``.tsv`` / ``.csv`` record is a blank line, which tables skip."""
+    if suffix == ".tsv":
+        return len(fields) == 1 and not fields[0].strip()
+    return not (len(fields) > 1 or (fields and fields[0].strip()))
 
 
 def parse_text(path: Path, line: int, column: str, value: object) -> str:
@@ -171,3 +208,39 @@ def select_columns(path: Path, header: list[str], wanted: Sequence[str], expecte
         raise ValueError(f"{path}:1: missing column(s) {missing}; found {header}, expected {list(wanted)} "
                          f"({expected_what}); {fix}")
     return [header.index(c) for c in wanted]
+
+
+class Columns(NamedTuple):
+    """The columns one file's records are read from (``title`` is joined before ``text`` when present)."""
+
+    id: str | None
+    text: str
+    title: str | None = None
+
+
+def join_title(title: str, text: str) -> str:
+    """A document's text with its title before it (BEIR's corpora), ``title + " " + text`` stripped."""
+    return f"{title} {text}".strip()
+
+
+def pick_columns(path: Path, columns: Sequence[str], id_column: str | None = None,
+                 text_column: str | None = None) -> Columns:
+    """The id, text and title columns of a corpus file with header ``columns``, the same for every reader.
+
+    Unless named, the id is the first of :data:`ID_COLUMNS` the file has (none: the caller numbers the rows)
+    and the text is ``text`` (with ``title`` joined before it when the file has one, as BEIR corpora do),
+    else the first column that is not the id.
+
+    Raises:
+        ValueError: a named column the file lacks.
+    """
+    missing = [c for c in (id_column, text_column) if c is not None and c not in columns]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {missing}; found {list(columns)}; pass --id-column/"
+                         f"--text-column with one of these")
+    ident = id_column or next((c for c in ID_COLUMNS if c in columns), None)
+    if text_column is not None:
+        return Columns(ident, text_column)
+    if "text" in columns:
+        return Columns(ident, "text", "title" if "title" in columns else None)
+    return Columns(ident, next((c for c in columns if c != ident), columns[0]))

@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from matryoshka2d.encoder.tokenization import TokenBatches, check_texts
+from matryoshka2d.truncation import truncate
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def embed_layers(model: MultiExitModel, texts: Sequence[str], layers: Sequence[i
                 kwargs = {"input_type": input_type} if input_type != "document" else {}
                 for n, emb in model(features, layers=wanted, **kwargs).items():
                     emb = emb[:, :width]
-                    out[n][rows] = (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
+                    out[n][rows] = (truncate(emb) if normalize else emb).cpu().numpy()
                 bar.update(len(rows))
                 if progress is not None:
                     progress(len(rows))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -23,11 +23,11 @@ from matryoshka2d.data.datasets import STS_SETS, ScoredPairs
 from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.encoder.model import matryoshka_dims
 from matryoshka2d.evaluation.metrics import correlations, exit_cosines
+from matryoshka2d.vocab import Metric
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-Metric = Literal["spearman", "pearson"]
 AVG = "avg"
 
 

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import stats
 
+from matryoshka2d.truncation import EPS, cosine
+
 
 class Pairs(Protocol):
     """Sentence pairs with gold scores (:class:`~matryoshka2d.data.datasets.ScoredPairs` is one)."""
@@ -23,13 +25,6 @@ class Pairs(Protocol):
     sentences1: Sequence[str]
     sentences2: Sequence[str]
     scores: Any
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 cosine of each row of ``a`` with the same row of ``b``."""
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return (a64 * b64).sum(1) / np.maximum(den, 1e-12)
 
 
 def exit_cosines(emb: np.ndarray, idx1: np.ndarray, idx2: np.ndarray, dims: Sequence[int]) -> np.ndarray:
@@ -41,7 +36,7 @@ def exit_cosines(emb: np.ndarray, idx1: np.ndarray, idx2: np.ndarray, dims: Sequ
     cols = np.asarray(dims) - 1
     dot = np.cumsum(a * b, axis=1)[:, cols]
     norms = np.sqrt(np.cumsum(a * a, axis=1)[:, cols] * np.cumsum(b * b, axis=1)[:, cols])
-    return (dot / np.maximum(norms, 1e-12)).T
+    return (dot / np.maximum(norms, EPS)).T
 
 
 def correlations(gold: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -62,7 +57,7 @@ def pair_cosines(emb: np.ndarray, texts: Sequence[str], pairs: Pairs) -> np.ndar
     row = {t: i for i, t in enumerate(texts)}
     if any(t not in row for t in (*pairs.sentences1, *pairs.sentences2)):
         return None
-    return row_cosines(emb[[row[t] for t in pairs.sentences1]], emb[[row[t] for t in pairs.sentences2]])
+    return cosine(emb[[row[t] for t in pairs.sentences1]], emb[[row[t] for t in pairs.sentences2]])
 
 
 def sts_spearman(encode: Callable[[Sequence[str]], np.ndarray], pairs: Pairs) -> float:

@@ -27,12 +27,12 @@ from matryoshka2d.evaluation.retrieval import (
     CORPUS_CHUNK,
     RETRIEVAL_METRICS,
     identical_rows,
-    normalized_prefix,
     rank,
     run_metrics,
     search_depth,
 )
 from matryoshka2d.evaluation.retrieval_result import RetrievalResult
+from matryoshka2d.truncation import truncate
 from matryoshka2d.vocab import INPUT_TYPES, InputType, check_choice
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
         self_rows = identical_rows(data, ignore_identical_ids)
         table = np.empty((len(metrics), len(layers), len(dims), len(data)), dtype=np.float32)
         for j, d in enumerate(dims):
-            docs_d = normalized_prefix(docs, d)
+            docs_d = truncate(docs, d)
             for i, n in enumerate(layers):
-                ranking = rank(normalized_prefix(queries[n], d), docs_d, depth, self_rows)
+                ranking = rank(truncate(queries[n], d), docs_d, depth, self_rows)
                 scores = run_metrics(data.qrels, data.query_ids, data.doc_ids, ranking, metrics)
                 table[:, i, j] = np.stack([scores[m] for m in metrics])
                 records.append({"set": name, "layer": n, "dim": d, **{m: float(np.mean(v)) for m, v in scores.items()},

@@ -11,7 +11,7 @@ one exit scored against documents encoded at another. As in BEIR and MTEB (``ign
 document whose id equals the query's id is left out of that query's ranking by default (some sets, e.g.
 ArguAna and Quora, hold each query in the corpus too); the result's metadata says whether it was.
 
-Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for ``ranx``.
+Needs the ``retrieval`` extra for ``ranx``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from matryoshka2d.data.beir import BeirSet
 from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.evaluation.grid import matryoshka_dims
 from matryoshka2d.evaluation.retrieval_result import HEADLINE_METRIC, RETRIEVAL_METRICS, RetrievalResult
+from matryoshka2d.truncation import truncate
+from matryoshka2d.vocab import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +54,11 @@ def _ranx() -> Any:
     try:
         import ranx
     except ImportError:
-        raise ImportError("retrieval metrics need ranx; install it with "
-                          "`pip install matryoshka2d[retrieval]`") from None
+        raise ImportError(f"retrieval metrics need ranx: {install_hint('retrieval')}") from None
     return ranx
 
 
-def normalized_prefix(x: np.ndarray, dim: int) -> np.ndarray:
-    """``x[:, :dim]`` L2-normalised per row (float32; an all-zero row stays zero)."""
-    part = np.ascontiguousarray(x[:, :dim], dtype=np.float32)
-    norms = np.linalg.norm(part, axis=1, keepdims=True)
-    return part / np.maximum(norms, 1e-12)
+normalized_prefix = truncate  # the name tests/test_search.py uses
 
 
 def exact_topk(queries: np.ndarray, docs: np.ndarray, k: int, *,
@@ -275,8 +272,8 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
         identical = int((self_rows >= 0).sum())
         table = np.empty((len(metrics), len(layers), len(dims), len(data)), dtype=np.float32)
         for j, d in enumerate(dims):
-            docs_d = {n: normalized_prefix(d_vecs[n], d) for n in layers}
-            queries_d = {n: normalized_prefix(q_vecs[n], d) for n in layers}
+            docs_d = {n: truncate(d_vecs[n], d) for n in layers}
+            queries_d = {n: truncate(q_vecs[n], d) for n in layers}
             for i, n in enumerate(layers):
                 pairs = [(n, m) for m in layers] if d in asym else [(n, n)]
                 for qn, dn in pairs:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
+from matryoshka2d.evaluation.metrics import sts_spearman
+from matryoshka2d.truncation import cosine
+from matryoshka2d.vocab import install_hint
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -52,7 +54,7 @@ def require_sentence_transformers() -> None:
     except ImportError:
         raise ImportError(
             "checking a sentence-transformers export needs sentence-transformers: "
-            'pip install "matryoshka2d[st]" (or skip the check with --no-verify / verify=False)'
+            f"{install_hint('st')} (or skip the check with --no-verify / verify=False)"
         ) from None
 
 
@@ -81,13 +83,13 @@ def verify_folder(folder: Path, fmt: str, texts: list[str], reference: np.ndarra
         got = st.encode(texts, convert_to_numpy=True)
         if got.shape != reference.shape:
             raise RuntimeError(f"SentenceTransformer returns {got.shape[1]}-dim embeddings, expected {d}")
-        cosine = float(row_cosines(got, reference).min())
-        report.update({"sentence_transformers_min_cosine": round(cosine, 7),
+        min_cos = float(cosine(got, reference).min())
+        report.update({"sentence_transformers_min_cosine": round(min_cos, 7),
                        "sentence_transformers_max_abs_diff": float(np.abs(got - reference).max()),
                        "sentence_transformers_dim": int(got.shape[1])})
-        if cosine < ST_MIN_COSINE:
+        if min_cos < ST_MIN_COSINE:
             raise ValueError(f"SentenceTransformer on the export agrees with the source exit only to "
-                             f"cosine {cosine:.6f} (< {ST_MIN_COSINE}); this sentence-transformers version "
+                             f"cosine {min_cos:.6f} (< {ST_MIN_COSINE}); this sentence-transformers version "
                              "reads the folder differently: export --format hf and build the pipeline "
                              "by hand")
         encoders["sentence_transformers"] = lambda t: st.encode(list(t), convert_to_numpy=True)

@@ -26,32 +26,16 @@ model card (see :mod:`matryoshka2d.export.checks`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from matryoshka2d.export.checks import (
-    VERIFY_TEXTS,
-    ScoredPairsLike,
-    quiet_logger,
-    require_sentence_transformers,
-    verify_folder,
-)
-from matryoshka2d.export.hf import (
-    dropped_pooler,
-    installed_version,
-    runtime_dims,
-    write_backbone,
-    write_runtime_fields,
-    write_sentence_transformers_layout,
-)
+from matryoshka2d.export.checks import VERIFY_TEXTS, ScoredPairsLike, quiet_logger
+from matryoshka2d.export.formats import WRITERS, ExportJob, write_meta
+from matryoshka2d.export.hf import dropped_pooler, installed_version
 from matryoshka2d.io.atomic import atomic_dir
-from matryoshka2d.io.folder import write_heads
-from matryoshka2d.io.manifest import CONFIG_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, write_manifest
+from matryoshka2d.io.manifest import FORMAT_VERSION, library_versions, write_manifest
 from matryoshka2d.io.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
 from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, ExportFormat, Quantization, check_choice
 
@@ -121,69 +105,24 @@ def export_model(
     """
     fmt = check_format(format)
     n, d = model.check_layer(layer), model.check_dim(dim)
-    if fmt not in ("onnx", "openvino") and (quantize is not None or opset is not None):
-        raise ValueError(f"quantize and opset apply to the onnx format only, not {fmt!r}; drop them")
-    if fmt == "openvino" and quantize is not None:
-        raise ValueError("quantize applies to the onnx format only (model_int8.onnx); for int8 export "
-                         "--format onnx --quantize int8, or drop --quantize")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"unknown quantization {quantize!r}; the only choice is 'int8' (or none)")
-    if fmt == "hf" and n in model.exit_head_layers:
-        raise ValueError(
-            f"exit layer {n} has a {model.exit_head_kind} exit head, which a plain Hugging Face folder cannot "
-            "express (transformers would return the embedding without it); export with --format "
-            "sentence-transformers (the head becomes a Dense module) or --format onnx (the head is in the graph)"
-        )
-    if fmt == "onnx":
-        from matryoshka2d.export import onnx as onnx_export
-
-        onnx_export.require_onnx()
-    elif fmt == "openvino":
-        from matryoshka2d.export import onnx as onnx_export
-        from matryoshka2d.export import openvino as openvino_export
-
-        onnx_export.require_onnx()
-        openvino_export.require_openvino()
-    elif fmt == "sentence-transformers" and verify:
-        require_sentence_transformers()
+    writer = WRITERS[fmt]
+    writer.check(model, n, quantize, opset)
+    writer.require(verify)
     final = Path(path)
     if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before any slow work
         raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
     meta = _export_metadata(model, n, d, fmt, eval_results, bench_results, source)
     pairs = _resolve_sts(sts)
     texts = list(VERIFY_TEXTS)
-    sub = model.truncate(n).eval()
     with quiet_logger("matryoshka2d.encoder.batching"):  # the long check text is truncated on purpose
         reference = model.encode(texts, layer=n, dim=d)
     with atomic_dir(final, overwrite=overwrite) as tmp:
-        if fmt == "onnx":  # traced and checked in fp32 on the CPU, where onnxruntime runs it here
-            meta["export"] = onnx_export.write_onnx(
-                sub.to("cpu", torch.float32), tmp, dim=d, opset=opset, quantize=quantize, texts=texts,
-                reference=reference, sts=pairs,
-            )
-        elif fmt == "openvino":
-            meta["export"] = openvino_export.write_openvino(
-                sub.to("cpu", torch.float32), tmp, dim=d, opset=opset, texts=texts, reference=reference, sts=pairs,
-            )
-        else:
-            write_backbone(sub, tmp)
-            # hf keeps the full width (the exit's dim is a default); the sentence-transformers Dense cuts to d
-            write_runtime_fields(tmp, runtime_dims(model, model.hidden_size if fmt == "hf" else d))
-            heads = sub.exit_heads_state()
-            if heads:
-                meta["exit_heads"] = write_heads(tmp, heads)
-            if fmt == "sentence-transformers":
-                write_sentence_transformers_layout(sub, tmp, d)
-            meta["export"] = {"format": fmt, "files": _list_files(tmp)}
-            _write_meta(tmp, meta)
-            if verify:
-                with quiet_logger("matryoshka2d.encoder.batching"):
-                    meta["export"]["verification"] = verify_folder(
-                        tmp, fmt, texts, reference, pairs, model, n, d
-                    )
+        job = ExportJob(model, model.truncate(n).eval(), tmp, n, d, meta, texts, reference, pairs,
+                        quantize=quantize, opset=opset, verify=verify)
+        meta["export"] = writer.write(job)
         if pairs is not None:
             meta["export"]["sts"] = pairs.name
-        _write_meta(tmp, meta)
+        write_meta(tmp, meta)
         write_model_card(tmp, meta, name=final.name)
         write_manifest(tmp)  # last: size and SHA-256 of every file above, checked by our loader
     logger.info("exported layer %d, dim %d of %s as %s to %s", n, d, meta["exported_from"]["source"], fmt,
@@ -235,16 +174,6 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
         },
         "library_versions": versions,
     }
-
-
-def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _list_files(folder: Path) -> list[str]:
-    skip = {CONFIG_NAME, "README.md", MANIFEST_NAME}
-    files = (p for p in folder.rglob("*") if p.is_file() and p.name not in skip)
-    return sorted(p.relative_to(folder).as_posix() for p in files)
 
 
 def _resolve_sts(sts: ScoredPairsLike | str | None) -> ScoredPairsLike | None:

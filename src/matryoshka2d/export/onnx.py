@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from matryoshka2d.encoder.heads import apply_head
 from matryoshka2d.encoder.pooling import PoolingMode, pool
-from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
+from matryoshka2d.evaluation.metrics import sts_spearman
 from matryoshka2d.export.checks import ScoredPairsLike, quiet_logger
 from matryoshka2d.export.hf import runtime_dims, write_runtime_fields, write_tokenizer
 from matryoshka2d.export.runtime import OUTPUT_NAME, OnnxEncoder, require_onnx
+from matryoshka2d.truncation import cosine, truncate
 
 __all__ = ["DEFAULT_OPSET", "ExitGraph", "OnnxEncoder", "require_onnx", "write_onnx"]
 
@@ -63,7 +63,7 @@ class ExitGraph(nn.Module):
         pooled = pool(hidden, attention_mask, self.pooling).float()
         if self.head is not None:
             pooled = apply_head(self.head, pooled)
-        return F.normalize(pooled[:, : self.dim], dim=-1)
+        return truncate(pooled, self.dim)
 
 
 def graph_input_names(model: MatryoshkaEncoder) -> list[str]:
@@ -110,7 +110,7 @@ def write_onnx(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: int |
     check = _check_graph(fp32, graph, model, texts, names)
     end_to_end = fp32.encode(texts)
     check.update({"onnxruntime_vs_source_max_abs_diff": float(np.abs(end_to_end - reference).max()),
-                  "onnxruntime_vs_source_min_cosine": round(float(row_cosines(end_to_end, reference).min()), 7)})
+                  "onnxruntime_vs_source_min_cosine": round(float(cosine(end_to_end, reference).min()), 7)})
     if check["onnxruntime_vs_source_max_abs_diff"] > MAX_ABS_DIFF:
         raise ValueError(f"the ONNX folder's embeddings differ from the source exit by "
                          f"{check['onnxruntime_vs_source_max_abs_diff']:.2e} (limit {MAX_ABS_DIFF:.0e}); "
@@ -243,7 +243,7 @@ def _quantize_int8(folder: Path, fp32: _Lookup, sample: list[str], sts: ScoredPa
     runner = OnnxEncoder(folder, file=target.name, max_seq_length=max_seq_length)
     int8 = _Lookup(sample, runner.encode(sample))
     a, b = fp32(sample), int8(sample)
-    cos = (a.astype(np.float64) * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cos = cosine(a, b)
     report: dict[str, Any] = {"file": target.name, "weight_type": "QInt8, per channel (dynamic)",
                               "cosine_to_fp32_mean": round(float(cos.mean()), 6),
                               "cosine_to_fp32_min": round(float(cos.min()), 6), "sentences": len(sample),

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from matryoshka2d.evaluation.metrics import row_cosines, sts_spearman
+from matryoshka2d.evaluation.metrics import sts_spearman
 from matryoshka2d.export.checks import ScoredPairsLike
 from matryoshka2d.export.onnx import write_onnx
 from matryoshka2d.export.runtime import OPENVINO_FILE, OpenVinoEncoder, cpu_has_bf16, require_openvino
+from matryoshka2d.truncation import cosine
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -59,7 +60,7 @@ def write_openvino(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: i
     got = f32.encode(texts)
     check: dict[str, Any] = {
         "openvino_f32_vs_source_max_abs_diff": float(np.abs(got - reference).max()),
-        "openvino_f32_vs_source_min_cosine": round(float(row_cosines(got, reference).min()), 7),
+        "openvino_f32_vs_source_min_cosine": round(float(cosine(got, reference).min()), 7),
         "onnxruntime_vs_pytorch_max_abs_diff": onnx_info["verification"]["onnxruntime_vs_pytorch_max_abs_diff"],
     }
     if check["openvino_f32_vs_source_max_abs_diff"] > MAX_ABS_DIFF:
@@ -68,7 +69,7 @@ def write_openvino(model: MatryoshkaEncoder, folder: Path, *, dim: int, opset: i
                          "export --format onnx instead")
     bf16 = OpenVinoEncoder(folder, precision="bf16", max_seq_length=model.max_seq_length) if cpu_has_bf16() else None
     if bf16 is not None:
-        cos = row_cosines(bf16.encode(texts), got)
+        cos = cosine(bf16.encode(texts), got)
         check.update({"openvino_bf16_vs_f32_mean_cosine": round(float(cos.mean()), 7),
                       "openvino_bf16_vs_f32_min_cosine": round(float(cos.min()), 7)})
     if sts is not None:  # bf16's STS score is what auto precision (export.runtime.auto_precision) reads

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from matryoshka2d.encoder.tokenization import TokenBatches, TokenizerFile, check_texts
+from matryoshka2d.vocab import RUNTIME_PRECISIONS, install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,13 @@ def require_onnx() -> None:
     """Raises: ImportError naming the ``onnx`` extra when onnx or onnxruntime is missing."""
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(f'ONNX export needs {" and ".join(missing)}: pip install "matryoshka2d[onnx]"')
+        raise ImportError(f'ONNX export needs {" and ".join(missing)}: {install_hint("onnx")}')
 
 
 def require_openvino() -> None:
     """Raises: ImportError naming the ``openvino`` extra when openvino is missing."""
     if importlib.util.find_spec("openvino") is None:
-        raise ImportError('the OpenVINO format needs openvino: pip install "matryoshka2d[openvino]"')
+        raise ImportError(f"the OpenVINO format needs openvino: {install_hint('openvino')}")
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
@@ -206,7 +207,7 @@ class OpenVinoEncoder(ExportedEncoder):
         import openvino as ov
 
         super().__init__(folder, max_seq_length=max_seq_length)
-        if precision not in ("f32", "bf16", "auto"):
+        if precision not in RUNTIME_PRECISIONS:
             raise ValueError(f"OpenVINO precision {precision!r} is not f32, bf16 or auto; pass one of them")
         if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int)
                                     or not 1 <= streams <= 64):

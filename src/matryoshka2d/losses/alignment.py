@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from matryoshka2d.truncation import truncate
 from matryoshka2d.vocab import ALIGN_DISTANCES, AlignDistance
 
 DEFAULT_TAU = 20.0
 
 
 def _prefix(x: Tensor, dim: int | None) -> Tensor:
-    """The first ``dim`` coordinates, L2-normalised, in float32."""
-    x = x.float()
-    return F.normalize(x if dim is None else x[:, :dim], dim=-1)
+    """The first ``dim`` coordinates, L2-normalised (:func:`~matryoshka2d.truncation.truncate`), in float32."""
+    return truncate(x.float(), dim)
 
 
 def cross_exit_infonce(queries: Tensor, docs: Tensor, dim: int | None = None, *, tau: float = DEFAULT_TAU) -> Tensor:

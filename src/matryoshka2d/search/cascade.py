@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka2d.search.index import CascadeIndex, normalize_prefix
+from matryoshka2d.search.index import CascadeIndex
+from matryoshka2d.truncation import truncate
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _rerank(vectors: np.ndarray, queries: np.ndarray, shortlist: np.ndarray, top
         cand = np.unique(cand[cand >= 0])  # sorted rows: ties keep the lower row first below
         sub = np.asarray(vectors[cand], dtype=np.float32)
         if sub.shape[1] != q.shape[0]:
-            sub = normalize_prefix(sub, q.shape[0])
+            sub = truncate(sub, q.shape[0])
         scores = sub @ q
         order = np.lexsort((cand, -scores))[:top]
         out_s[r, :len(order)], out_i[r, :len(order)] = scores[order], cand[order]
@@ -87,7 +88,7 @@ def cascade_search(index: CascadeIndex, query_vectors: np.ndarray, *, shortlist_
         raise ValueError(f"query vectors {query_vectors.shape} must be 2-D with at least {width} columns")
     top, k = min(int(top), n), min(int(k), n)
     depth = k if rerank else top
-    short_q = normalize_prefix(query_vectors, shortlist_dim)
+    short_q = truncate(query_vectors, shortlist_dim)
     exhaustive = shortlist_dim not in index.shortlists  # the full dim of a flat index
     if exhaustive:
         searcher = index.full_index()
@@ -99,7 +100,7 @@ def cascade_search(index: CascadeIndex, query_vectors: np.ndarray, *, shortlist_
         return _rerank(index.vectors, short_q, rows, top)
     if not rerank:
         return scores[:, :top], rows[:, :top]
-    return _rerank(index.vectors, normalize_prefix(query_vectors, rerank), rows, top)
+    return _rerank(index.vectors, truncate(query_vectors, rerank), rows, top)
 
 
 def encode_queries(model: Any, texts: Sequence[str], layer: int, *, dim: int | None = None,

@@ -18,7 +18,7 @@ rerank can run at any dim ``<= D`` from the one stored matrix. ``kind`` selects 
 clusters, ``nprobe`` probed at query time), ``sq8`` / ``sq6`` / ``sq4`` (exhaustive over 8- / 6- / 4-bit
 scalar-quantised vectors: 4x / 5.3x / 8x smaller than float32).
 
-Needs the ``retrieval`` extra (``pip install matryoshka2d[retrieval]``) for faiss.
+Needs the ``retrieval`` extra for faiss.
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+
+from matryoshka2d.truncation import truncate
+from matryoshka2d.vocab import INDEX_TYPES, RERANK_DTYPES, IndexType, RerankDtype, install_hint
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: files carry SHA-256 digests (1: sizes only, still read)
 INDEX_KIND = "m2d-cascade-index"
-IndexType = Literal["flat", "hnsw", "ivf", "sq8", "sq6", "sq4"]
-INDEX_TYPES = ("flat", "hnsw", "ivf", "sq8", "sq6", "sq4")
 _SQ_BITS = {"sq8": "QT_8bit", "sq6": "QT_6bit", "sq4": "QT_4bit"}
 
 
@@ -48,14 +49,8 @@ def faiss_module() -> Any:
     try:
         import faiss
     except ImportError:
-        raise ImportError("indexes need faiss; install it with `pip install matryoshka2d[retrieval]`") from None
+        raise ImportError(f"indexes need faiss: {install_hint('retrieval')}") from None
     return faiss
-
-
-def normalize_prefix(x: np.ndarray, dim: int) -> np.ndarray:
-    """``x[:, :dim]`` L2-normalised per row, float32 and C-contiguous (faiss needs both)."""
-    part = np.ascontiguousarray(np.asarray(x)[:, :dim], dtype=np.float32)
-    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
 
 
 def _check_dims(dims: Sequence[int], width: int) -> list[int]:
@@ -180,7 +175,7 @@ class CascadeIndex:
     @classmethod
     def from_vectors(cls, ids: Sequence[str], pooled: np.ndarray, dims: Sequence[int], *, layer: int,
                      kind: IndexType = "flat", hnsw_m: int = 32, ivf_nlist: int | None = None,
-                     rerank_dtype: Literal["float32", "float16"] = "float32",
+                     rerank_dtype: RerankDtype = "float32",
                      metadata: dict[str, Any] | None = None) -> CascadeIndex:
         """Index raw pooled vectors ``(N, >= max(dims))`` of the exit ``layer``.
 
@@ -194,13 +189,13 @@ class CascadeIndex:
             raise ValueError("document ids repeat; every document needs a unique id")
         if kind not in INDEX_TYPES:
             raise ValueError(f"index type {kind!r} is not one of {list(INDEX_TYPES)}")
-        if rerank_dtype not in ("float32", "float16"):
-            raise ValueError(f"rerank_dtype {rerank_dtype!r} is not one of ['float32', 'float16']")
+        if rerank_dtype not in RERANK_DTYPES:
+            raise ValueError(f"rerank_dtype {rerank_dtype!r} is not one of {list(RERANK_DTYPES)}")
         dims = _check_dims(dims, pooled.shape[1])
         full = dims[-1]
-        vectors = normalize_prefix(pooled, full).astype(rerank_dtype)
+        vectors = truncate(pooled, full).astype(rerank_dtype)
         short_dims = dims if kind != "flat" else dims[:-1]
-        shortlists = {d: build_faiss(normalize_prefix(pooled, d), kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist)
+        shortlists = {d: build_faiss(truncate(pooled, d), kind, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist)
                       for d in short_dims}
         params: dict[str, Any] = {"hnsw_m": hnsw_m} if kind == "hnsw" else {}
         if kind == "ivf":
@@ -213,7 +208,7 @@ class CascadeIndex:
     @classmethod
     def build(cls, model: Any, ids: Sequence[str], texts: Sequence[str], *, layer: int, dims: Sequence[int],
               kind: IndexType = "flat", batch_size: int = 64, chunk_size: int = 2048, hnsw_m: int = 32,
-              ivf_nlist: int | None = None, rerank_dtype: Literal["float32", "float16"] = "float32",
+              ivf_nlist: int | None = None, rerank_dtype: RerankDtype = "float32",
               show_progress_bar: bool | None = None, source: str | None = None) -> CascadeIndex:
         """Encode ``texts`` at exit ``layer`` (in chunks) and index them (see :meth:`from_vectors`).
 

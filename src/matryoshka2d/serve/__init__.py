@@ -8,7 +8,7 @@
 - :mod:`~matryoshka2d.serve.http`: the connection layer (middleware, timeouts, connection limit, shutdown).
 - :mod:`~matryoshka2d.serve.app`: the FastAPI routes over the server's state (:func:`create_app`).
 
-Needs the ``serve`` extra (``pip install matryoshka2d[serve]``).
+Needs the ``serve`` extra (``pip install -e '.[serve]'`` in the repository).
 """
 
 from __future__ import annotations

@@ -35,8 +35,10 @@ from matryoshka2d.serve.config import ServeConfig
 from matryoshka2d.serve.errors import DESCRIPTIONS, SHUTTING_DOWN, APIError, validation_error
 from matryoshka2d.serve.http import Guard, Shield
 from matryoshka2d.serve.metrics import Metrics
-from matryoshka2d.serve.output import PRECISIONS, encode_rows, normalize_rows, quantize
+from matryoshka2d.serve.output import encode_rows, quantize
 from matryoshka2d.serve.request import Parsed, Tokens, parse, token_rows
+from matryoshka2d.truncation import truncate
+from matryoshka2d.vocab import PRECISIONS
 
 try:  # optional: about 10x faster JSON for embedding vectors
     import orjson
@@ -165,7 +167,7 @@ async def embeddings(body: schemas.EmbeddingRequest, request: Request) -> Respon
                            "unaffected", code="model_error") from None
         finally:
             state.metrics.queue_rows.set(state.batcher.queued_rows)
-        out = quantize(normalize_rows(vectors, parsed.dim), parsed.precision)  # type: ignore[arg-type]
+        out = quantize(truncate(vectors, parsed.dim), parsed.precision)  # type: ignore[arg-type]
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in
                 enumerate(encode_rows(out, parsed.encoding_format, as_lists=orjson is None))]  # type: ignore[arg-type]
         tokens = sum(len(r) for r in rows)

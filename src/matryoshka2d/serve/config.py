@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from matryoshka2d.vocab import SERVE_BACKENDS, SERVE_DTYPES
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -79,9 +81,9 @@ class ServeConfig:
                                                  or self.max_connections < 1):
             raise ValueError(f"max_connections {self.max_connections!r} must be a positive integer; pass e.g. 256, "
                              "or leave it unset to follow the file limit")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
+        if self.dtype not in SERVE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; pass fp32, bf16 or fp16")
-        if self.backend not in ("torch", "onnx", "openvino"):
+        if self.backend not in SERVE_BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not supported; pass torch, onnx or openvino")
         if self.backend != "torch" and self.dtype != "fp32":
             raise ValueError(f"dtype {self.dtype!r} is torch only: the {self.backend} backend runs the exported "

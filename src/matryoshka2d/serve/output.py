@@ -18,20 +18,11 @@ base64 by default and decodes every payload as float32, gets the same values as 
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
-Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-EncodingFormat = Literal["float", "base64"]
-
-
-def normalize_rows(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """The first ``dim`` coordinates of each row, L2-normalised (a zero row stays zero), as float32."""
-    cut = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return cut / np.maximum(norms, 1e-12)
+from matryoshka2d.vocab import PRECISIONS, EncodingFormat, Precision
 
 
 def quantize(vectors: np.ndarray, precision: Precision) -> np.ndarray:

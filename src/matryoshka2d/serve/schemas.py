@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
-from matryoshka2d.serve.output import EncodingFormat, Precision
+from matryoshka2d.vocab import EncodingFormat, Precision
 
 
 def json_integer(value: Any) -> Any:

@@ -44,7 +44,7 @@ class StudyConfig:
         dev_eval: also evaluate every run on the ``selection_set`` dev split (``dev.json``), for ablations
             that are chosen on dev and reported on test.
         report: the markdown report written from the results; ``None`` means ``results.md`` beside
-            ``output_dir`` (``docs/results`` -> ``docs/results.md``).
+            ``output_dir`` (``research/results`` -> ``research/results.md``).
         command: the command quoted in the report as the one that generates it.
         dims: evaluated widths; ``None`` means the Matryoshka dims.
         eval_batch_size: sentences per forward pass in evaluation.
@@ -52,6 +52,11 @@ class StudyConfig:
         output_dir: where results JSON, tables and plots go.
         benchmark: encoding-speed JSON joined with quality (optional).
         draws: bootstrap resamples.
+        verdict_within: the report's verdicts count an exit as close to the separate model of its depth when
+            its Δ is at least ``-verdict_within``.
+        verdict_full_exit: the goal for every strategy's full exit: Δ to plain fine-tuning at least
+            ``-verdict_full_exit``.
+        verdict_min_dim: the pooled verdicts (``m2d reproduce --pool``) count exits with dims at least this.
     """
 
     name: str = "stsb-minilm"
@@ -73,9 +78,12 @@ class StudyConfig:
     dims: list[int] | None = None
     eval_batch_size: int = 128
     runs_dir: str = "runs/reproduce"
-    output_dir: str = "docs/results"
+    output_dir: str = "research/results"
     benchmark: str | None = None
     draws: int = 1000
+    verdict_within: float = 1.0
+    verdict_full_exit: float = 0.5
+    verdict_min_dim: int = 64
 
     def __post_init__(self) -> None:
         known = (ORIGINAL, *TRAINED)
@@ -85,6 +93,10 @@ class StudyConfig:
         for label, changes in self.variants.items():
             if label in known or not isinstance(changes, dict):
                 raise ValueError(f"study.variants.{label}: expected a new label with a table of overrides")
+        for key in ("verdict_within", "verdict_full_exit"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"study.{key} {value!r}: expected a number >= 0 (a Spearman / nDCG gap x100)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study.seeds {self.seeds!r}: expected distinct integers, e.g. [0, 1, 2]")
         for s in [*self.eval_sets, *self.priority_sets, self.selection_set]:

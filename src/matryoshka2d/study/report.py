@@ -1,6 +1,6 @@
 """The reproduction study's report: mean +- std over seeds, paired bootstrap CIs, plots and verdicts.
 
-Everything in ``docs/results.md`` is computed here from the per-run ``eval.json`` files (``retrieval.json`` for
+Everything in ``research/results.md`` is computed here from the per-run ``eval.json`` files (``retrieval.json`` for
 a retrieval study: nDCG@10 on BEIR sets, bootstrap over queries instead of pairs), so the report is
 regenerated, never edited by hand.
 """
@@ -198,7 +198,10 @@ def set_title(set_name: str) -> str:
     return SET_TITLES.get(set_name, f"{set_name} test")
 
 
-def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...] = PRIMARY) -> list[str]:
+def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...], within_gap: float,
+              full_exit_gap: float) -> list[str]:
+    """The report's verdicts; the thresholds are the study TOML's ``verdict_within`` / ``verdict_full_exit``."""
+
     def pick(comparison: str, set_name: str) -> list[dict[str, Any]]:
         return [r for r in rows if r["comparison"] == comparison and r["set"] == set_name]
 
@@ -227,16 +230,17 @@ def _verdicts(study: Study, rows: list[dict[str, Any]], sets: tuple[str, ...] = 
             if sel:
                 behind = sum(r["high"] < 0 for r in sel)
                 ahead = sum(r["low"] > 0 for r in sel)
-                within = sum(r["delta"] >= -1.0 for r in sel)
+                within = sum(r["delta"] >= -within_gap for r in sel)
                 what = "separately trained models" if family == "separate" else f"{family} models"
                 out.append(f"- **{label} vs {what} of the same depth** ({where}): behind at "
-                           f"{behind}/{len(sel)} exits, ahead at {ahead}/{len(sel)} (CI excluding 0); within 1.0 "
-                           f"at {within}/{len(sel)}; mean Δ {np.mean([r['delta'] for r in sel]):+.2f}.")
+                           f"{behind}/{len(sel)} exits, ahead at {ahead}/{len(sel)} (CI excluding 0); within "
+                           f"{within_gap} at {within}/{len(sel)}; mean Δ {np.mean([r['delta'] for r in sel]):+.2f}.")
         full_exit = [r for r in rows if r["comparison"].endswith("full (full exit)") and r["set"] == set_name]
         if full_exit:
-            ok = [r["comparison"].split(" - ")[0] for r in full_exit if r["delta"] >= -0.5]
-            bad = [f"{r['comparison'].split(' - ')[0]} ({r['delta']:+.2f})" for r in full_exit if r["delta"] < -0.5]
-            out.append(f"- **Goal: every strategy's full exit within 0.5 of full** ({where}): met by "
+            ok = [r["comparison"].split(" - ")[0] for r in full_exit if r["delta"] >= -full_exit_gap]
+            bad = [f"{r['comparison'].split(' - ')[0]} ({r['delta']:+.2f})" for r in full_exit
+                   if r["delta"] < -full_exit_gap]
+            out.append(f"- **Goal: every strategy's full exit within {full_exit_gap} of full** ({where}): met by "
                        f"{', '.join(ok) or 'none'}; missed by {', '.join(bad) or 'none'}.")
     return out
 
@@ -315,7 +319,7 @@ def _selection(selection: dict[str, Any]) -> list[str]:
 
 def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dict[str, Any],
                  num_layers: int) -> Path:
-    """Write ``<output_dir>/summary.json``, ``comparisons.json``, plots and ``docs/results.md``."""
+    """Write ``<output_dir>/summary.json``, ``comparisons.json``, plots and ``research/results.md``."""
     out = Path(study_cfg.output_dir)
     report = Path(study_cfg.report) if study_cfg.report else out.parent / "results.md"
     study = Study(evals, num_layers, tuple(study_cfg.variants), separate_families(study_cfg))
@@ -349,7 +353,8 @@ def write_report(study_cfg: StudyConfig, evals: dict[Unit, Path], selection: dic
     md += [*_dev_and_cost(study, labels, study_cfg.selection_set),
            f"## Paired bootstrap 95% CIs ({study_cfg.draws:,} resamples of {study.units}; seed-averaged)", "",
            *_ci_markdown(rows, study.label), "",
-           "## Verdicts (computed from the numbers above)", "", *_verdicts(study, rows, sets), "",
+           "## Verdicts (computed from the numbers above)", "",
+           *_verdicts(study, rows, sets, study_cfg.verdict_within, study_cfg.verdict_full_exit), "",
            "## Plots", "", *_plots(study, out, study_cfg.benchmark, rows, relative_link(out, report)), "",
            "## Full grids (mean ± std over seeds)", ""]
     for label in labels:

@@ -97,7 +97,8 @@ def train_unit(study: StudyConfig, unit: Unit) -> Path:
 
 def base_model_name(study: StudyConfig) -> str:
     """The model every run starts from: the training config's ``model.name`` with the study's ``overrides``
-    applied (a study may swap the model, e.g. ``"model.name" = "mpnet"``; its depth sets the report's layers)."""
+    applied (a study may swap the model, e.g. ``"model.name" = "models/all-mpnet-base-v2"``; its depth sets the
+    report's layers)."""
     from matryoshka2d.training.config import load_config
 
     return load_config(study.train_config, overrides=dict(study.overrides)).model.name

@@ -37,6 +37,7 @@ from matryoshka2d.training.setup import (
     load_unlabelled,
     make_accelerator,
     make_optimizer,
+    require_accelerate,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
         TrainingDivergedError: a NaN/inf loss part or gradient (the run stops, its checkpoints stay).
         TrainingInterrupted: Ctrl-C (SIGINT); the current step finished and was saved as a checkpoint.
     """
+    require_accelerate()
     from accelerate.utils import set_seed
 
     run_dir = Path(config.run.output_dir)

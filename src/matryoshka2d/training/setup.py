@@ -23,6 +23,7 @@ from matryoshka2d.training.config import (
     config_differences,
     load_config,
 )
+from matryoshka2d.vocab import install_hint
 
 logger = logging.getLogger("matryoshka2d.training.loop")  # the name these messages had before the split
 
@@ -161,6 +162,14 @@ def build(config: Config, *, world_size: int = 1) -> tuple[Any, Any, dict[str, A
         model.backbone.gradient_checkpointing_enable(  # type: ignore[operator]
             gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, data, dev, objective
+
+
+def require_accelerate() -> None:
+    """Raises: ImportError naming the ``train`` extra when accelerate (not needed for inference) is missing."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ImportError(f"training needs accelerate: {install_hint('train')}") from None
 
 
 def make_accelerator(mixed_precision: str) -> Any:
