@@ -63,8 +63,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sentences(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("fault-sentences") / "s.txt"
-    path.write_text("a man plays the guitar\nthe dog runs\n\ncat\na woman reads a book\nred car\nold tree\n",
-                    encoding="utf-8")
+    path.write_text("a man plays the guitar\nthe dog runs\ncat\na woman reads a book\nred car\nold tree\n",
+                    encoding="utf-8")  # no blank line: m2d encode refuses them in .npy mode
     return path
 
 
@@ -236,7 +236,7 @@ def test_two_encode_processes_one_output(tiny_dir, sentences, tmp_path) -> None:
     err = next(e for code, e in results if code == 2)
     assert_user_error(2, err)
     assert "being written by another process" in err or "already exists" in err
-    assert np.load(out).shape == (7, 32) and leftovers(tmp_path) == []
+    assert np.load(out).shape == (6, 32) and leftovers(tmp_path) == []
 
 
 def test_two_train_runs_one_run_folder(tiny_dir, train_tsv, tmp_path, capsys) -> None:
