@@ -90,7 +90,8 @@ def main() -> None:
     for s in ("scifact", "nfcorpus"):
         lines += posthoc(s)
     lines += ["## LoRA vs the separate query encoders, paired bootstrap over queries", "",
-              *cis("lora-s0", "separate-lr2e-4-s0"), "", *cis("lora-s0", "separate-s0"),
+              *cis("lora-s0", "separate-lr2e-4-s0"), "",
+              *cis("lora-s0", "separate-s0"),
               "", "## Shared-space training on SciFact train (seed 0), SciFact test", "", *trained(), ""]
     print("\n".join(lines))
 
