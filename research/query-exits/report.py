@@ -15,7 +15,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DIMS = (64, 128, 256, 384)
 POSTHOC = (("none", "original MiniLM (shared exits, no alignment)"), ("head", "post-hoc: query heads"),
-           ("lora", "post-hoc: heads + LoRA r16"), ("separate", "baseline: separate query encoder (Wang & Lyu), lr 5e-5"),
+           ("lora", "post-hoc: heads + LoRA r16"),
+           ("separate", "baseline: separate query encoder (Wang & Lyu), lr 5e-5"),
            ("separate-lr2e-4", "baseline: separate query encoder, lr 2e-4 (chosen on NFCorpus dev)"))
 TRAINED = ("dense-heads", "cross", "align", "score-kd", "all", "full")
 
