@@ -208,10 +208,10 @@ def test_sentence_transformers_export_applies_the_head(tiny_dir, pooling, dim, t
 
 def test_sentence_transformers_export_card_applies_the_head(headed, tmp_path, monkeypatch):
     pytest.importorskip("sentence_transformers")
-    from test_modelcard import SNIPPET_SENTENCES, _run_snippets
+    from helpers.modelcard import SNIPPET_SENTENCES, run_snippets
 
     folder = export_model(headed, tmp_path / "st", layer=2, dim=8, format="sentence-transformers")
-    results = _run_snippets(folder, monkeypatch)
+    results = run_snippets(folder, monkeypatch)
     assert set(results) == {"matryoshka2d", "sentence-transformers", "transformers"}
     expected = headed.encode(SNIPPET_SENTENCES, layer=2, dim=8)
     for title, got in results.items():
@@ -261,16 +261,16 @@ def test_head_settings_round_trip_through_toml(tmp_path):
 # ----------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_training import _scored_rows
+    from helpers.training import scored_rows
 
     root = tmp_path_factory.mktemp("data")
-    rows = "\n".join(["sentence1\tsentence2\tscore", *_scored_rows(0, 64)]) + "\n"
+    rows = "\n".join(["sentence1\tsentence2\tscore", *scored_rows(0, 64)]) + "\n"
     (root / "train.tsv").write_text(rows, encoding="utf-8")
     return root
 
 
 def _config(tiny_dir: Path, data_dir: Path, out: Path, **overrides: object) -> Config:
-    from test_training import make_config
+    from helpers.training import make_config
 
     heads = {"model.exit_heads": "linear", "train.head_lr": 1e-2, "train.max_steps": 4, "run.save_every": 2}
     return make_config(tiny_dir, data_dir, out, **{**heads, **overrides})
@@ -350,8 +350,8 @@ def test_head_on_last_gives_the_last_exit_a_head_that_training_moves(tiny_dir, d
 
 
 def test_training_with_heads_moves_them_and_resumes_exactly(tiny_dir, data_dir, tmp_path):
+    from helpers.training import read_log
     from matryoshka2d.training.loop import train
-    from test_training import read_log
 
     straight = train(_config(tiny_dir, data_dir, tmp_path / "straight"))
     model = MatryoshkaEncoder.from_pretrained(straight.final_dir)

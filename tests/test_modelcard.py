@@ -3,40 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.modelcard import SNIPPET_SENTENCES, run_snippets
 from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.cli import main
 from matryoshka2d.export.exporter import export_model
 from matryoshka2d.io.modelcard import quality_tables, read_bench_results, read_eval_results, render_model_card
-
-SNIPPET_SENTENCES = ["A man is playing a guitar.", "A dog runs in the park."]
-
-
-def _snippets(readme: Path) -> dict[str, str]:
-    """``{section title: python code}`` for every python block of the card's Usage section."""
-    text = readme.read_text(encoding="utf-8")
-    found = {}
-    for title, body in re.findall(r"### ([^\n]+)\n(.*?)(?=\n### |\nLibrary versions)", text, flags=re.S):
-        code = re.search(r"```python\n(.*?)```", body, flags=re.S)
-        if code:
-            found[title] = code.group(1)
-    return found
-
-
-def _run_snippets(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    monkeypatch.chdir(folder.parent)
-    results = {}
-    for title, code in _snippets(folder / "README.md").items():
-        scope: dict = {}
-        exec(compile(code, f"{folder.name}/README.md [{title}]", "exec"), scope)
-        embeddings = scope["embeddings"]
-        results[title] = embeddings.numpy() if hasattr(embeddings, "numpy") else np.asarray(embeddings)
-    return results
 
 
 def _eval_results(layers: int = 4) -> dict:
@@ -55,7 +30,7 @@ def test_hf_export_card_snippets_run_and_match_the_exit(tiny_dir, pooling, tmp_p
     pytest.importorskip("sentence_transformers")
     source = MatryoshkaEncoder.from_pretrained(tiny_dir, pooling=pooling).eval()
     folder = export_model(source, tmp_path / "tiny-L2-d16", layer=2, dim=16)
-    results = _run_snippets(folder, monkeypatch)
+    results = run_snippets(folder, monkeypatch)
     expected = source.encode(SNIPPET_SENTENCES, layer=2, dim=16)
     wanted = {"matryoshka2d", "transformers"} | ({"sentence-transformers"} if pooling != "cls_avg" else set())
     assert set(results) == wanted
@@ -67,13 +42,13 @@ def test_hf_export_card_snippets_run_and_match_the_exit(tiny_dir, pooling, tmp_p
         assert "m2d export tiny-L2-d16 --layer 2 --dim 16 --format sentence-transformers" in text
 
 
-def test_sentence_transformers_export_card_snippets(tiny_dir, tmp_path, monkeypatch):
+def test_sentence_transformers_export_cardsnippets(tiny_dir, tmp_path, monkeypatch):
     pytest.importorskip("sentence_transformers")
     source = MatryoshkaEncoder.from_pretrained(tiny_dir).eval()
     folder = export_model(source, tmp_path / "st", layer=3, dim=8, format="sentence-transformers")
     text = (folder / "README.md").read_text()
     assert text.startswith("---\nlibrary_name: sentence-transformers\n")
-    results = _run_snippets(folder, monkeypatch)
+    results = run_snippets(folder, monkeypatch)
     assert set(results) == {"matryoshka2d", "sentence-transformers", "transformers"}
     expected = source.encode(SNIPPET_SENTENCES, layer=3, dim=8)
     for title, got in results.items():
@@ -84,7 +59,7 @@ def test_onnx_export_card_snippet(tiny_dir, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     source = MatryoshkaEncoder.from_pretrained(tiny_dir).eval()
     folder = export_model(source, tmp_path / "onnx", layer=1, dim=16, format="onnx", quantize="int8")
-    results = _run_snippets(folder, monkeypatch)
+    results = run_snippets(folder, monkeypatch)
     assert set(results) == {"onnxruntime"}
     expected = source.encode(SNIPPET_SENTENCES, layer=1, dim=16)
     np.testing.assert_allclose(results["onnxruntime"], expected, atol=1e-4)
@@ -102,7 +77,7 @@ def test_saved_model_card_at_a_shallow_default_exit(tiny_dir, tmp_path, monkeypa
     assert "## Training\n\n- strategy: `2dmse`\n- data: `nli`\n- steps: `1000`" in text
     assert "hidden_states[2]" in text and "Plain transformers runs all 4 blocks here" in text
     assert "sentence-transformers cannot stop at layer 2 of this folder by itself" in text
-    results = _run_snippets(folder, monkeypatch)
+    results = run_snippets(folder, monkeypatch)
     assert set(results) == {"matryoshka2d", "transformers"}
     expected = model.encode(SNIPPET_SENTENCES, layer=2, dim=8)
     for title, got in results.items():

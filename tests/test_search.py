@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("faiss")
 
+from helpers.beir import write_beir  # noqa: E402
 from matryoshka2d.cli import main  # noqa: E402
 from matryoshka2d.evaluation.retrieval import exact_topk, normalized_prefix  # noqa: E402
 from matryoshka2d.search import CascadeIndex, cascade_search, write_run  # noqa: E402
-from test_retrieval import write_beir  # noqa: E402
 
 
 @pytest.fixture()

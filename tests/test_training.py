@@ -16,27 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import WORDS, build_tiny_model
+from conftest import build_tiny_model
+from helpers.training import make_config, read_log, scored_rows, sentence
 from matryoshka2d.training import checkpoint as ckpt
-from matryoshka2d.training.config import Config, load_config
+from matryoshka2d.training.config import load_config
 from matryoshka2d.training.loop import CONFIG_FILE, LOG_FILE, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sentence(rng: random.Random, n: int = 6) -> list[str]:
-    return [rng.choice(WORDS) for _ in range(n)]
-
-
-def _scored_rows(seed: int, n: int) -> list[str]:
-    """Pairs whose score is the number of shared leading words: learnable by the tiny model."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a = _sentence(rng)
-        k = rng.randint(0, 6)
-        rows.append(f"{' '.join(a)}\t{' '.join(a[:k] + _sentence(rng, 6 - k))}\t{k * 5 / 6:.3f}")
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -61,26 +49,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data folder with scored training pairs, unscored pairs and a synthetic stsb/ (dev, test)."""
     root = tmp_path_factory.mktemp("data")
     header = "sentence1\tsentence2\tscore"
-    (root / "train.tsv").write_text("\n".join([header, *_scored_rows(0, 64)]) + "\n", encoding="utf-8")
+    (root / "train.tsv").write_text("\n".join([header, *scored_rows(0, 64)]) + "\n", encoding="utf-8")
     rng = random.Random(1)
-    pairs = [f"{' '.join(a)}\t{' '.join(a[:4] + _sentence(rng, 2))}" for a in (_sentence(rng) for _ in range(64))]
+    pairs = [f"{' '.join(a)}\t{' '.join(a[:4] + sentence(rng, 2))}" for a in (sentence(rng) for _ in range(64))]
     (root / "pairs.tsv").write_text("\n".join(["anchor\tpositive", *pairs]) + "\n", encoding="utf-8")
     (root / "stsb").mkdir()
     for split, seed in (("dev", 2), ("test", 3)):
-        (root / "stsb" / f"{split}.tsv").write_text("\n".join([header, *_scored_rows(seed, 40)]) + "\n",
+        (root / "stsb" / f"{split}.tsv").write_text("\n".join([header, *scored_rows(seed, 40)]) + "\n",
                                                     encoding="utf-8")
     return root
-
-
-def make_config(tiny_dir: Path, data_dir: Path, out: Path, **overrides: object) -> Config:
-    base = {"model.name": str(tiny_dir), "data.source": str(data_dir / "train.tsv"),
-            "data.data_dir": str(data_dir), "run.output_dir": str(out), "train.batch_size": 16,
-            "train.lr": 1e-3, "train.max_steps": 8, "run.save_every": 4, "run.progress_bar": False}
-    return load_config(overrides={**base, **overrides})
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / LOG_FILE).read_text(encoding="utf-8").splitlines()]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

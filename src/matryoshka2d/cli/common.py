@@ -131,3 +131,12 @@ def quiet_libraries(quiet: bool) -> Iterator[None]:
                 os.environ[k] = v
         if bar:
             hf_logging.enable_progress_bar()
+
+
+def add_input_type_arg(parser: argparse.ArgumentParser, *, default: str, when: str = "") -> None:
+    """``--input-type query|document``: whether texts take an aligned exit's own query path (m2d align)."""
+    from matryoshka2d.vocab import INPUT_TYPES
+
+    parser.add_argument("--input-type", choices=INPUT_TYPES, default=default,
+                        help=f"{when}how the texts are encoded: 'query' takes the own path of exits aligned by m2d "
+                             f"align, 'document' the shared path (what an index holds); default {default}")

@@ -17,10 +17,10 @@ from typing import IO
 
 import numpy as np
 
-from matryoshka2d.cli.common import add_model_args, load_model
+from matryoshka2d.cli.common import add_input_type_arg, add_model_args, load_model
 from matryoshka2d.io.outputs import save_or_rescue
 from matryoshka2d.truncation import truncate
-from matryoshka2d.vocab import CORPUS_ENGINES, INPUT_TYPES, RUNTIME_PRECISIONS, STORAGE_FORMATS
+from matryoshka2d.vocab import CORPUS_ENGINES, RUNTIME_PRECISIONS, STORAGE_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="exit layer 1..N (default: the model's default)")
     p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: full width)")
-    p.add_argument("--input-type", choices=INPUT_TYPES, default="document",
-                   help="query: take the exit's own query path where m2d align gave it one (encode queries this "
-                        "way); document (default): the shared path, what an index holds")
+    add_input_type_arg(p, default="document")
     p.add_argument("--input", required=True, nargs="+",
                    help=".txt (one sentence per line) or .tsv/.csv/.jsonl; with --exits also .parquet, several "
                         "files, globs or folders")

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from matryoshka2d.vocab import INPUT_TYPES
+from matryoshka2d.cli.common import add_input_type_arg
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +24,7 @@ def add_retrieval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc-layer", type=int, default=None,
                         help="retrieval sets: score queries at every --layers exit against ONE index of documents "
                              "encoded at this layer (search as it is used: one index, every query budget)")
-    parser.add_argument("--input-type", choices=INPUT_TYPES, default="query",
-                        help="with --doc-layer: how queries are encoded; 'query' takes the own path of exits "
-                             "aligned by m2d align (default), 'document' the shared path")
+    add_input_type_arg(parser, default="query", when="with --doc-layer, the queries: ")
     parser.add_argument("--ignore-identical-ids", action=argparse.BooleanOptionalAction, default=True,
                         help="retrieval sets: leave a document whose id equals the query's id out of its ranking "
                              "(BEIR's and MTEB's default; recorded in the result)")

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from matryoshka2d.vocab import INPUT_TYPES
+from matryoshka2d.cli.common import add_input_type_arg
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query-layer", type=int, default=None,
                    help="exit layer of the queries (default: the index's); it must be aligned to the index's "
                         "document exit (m2d info MODEL lists the aligned exits), unless --force")
-    p.add_argument("--input-type", choices=INPUT_TYPES, default="query",
-                   help="how the queries are encoded: 'query' takes the own path of exits aligned by m2d align "
-                        "(default), 'document' the shared path")
+    add_input_type_arg(p, default="query", when="the queries: ")
     p.add_argument("--shortlist-dim", type=int, default=None,
                    help="shortlist dim, one the index stores (default: the index's smallest)")
     p.add_argument("--k", type=int, default=100, help="shortlist size")
