@@ -201,7 +201,7 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
         students = {}
         for n in exits:
             sub = model.truncate(n)
-            sub.add_exit_heads("linear", layers=[n]) if str(n) not in sub.exit_heads else None
+            sub.add_exit_heads("linear", layers=[n])  # kept as it is when the exit already has one
             for p in sub.parameters():
                 p.requires_grad_(True)
             sub.eval()
