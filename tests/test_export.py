@@ -62,8 +62,10 @@ def test_hf_export_round_trips_at_the_same_exit(models, arch, tmp_path):
     np.testing.assert_allclose(loaded.encode(SENTENCES, layer=1, dim=32),
                                source.encode(SENTENCES, layer=1, dim=32), atol=1e-6)
     meta = json.loads((folder / "matryoshka2d.json").read_text())
+    space = {"document_exit": 4, "query_exits": [4], "query_path": None, "exit": 2, "input_type": "document"}
     assert meta["exported_from"] == {"source": str(source.metadata["source"]), "layer": 2, "dim": 16,
-                                     "num_layers": 4, "hidden_size": 32}
+                                     "num_layers": 4, "hidden_size": 32, "document_space": space}
+    assert json.loads((folder / "config.json").read_text())["matryoshka2d_document_space"] == space
     assert meta["export"]["verification"]["matryoshka2d_max_abs_diff"] <= 1e-6
     assert (folder / "README.md").exists()
     verify_manifest(folder)  # every file, the card included, is listed with its checksum
@@ -409,7 +411,9 @@ def test_export_of_a_trained_model_carries_its_own_facts(tiny_dir: Path, tmp_pat
     assert meta["num_layers"] == config["num_hidden_layers"] == 2
     assert (meta["default_layer"], meta["default_dim"], meta["hidden_size"]) == (2, 16, 32)
     assert meta["exported_from"] == {"source": str(trained), "layer": 2, "dim": 16, "num_layers": 4,
-                                     "hidden_size": 32}
+                                     "hidden_size": 32, "document_space": {
+                                         "document_exit": 4, "query_exits": [4], "query_path": None, "exit": 2,
+                                         "input_type": "document"}}
     card = (out / "README.md").read_text()
     assert f"of `{trained}` (4 layers, 32 dims)" in card and "| layers stored | 2 |" in card.replace("`", "")
     assert MatryoshkaEncoder.from_pretrained(out).num_layers == 2

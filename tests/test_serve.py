@@ -220,8 +220,8 @@ def test_a_failing_request_does_not_fail_its_batch(model) -> None:
     good = model.tokenizer(TEXTS)["input_ids"]
 
     async def run() -> tuple[list, BaseException | None]:
-        futures = [batcher.submit([ids], layer=1 + i % 4) for i, ids in enumerate(good)]
-        broken = batcher.submit([[101, vocab + 50, 102]], layer=2)  # an id past the embedding table
+        futures = [batcher.submit([ids], route=1 + i % 4) for i, ids in enumerate(good)]
+        broken = batcher.submit([[101, vocab + 50, 102]], route=2)  # an id past the embedding table
         results = await asyncio.gather(*futures)
         try:
             await broken
@@ -279,11 +279,11 @@ def test_batcher_waits_for_company_only_when_there_is_some(model) -> None:
 
     async def one() -> float:
         began = time.perf_counter()
-        await batcher.submit([ids[0]], layer=2)
+        await batcher.submit([ids[0]], route=2)
         return time.perf_counter() - began
 
     async def crowd() -> None:  # all in one tick: every submit after the first finds company
-        await asyncio.gather(*[batcher.submit([row], layer=1 + i % 4) for i, row in enumerate(ids)])
+        await asyncio.gather(*[batcher.submit([row], route=1 + i % 4) for i, row in enumerate(ids)])
 
     batcher.start()
     try:
@@ -310,7 +310,7 @@ def test_batcher_hands_the_free_heap_back_at_most_once_per_interval(model, monke
 
         async def one_by_one() -> None:
             for i in range(rounds):
-                await batcher.submit([ids[i % len(ids)]], layer=2)
+                await batcher.submit([ids[i % len(ids)]], route=2)
                 if interval:
                     await asyncio.sleep(interval / 3)
 
@@ -361,7 +361,7 @@ def test_onnx_runner_matches_the_model_at_every_exit_and_reuses_its_exports(mode
                       runner=runner)
 
     async def crowd() -> list[np.ndarray]:
-        return await asyncio.gather(*[batcher.submit([row], layer=1 + i % 4) for i, row in enumerate(ids)])
+        return await asyncio.gather(*[batcher.submit([row], route=1 + i % 4) for i, row in enumerate(ids)])
 
     batcher.start()
     try:

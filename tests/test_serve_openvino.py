@@ -59,7 +59,7 @@ def crowd(batcher: Batcher, rows: list[list[int]], layers: list[int]) -> list[np
     """Submit every row as its own request at once (they share batches) and wait for all."""
 
     async def run() -> list[np.ndarray]:
-        return await asyncio.gather(*[batcher.submit([row], layer=n) for row, n in zip(rows, layers, strict=True)])
+        return await asyncio.gather(*[batcher.submit([row], route=n) for row, n in zip(rows, layers, strict=True)])
 
     batcher.start()
     try:

@@ -110,10 +110,10 @@ def test_batcher_abort_answers_every_unfinished_request_and_computes_none(tiny_m
     ids = tiny_model.tokenizer(["a dog", "a cat"])["input_ids"]
 
     async def run() -> list:
-        futures = [batcher.submit([ids[i % 2]], layer=2) for i in range(20)]  # not started: nothing runs them
+        futures = [batcher.submit([ids[i % 2]], route=2) for i in range(20)]  # not started: nothing runs them
         assert batcher.abort(StoppedError("bye")) == 20 and batcher.queued_rows == 0
         with pytest.raises(StoppedError):
-            batcher.submit([ids[0]], layer=2)
+            batcher.submit([ids[0]], route=2)
         return await asyncio.gather(*futures, return_exceptions=True)
 
     results = asyncio.run(run())

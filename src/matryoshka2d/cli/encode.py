@@ -135,7 +135,7 @@ def run_corpus(args: argparse.Namespace) -> int:
     job = make_job(model, args.model, args.input, args.exits, fmt=args.format, normalize=args.normalize,
                    id_column=args.id_column, text_column=args.text_column or args.column, skip_empty=args.skip_empty,
                    shard_size=args.shard_size, batch_size=args.batch_size, pooling=args.pooling,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, input_type=args.input_type)
     if args.engine == "ray":
         del model  # the actors load their own
         model = None

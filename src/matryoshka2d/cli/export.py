@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from matryoshka2d.cli.common import add_model_args, load_model
+from matryoshka2d.cli.common import add_input_type_arg, add_model_args, load_model
 from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=None, help="embedding dims 1..D (default: the model's default)")
     p.add_argument("--format", default="hf", choices=[*FORMATS, *FORMAT_ALIASES],
                    help="hf (transformers folder), sentence-transformers (alias st), onnx, openvino (IR of the graph)")
+    add_input_type_arg(p, default="document", when="the exported exit: ")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
@@ -55,7 +56,7 @@ def export(args: argparse.Namespace) -> int:
     folder = export_model(
         model, args.output, layer=args.layer, dim=args.dim, format=args.format, overwrite=args.overwrite,
         quantize=args.quantize, opset=args.opset, verify=args.verify, eval_results=args.eval_results,
-        bench_results=args.bench_results, sts=sts, source=args.model,
+        bench_results=args.bench_results, sts=sts, source=args.model, input_type=args.input_type,
     )
     meta = json.loads((folder / "matryoshka2d.json").read_text(encoding="utf-8"))
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -63,6 +64,10 @@ def export(args: argparse.Namespace) -> int:
     print(f"exported layer {origin['layer']} (of {origin['num_layers']}), dim {origin['dim']} (of "
           f"{origin['hidden_size']}) as {export['format']} to {folder}: {len(files)} files, "
           f"{folder_size_mib(folder):.1f} MiB")
+    space = origin.get("document_space") or {}
+    if space.get("input_type") == "query":
+        print(f"  the own query path of layer {origin['layer']}: encode queries with it, and search an index built "
+              f"at layer {space.get('document_exit')} of {args.model}")
     for section in ("verification", "quantization"):
         for key, value in (export.get(section) or {}).items():
             print(f"  {section}: {key} = {value}")

@@ -66,6 +66,10 @@ def read_encoded(folder: str | Path, layer: int | None = None, dim: int | None =
         raise ValueError(f"{path} is damaged ({e}); resume the encode to rewrite it") from e
     if not isinstance(manifest, dict) or manifest.get("kind") != "matryoshka2d-corpus-embeddings":
         raise ValueError(f"{path} is not the manifest of an m2d encode --exits output")
+    if manifest.get("input_type", "document") != "document":
+        raise ValueError(f"{root} holds {manifest.get('input_type')!r} vectors (m2d encode --input-type "
+                         f"{manifest.get('input_type')}); an index holds documents: encode the corpus with "
+                         "--input-type document (the default)")
     fmt = manifest.get("format")
     if fmt not in ("float32", "float16"):
         raise ValueError(f"{root} holds {fmt} vectors; an index needs float vectors: encode with --format float32 "

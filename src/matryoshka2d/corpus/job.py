@@ -11,6 +11,7 @@ from typing import Any
 from matryoshka2d.corpus.readers import CorpusReader, resolve_inputs
 from matryoshka2d.corpus.shards import Exit, StorageFormat, check_format, parse_exits
 from matryoshka2d.io.manifest import file_sha256
+from matryoshka2d.vocab import INPUT_TYPES, InputType, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class CorpusJob:
     batch_size: int = 64
     pooling: str | None = None
     trust_remote_code: bool = False
+    input_type: InputType = "document"  # "query": the own query path of exits aligned by m2d align
     input_sizes: tuple[int, ...] = field(default=())
     input_sha256: tuple[str, ...] = field(default=())
 
@@ -44,6 +46,8 @@ class CorpusJob:
         d.pop("input_sizes")
         d.pop("input_sha256")
         d["exits"] = [[e.layer, e.dim] for e in self.exits]
+        if d["input_type"] == "document":  # the default is left out, so records written before it still resume
+            d.pop("input_type")
         return d
 
     @classmethod
@@ -86,7 +90,8 @@ class CorpusJob:
 def make_job(model: Any, model_name: str, inputs: Sequence[str], exits: str, *, fmt: str = "float32",
              normalize: bool = True, id_column: str | None = None, text_column: str | None = None,
              skip_empty: bool = False, shard_size: int = 100_000, batch_size: int = 64,
-             pooling: str | None = None, trust_remote_code: bool = False) -> CorpusJob:
+             pooling: str | None = None, trust_remote_code: bool = False,
+             input_type: str = "document") -> CorpusJob:
     """Check the arguments of a corpus encode against the loaded ``model`` and the files; return the job.
 
     Raises:
@@ -97,6 +102,7 @@ def make_job(model: Any, model_name: str, inputs: Sequence[str], exits: str, *, 
         raise ValueError(f"--batch-size {batch_size!r} must be a positive integer; pass e.g. 64")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size {shard_size!r} must be a positive integer; pass e.g. 100000")
+    check_choice("--input-type", input_type, INPUT_TYPES)
     local = Path(model_name)
     return CorpusJob(
         model=str(local.resolve()) if local.exists() else str(model_name),
@@ -104,6 +110,7 @@ def make_job(model: Any, model_name: str, inputs: Sequence[str], exits: str, *, 
         exits=tuple(parse_exits(exits, model)), format=check_format(fmt, normalize), normalize=normalize,
         id_column=id_column, text_column=text_column, skip_empty=skip_empty, shard_size=shard_size,
         batch_size=batch_size, pooling=pooling, trust_remote_code=trust_remote_code,
+        input_type=input_type,  # type: ignore[arg-type]
         input_sizes=tuple(f.stat().st_size for f in files),
         input_sha256=tuple(file_sha256(f) for f in files),
     )

@@ -184,7 +184,7 @@ def run_local(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, total
               smoothing=0.05) as bar:
         for spec in specs:
             encode_shard(model, reader, spec, job.exits, output, fmt=job.format, normalize=job.normalize,
-                         batch_size=job.batch_size, progress=bar.update)
+                         batch_size=job.batch_size, progress=bar.update, input_type=job.input_type)
 
 
 def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, skipped_empty: int) -> dict:
@@ -208,6 +208,7 @@ def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, 
         "formats": {"int8": f"q = round({INT8_SCALE} x) of the normalised vector",
                     "binary": "numpy.packbits(x > 0), ceil(dim / 8) bytes"}.get(job.format, "IEEE floats"),
         "normalize": job.normalize,
+        "input_type": job.input_type,
         "id_column": job.id_column or "(id, _id or doc_id when present, else line numbers)",
         "text_column": job.text_column or "(title + text, text, else the first column that is not the id)",
         "inputs": job.input_records(),

@@ -54,7 +54,8 @@ class ShardEncoder:
         for text in batch["spec"]:
             spec = ShardSpec.from_dict(json.loads(str(text)))
             encode_shard(self.model, self.reader, spec, self.job.exits, self.output, fmt=self.job.format,
-                         normalize=self.job.normalize, batch_size=self.job.batch_size)
+                         normalize=self.job.normalize, batch_size=self.job.batch_size,
+                         input_type=self.job.input_type)
             indices.append(spec.index)
             rows.append(spec.rows)
         return {"shard": np.asarray(indices, dtype=np.int64), "rows": np.asarray(rows, dtype=np.int64)}

@@ -35,7 +35,7 @@ from matryoshka2d.encoder.memory import release_free_memory
 from matryoshka2d.encoder.tokenization import TOKENIZE_CHUNK
 from matryoshka2d.io.atomic import atomic_open
 from matryoshka2d.truncation import truncate
-from matryoshka2d.vocab import STORAGE_FORMATS, StorageFormat
+from matryoshka2d.vocab import STORAGE_FORMATS, InputType, StorageFormat
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,14 @@ def check_format(fmt: str, normalize: bool) -> StorageFormat:
 
 
 def embed_exits(model: MultiExitModel, texts: Sequence[str], exits: Sequence[Exit], *, normalize: bool = True,
-                batch_size: int = 64, progress: Callable[[int], None] | None = None) -> dict[Exit, np.ndarray]:
+                batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                input_type: InputType = "document") -> dict[Exit, np.ndarray]:
     """float32 embeddings of ``texts`` at every exit, all from one backbone pass per batch.
 
     The texts go to :func:`embed_layers` in the chunks its tokenizer loop uses, so the batches (and the
     vectors) are the ones ``model.encode(texts, layer=L, dim=D)`` gives; ``progress(n)`` is called after
-    each batch of ``n`` texts (so a bar moves every few seconds, not once per chunk).
+    each batch of ``n`` texts (so a bar moves every few seconds, not once per chunk). ``input_type="query"``
+    takes the own query path of exits that have one.
     """
     layers = sorted({e.layer for e in exits})
     chunk = batch_size * max(1, TOKENIZE_CHUNK // batch_size)
@@ -105,7 +107,7 @@ def embed_exits(model: MultiExitModel, texts: Sequence[str], exits: Sequence[Exi
     for first in range(0, len(texts), chunk):
         part = list(texts[first : first + chunk])
         full = embed_layers(model, part, layers, normalize=False, batch_size=batch_size, show_progress_bar=False,
-                            progress=progress)
+                            progress=progress, input_type=input_type)
         for e in exits:
             emb = torch.from_numpy(full[e.layer])[:, : e.dim]
             out[e][first : first + len(part)] = (truncate(emb) if normalize else emb).numpy()
@@ -218,7 +220,7 @@ def plan_shards(reader: CorpusReader, shard_size: int) -> tuple[list[ShardSpec],
 
 def encode_shard(model: MultiExitModel, reader: CorpusReader, spec: ShardSpec, exits: Sequence[Exit],
                  output: str | Path, *, fmt: StorageFormat = "float32", normalize: bool = True, batch_size: int = 64,
-                 progress: Callable[[int], None] | None = None) -> Path:
+                 progress: Callable[[int], None] | None = None, input_type: InputType = "document") -> Path:
     """Read shard ``spec`` from the corpus, embed it at every exit and write it atomically under ``output``.
 
     Raises:
@@ -234,7 +236,7 @@ def encode_shard(model: MultiExitModel, reader: CorpusReader, spec: ShardSpec, e
         raise ValueError(f"shard {spec.index}: the input at {reader.files[spec.start.source]}:{spec.start.line} "
                          "no longer holds the planned records; the input changed during the run, rerun it")
     vectors = embed_exits(model, [r.text for r in records], exits, normalize=normalize, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, input_type=input_type)
     columns = {"id": pa.array(ids, type=pa.string())}
     for e in exits:
         columns[e.column] = vector_column(vectors[e], fmt)

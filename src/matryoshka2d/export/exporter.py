@@ -14,7 +14,13 @@ Formats:
 - ``openvino``: that graph converted to OpenVINO IR (see :mod:`matryoshka2d.export.openvino`).
 
 Every folder's ``config.json`` carries ``is_matryoshka`` and ``matryoshka_dimensions`` (the fields vLLM and
-SGLang read to accept a request's ``dimensions``).
+SGLang read to accept a request's ``dimensions``) and ``matryoshka2d_document_space``: the source's document exit,
+the query exits that search an index built there, and which path this folder encodes (``input_type``). The same
+record is in ``matryoshka2d.json`` (``exported_from.document_space``) and in the model card.
+
+``input_type="query"`` exports the own query path of an exit aligned by ``m2d align``
+(:meth:`~matryoshka2d.encoder.model.MatryoshkaEncoder.query_encoder`: its adapters merged, its query head
+folded in): a standalone model for encoding queries against the source's document index.
 
 The ``hf`` and ``sentence-transformers`` folders also keep the heads of layers ``1..layer`` in
 ``exit_heads.safetensors`` (see :mod:`matryoshka2d.encoder.heads`), so our loader reproduces every kept exit.
@@ -33,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 from matryoshka2d.export.checks import VERIFY_TEXTS, ScoredPairsLike, quiet_logger
 from matryoshka2d.export.formats import WRITERS, ExportJob, write_meta
-from matryoshka2d.export.hf import dropped_pooler, installed_version
+from matryoshka2d.export.hf import dropped_pooler, installed_version, write_config_fields
 from matryoshka2d.io.atomic import atomic_dir
 from matryoshka2d.io.manifest import FORMAT_VERSION, library_versions, write_manifest
 from matryoshka2d.io.modelcard import read_bench_results, read_eval_results, select_layers, write_model_card
-from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, ExportFormat, Quantization, check_choice
+from matryoshka2d.vocab import FORMAT_ALIASES, FORMATS, INPUT_TYPES, ExportFormat, InputType, Quantization, check_choice
 
 if TYPE_CHECKING:
     from matryoshka2d.encoder.model import MatryoshkaEncoder
@@ -72,6 +78,7 @@ def export_model(
     bench_results: str | os.PathLike[str] | dict[str, Any] | None = None,
     sts: ScoredPairsLike | str | None = None,
     source: str | None = None,
+    input_type: InputType = "document",
 ) -> Path:
     """Write exit ``(layer, dim)`` of ``model`` to ``path`` as a standalone folder, atomically.
 
@@ -92,19 +99,26 @@ def export_model(
             exported folder's Spearman is compared with the source exit's (and int8's with fp32's).
         source: the name or folder ``model`` was loaded from (recorded as ``exported_from.source``; default:
             the model's own ``source``, which for a trained model is the model it was trained from).
+        input_type: ``"document"`` (the shared path) or ``"query"``: the exit's own query path (an exit aligned
+            by ``m2d align``; the folder then encodes queries for the source's document index).
 
     Returns:
         The output folder.
 
     Raises:
         ValueError: layer/dim out of range, unknown format, quantize/opset given for another format, ``hf``
-            for an exit with a head, a graph that cannot be traced, or an export that does not reproduce
-            the source exit.
+            for an exit with a head, a graph that cannot be traced, an export that does not reproduce
+            the source exit, or ``input_type="query"`` at an exit without its own query path.
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         ImportError: a missing optional dependency (the message names the extra to install).
     """
     fmt = check_format(format)
     n, d = model.check_layer(layer), model.check_dim(dim)
+    if input_type != "document":
+        check_choice("input_type", input_type, INPUT_TYPES)
+    space = {**model.document_space, "exit": n, "input_type": input_type}
+    if input_type == "query":  # the exit's own path as a standalone model (ValueError if it has none)
+        model = model.query_encoder(n)
     writer = WRITERS[fmt]
     writer.check(model, n, quantize, opset)
     writer.require(verify)
@@ -112,6 +126,7 @@ def export_model(
     if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before any slow work
         raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
     meta = _export_metadata(model, n, d, fmt, eval_results, bench_results, source)
+    meta["exported_from"]["document_space"] = space
     pairs = _resolve_sts(sts)
     texts = list(VERIFY_TEXTS)
     with quiet_logger("matryoshka2d.encoder.batching"):  # the long check text is truncated on purpose
@@ -120,6 +135,7 @@ def export_model(
         job = ExportJob(model, model.truncate(n).eval(), tmp, n, d, meta, texts, reference, pairs,
                         quantize=quantize, opset=opset, verify=verify)
         meta["export"] = writer.write(job)
+        write_config_fields(tmp, {"matryoshka2d_document_space": space})
         if pairs is not None:
             meta["export"]["sts"] = pairs.name
         write_meta(tmp, meta)
@@ -139,7 +155,8 @@ def _export_metadata(model: MatryoshkaEncoder, n: int, d: int, fmt: str, eval_re
     recorded about itself (a trained model's ``num_layers``) never overrides them.
     """
     inherited = {k: v for k, v in model.metadata.items()
-                 if k not in ("default_layer", "default_dim", "exported_from", "export", "truncated_from")}
+                 if k not in ("default_layer", "default_dim", "exported_from", "export", "truncated_from",
+                              "document_space", "query_encoder_of")}
     if eval_results is not None:
         inherited["evaluation"] = read_eval_results(eval_results)
     if bench_results is not None:

@@ -70,8 +70,16 @@ def write_runtime_fields(folder: Path, dims: list[int]) -> None:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; write the backbone's config before its runtime fields")
+    write_config_fields(folder, {"is_matryoshka": True, "matryoshka_dimensions": [int(d) for d in dims]})
+
+
+def write_config_fields(folder: Path, fields: dict[str, Any]) -> None:
+    """Add ``fields`` to ``folder/config.json`` when the folder has one (transformers keeps unknown keys)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
     config = json.loads(path.read_text(encoding="utf-8"))
-    config.update({"is_matryoshka": True, "matryoshka_dimensions": [int(d) for d in dims]})
+    config.update(fields)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -5,8 +5,8 @@ The card is rendered from the folder's ``matryoshka2d.json`` content. Keys it re
 ``source``): ``training`` (dict: strategy, data, steps, ...), ``evaluation`` (an ``m2d eval`` results dict,
 ``{"results": [{"set", "layer", "dim", "spearman", ...}]}``), ``benchmark`` (an ``m2d bench`` dict,
 ``{"records": [{"impl", "layer", "dtype", "batch_size", "sentences_per_s"}]}``), ``exit_heads``
-(``{"kind", "layers"}``: the snippets apply the default exit's head), ``exported_from`` and ``export``
-(written by :func:`matryoshka2d.export.exporter.export_model`).
+(``{"kind", "layers"}``: the snippets apply the default exit's head), ``exported_from`` (with
+``document_space``) and ``export`` (written by :func:`matryoshka2d.export.exporter.export_model`).
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def render_model_card(meta: dict[str, Any], *, name: str = "model") -> str:
         "max sequence length": meta.get("max_seq_length"),
         "default exit": f"layer {layer}, dim {dim}",
         "exit heads": _heads_fact(meta),
+        "document space": _space_fact(meta),
     }
     lines += [f"| {k} | {v} |" for k, v in facts.items() if v is not None]
     training = meta.get("training")
@@ -242,6 +243,22 @@ def _head_layer(meta: dict[str, Any]) -> int | None:
 
 def _is_hub_id(source: Any) -> bool:
     return isinstance(source, str) and source.count("/") == 1 and not Path(source).exists()
+
+
+def _space_fact(meta: dict[str, Any]) -> str | None:
+    """Which exits of the source search an index built at its document exit, and what this folder encodes
+    (``exported_from.document_space``, written by :func:`~matryoshka2d.export.exporter.export_model`)."""
+    space = (meta.get("exported_from") or {}).get("document_space")
+    if not isinstance(space, dict) or not isinstance(space.get("document_exit"), int):
+        return None
+    doc, exits = space["document_exit"], space.get("query_exits") or [space["document_exit"]]
+    text = f"an index built at layer {doc} of the source is searched by queries at layers {', '.join(map(str, exits))}"
+    if space.get("input_type") == "query":
+        return text + f"; this folder is the own query path of layer {space.get('exit')}: encode queries only"
+    if space.get("exit") in exits:
+        return text + (f"; this folder encodes documents (layer {doc})" if space.get("exit") == doc else
+                       f"; this folder is layer {space.get('exit')}'s shared path")
+    return text + f"; this folder (layer {space.get('exit')}) is not in that space: index its own vectors"
 
 
 def write_model_card(folder: Path, meta: dict[str, Any], *, name: str | None = None) -> None:

@@ -151,7 +151,7 @@ async def embeddings(body: schemas.EmbeddingRequest, request: Request) -> Respon
         rows = await state.tokenize(parsed)
         state.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         try:
-            future = state.batcher.submit(rows, parsed.layer)
+            future = state.batcher.submit(rows, parsed.route)
         except QueueFullError as e:
             raise APIError(429, str(e), code="queue_full") from None
         except StoppedError as e:

@@ -90,10 +90,10 @@ class StoppedError(RuntimeError):
 
 @dataclass
 class Job:
-    """One request: its rows (token ids, special tokens included), its exit layer, and where results go."""
+    """One request: its rows (token ids, special tokens included), its route, and where results go."""
 
     rows: list[list[int]]
-    layer: int
+    route: int  # the exit layer n (the shared path), or -n (exit n's own query path; see serve.runners)
     future: asyncio.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
@@ -215,15 +215,18 @@ class Batcher:
                 answered += 1
         return answered
 
-    def submit(self, rows: list[list[int]], layer: int) -> asyncio.Future[np.ndarray]:
+    def submit(self, rows: list[list[int]], route: int) -> asyncio.Future[np.ndarray]:
         """Queue a request's rows (call from the event loop); the future gets the ``(rows, D)`` float32 vectors.
+
+        ``route`` is the exit layer ``n`` (the shared path) or ``-n`` (exit ``n``'s own query path,
+        :func:`~matryoshka2d.serve.request.query_route`).
 
         Raises:
             QueueFullError: the queue would hold more than ``max_queue`` rows.
             StoppedError: the batcher is stopping.
         """
         loop = asyncio.get_running_loop()
-        job = Job(rows=rows, layer=layer, future=loop.create_future(), loop=loop)
+        job = Job(rows=rows, route=route, future=loop.create_future(), loop=loop)
         with self._cond:
             if self._stopping:
                 raise StoppedError("the server is shutting down and takes no new requests; retry on another replica")
@@ -295,7 +298,7 @@ class Batcher:
             The padded tokens run.
         """
         rows = [ids for job, start, end in parts for ids in job.rows[start:end]]
-        exits = [job.layer for job, start, end in parts for _ in range(end - start)]
+        exits = [job.route for job, start, end in parts for _ in range(end - start)]
         owners = [(job, i) for job, start, end in parts for i in range(start, end)]
         pad_id, left = self._pad
         tokens = Tokenized(input_ids=rows, token_type_ids=None, num_truncated=0, pad_id=pad_id, pad_type_id=0,
@@ -378,7 +381,7 @@ class Batcher:
         if self.on_batch is not None:
             layers: dict[int, int] = {}
             for job, start, end in parts:
-                layers[job.layer] = layers.get(job.layer, 0) + end - start
+                layers[abs(job.route)] = layers.get(abs(job.route), 0) + end - start
             try:
                 self.on_batch(BatchStats(
                     rows=sum(e - s for _, s, e in parts), tokens=tokens,

@@ -91,7 +91,9 @@ def validation_error(problems: Sequence[dict[str, Any]]) -> APIError:
         message = f"the body is not a JSON object of the request schema ({first.get('msg', 'invalid JSON')})"
     else:
         param = loc[0]
-        message = f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}"
+        given = first.get("input")
+        shown = f", got {given!r}" if isinstance(given, (str, int, float, bool)) and len(repr(given)) <= 80 else ""
+        message = f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}{shown}"
     extra = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     code = "unknown_parameter" if kind == "extra_forbidden" else "invalid_value"
     return APIError(400, f"{message}{extra}; see the schema at /docs", param=param, code=code)

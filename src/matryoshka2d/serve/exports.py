@@ -1,12 +1,13 @@
 """The server's exported exits: every exit of the model exported once under a folder, kept and reused.
 
 ``m2d serve --backend onnx|openvino --export-dir DIR`` keeps ``DIR/exit-<n>`` (one ``m2d export`` folder per exit,
-at full width) and reuses one on the next start only when it still reproduces the model's exit on
-:data:`PROBE`. The server writes only in a folder it owns (:func:`claim_folder`: a new or empty one gets the
-:data:`MARK` file, a marked one is reused, any other is refused), and an exit that does not reproduce the model
-is exported again only when every file in it is one its ``manifest.json`` lists (:func:`check_replaceable`):
-what the server did not write is never deleted. Servers (e.g. replicas) sharing ``DIR`` on one machine take
-turns (a lock on the folder), so the first exports and the others reuse.
+at full width), and ``DIR/query-exit-<n>`` for each exit with its own query path (``m2d export --input-type
+query``). It reuses one on the next start only when it still reproduces the model's exit on :data:`PROBE`. The
+server writes only in a folder it owns (:func:`claim_folder`: a new or empty one gets the :data:`MARK` file, a
+marked one is reused, any other is refused), and an exit that does not reproduce the model is exported again
+only when every file in it is one its ``manifest.json`` lists (:func:`check_replaceable`): what the server did
+not write is never deleted. Servers (e.g. replicas) sharing ``DIR`` on one machine take turns (a lock on the
+folder), so the first exports and the others reuse.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def max_abs_diff(fmt: str) -> float:
 
 def exit_exports(model: MatryoshkaEncoder, root: str | Path, fmt: str, *, check: Callable[[Path], Any],
                  sts: ScoredPairs | None = None) -> dict[int, Path]:
-    """Every exit ``1..N`` of ``model`` exported to ``fmt`` at full width under ``root/exit-<n>``.
+    """Every exit ``1..N`` of ``model`` exported to ``fmt`` at full width under ``root/exit-<n>``, and the own
+    query path of each aligned exit under ``root/query-exit-<n>``.
 
     Args:
         model: the encoder (fp32, on the CPU).
@@ -91,7 +93,7 @@ def exit_exports(model: MatryoshkaEncoder, root: str | Path, fmt: str, *, check:
         sts: an STS set the export scores itself on (recorded in each exit's ``matryoshka2d.json``).
 
     Returns:
-        ``{layer: folder}``.
+        ``{route: folder}``: ``n`` for exit ``n``, ``-n`` for exit ``n``'s query path.
 
     Raises:
         ValueError: ``root`` or an exit folder that does not reproduce the model holds files the server did
@@ -107,17 +109,20 @@ def exit_exports(model: MatryoshkaEncoder, root: str | Path, fmt: str, *, check:
     lock = os.open(root, os.O_RDONLY)  # the folder itself is the lock: nothing is added to it
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one server exports at a time; the others then reuse its folders
-        for n in range(1, model.num_layers + 1):
-            path = root / f"exit-{n}"
-            expected = model.encode(PROBE, layer=n, dim=width)
+        own = model.query_path.layers if model.query_path is not None else []
+        routes = [*range(1, model.num_layers + 1), *(-n for n in own)]
+        for route in routes:
+            n, kind = abs(route), "query" if route < 0 else "document"
+            path = root / f"{'query-' if route < 0 else ''}exit-{n}"
+            expected = model.encode(PROBE, layer=n, dim=width, input_type=kind)
             if not (exported_format(path) == fmt and _reproduces(path, check, expected, limit)):
                 if path.exists():
-                    logger.info("%s does not match the model's exit %d; exporting it again", path, n)
+                    logger.info("%s does not match the model's %s exit %d; exporting it again", path, kind, n)
                     check_replaceable(path)
                     shutil.rmtree(path)
                 # the export checks itself against the model (and records the STS scores it was given)
-                export_model(model, path, layer=n, dim=width, format=fmt, verify=False, sts=sts)
-            folders[n] = path
+                export_model(model, path, layer=n, dim=width, format=fmt, verify=False, sts=sts, input_type=kind)
+            folders[route] = path
     finally:
         os.close(lock)  # releases the lock
     return folders

@@ -62,6 +62,7 @@ class Parsed:
 
     items: list[str] | list[list[int]]
     layer: int
+    route: int  # what the rows run: ``layer`` (the shared path) or ``-layer`` (the exit's own query path)
     dim: int
     truncate: bool
     precision: str
@@ -100,7 +101,15 @@ def parse(body: EmbeddingRequest, model: MatryoshkaEncoder, config: ServeConfig)
                        "request (--max-client-batch); split it into several requests", param="input",
                        code="too_many_inputs")
     truncate = config.truncate if body.truncate is None else body.truncate
-    return Parsed(list(items), layer, dim, truncate, body.precision, body.encoding_format)
+    return Parsed(list(items), layer, query_route(model, layer, body.input_type), dim, truncate, body.precision,
+                  body.encoding_format)
+
+
+def query_route(model: MatryoshkaEncoder, layer: int, input_type: str | None) -> int:
+    """``-layer`` for queries at an exit with its own query path (``m2d align``), else ``layer``: documents,
+    and queries at an exit that shares the document path, run the shared blocks (as ``encode`` does)."""
+    path = model.query_path
+    return -layer if input_type == "query" and path is not None and layer in path.layers else layer
 
 
 def token_rows(items: list[str] | list[list[int]], truncate: bool, tokens: Tokens) -> list[list[int]]:

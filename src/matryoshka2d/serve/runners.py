@@ -1,8 +1,8 @@
 """What runs the rows of a batch: the torch encoder (``--backend torch``), or one exported graph per exit on
 onnxruntime (``onnx``) or OpenVINO (``openvino``).
 
-A runner is called by the batcher thread with one padded batch (int64 numpy arrays), the exit layer of each
-row, and ``on_exit(positions, vectors)``, which it calls as rows finish (positions in the batch, float32
+A runner is called by the batcher thread with one padded batch (int64 numpy arrays), the route of each row,
+and ``on_exit(positions, vectors)``, which it calls as rows finish (positions in the batch, float32
 vectors, normalised or not: the server truncates and normalises them again). ``describe()`` is what ``/info``
 shows of it.
 
@@ -15,6 +15,12 @@ shows of it.
 - :class:`OpenVinoRunner`: the same per-exit groups on OpenVINO (bf16 where :func:`~matryoshka2d.export.runtime.
   auto_precision` allows it), cut into chunks of about equal cost (rows x tokens x depth) and run longest
   first on OpenVINO's throughput streams, so the streams stay busy whatever the mix of depths.
+
+A row's route is its exit layer ``n`` (the shared path: documents, and queries at exits without a query path
+of their own), or ``-n``: the own query path of exit ``n`` (``input_type="query"`` at an exit aligned by ``m2d
+align``; :func:`~matryoshka2d.serve.request.query_route`). On torch those rows run ``forward(...,
+input_type="query")`` per exit, after the shared mixed-depth pass; on onnx and openvino each query exit has a
+graph of its own (the exit's query encoder, adapters merged and query head folded in).
 
 The exported exits are kept and reused by :func:`~matryoshka2d.serve.exports.exit_exports`.
 """
@@ -70,9 +76,21 @@ class TorchRunner:
         from matryoshka2d.encoder.mixed_depth import forward_mixed_depth
 
         device = self.model.device
-        features = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-        forward_mixed_depth(self.model, features, exits, on_exit=lambda positions, pooled: on_exit(
-            positions.numpy(), pooled.detach().float().cpu().numpy()))
+        left = getattr(self.model.tokenizer, "padding_side", "right") == "left"
+        shared = np.flatnonzero(np.asarray(exits) > 0)
+        if len(shared):
+            rows, group = (shared, arrays) if len(shared) == len(exits) else trimmed(arrays, shared, left)
+            features = {k: torch.from_numpy(v).to(device) for k, v in group.items()}
+            forward_mixed_depth(self.model, features, [exits[i] for i in rows], on_exit=lambda positions, pooled:
+                                on_exit(rows[positions.numpy()], pooled.detach().float().cpu().numpy()))
+        own = np.flatnonzero(np.asarray(exits) < 0)
+        if len(own):  # queries at exits with their own path: one pass per exit, with that exit's weights
+            query = {k: v[own] for k, v in arrays.items()}
+            for route, rows, group in exit_groups(query, [exits[i] for i in own], lambda n: [], left_padding=left):
+                features = {k: torch.from_numpy(v).to(device) for k, v in group.items()}
+                with torch.inference_mode():
+                    pooled = self.model(features, layers=[-route], input_type="query")[-route]
+                on_exit(own[rows], pooled.detach().float().cpu().numpy())
 
     def describe(self) -> dict[str, Any]:
         """What ``/info`` shows of this runner."""
@@ -81,30 +99,42 @@ class TorchRunner:
                 **({"why": self.why} if self.why else {})}
 
 
+def trimmed(arrays: dict[str, np.ndarray], rows: np.ndarray, left_padding: bool) -> tuple[np.ndarray,
+                                                                                          dict[str, np.ndarray]]:
+    """``rows`` of a padded batch, with the padding columns none of them uses cut off."""
+    mask = arrays["attention_mask"][rows]
+    width = int(mask.sum(1).max())
+    cols = slice(mask.shape[1] - width, None) if left_padding else slice(0, width)
+    return rows, {k: v[rows][:, cols] for k, v in arrays.items()}
+
+
 def exit_groups(arrays: dict[str, np.ndarray], exits: list[int], input_names: Callable[[int], list[str]], *,
                 left_padding: bool = False) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
-    """``(layer, rows, inputs)`` of each exit of a batch, deepest first, each trimmed to its longest row.
+    """``(route, rows, inputs)`` of each route of a batch, deepest shared exit first and the query paths last,
+    each trimmed to its longest row.
 
-    ``input_names(layer)`` are the inputs of that exit's graph (zero ``token_type_ids`` are added if it takes
+    ``input_names(route)`` are the inputs of that route's graph (zero ``token_type_ids`` are added if it takes
     them and the batch has none).
     """
     depth = np.asarray(exits)
-    for layer in sorted(set(depth.tolist()), reverse=True):
-        rows = np.flatnonzero(depth == layer)
-        mask = arrays["attention_mask"][rows]
-        width = int(mask.sum(1).max())
-        cols = slice(mask.shape[1] - width, None) if left_padding else slice(0, width)
-        group = {k: v[rows][:, cols] for k, v in arrays.items()}
-        if "token_type_ids" in input_names(layer) and "token_type_ids" not in group:
+    for route in sorted(set(depth.tolist()), reverse=True):
+        rows, group = trimmed(arrays, np.flatnonzero(depth == route), left_padding)
+        if "token_type_ids" in input_names(route) and "token_type_ids" not in group:
             group["token_type_ids"] = np.zeros_like(group["input_ids"])
-        yield layer, rows, group
+        yield route, rows, group
+
+
+def routes(encoders: dict[int, Any]) -> dict[str, list[int]]:
+    """What ``/info`` shows of a runner's graphs: its exits, and the exits with a query path of their own."""
+    return {"exits": sorted(n for n in encoders if n > 0), "query_exits": sorted(-n for n in encoders if n < 0)}
 
 
 class OnnxRunner:
     """One onnxruntime session per exit layer.
 
     Args:
-        encoders: ``{layer: OnnxEncoder}`` for every exit ``1..N``.
+        encoders: ``{route: OnnxEncoder}`` for every exit ``1..N``, and ``-n`` for each exit with its own query
+            path.
         left_padding: whether the tokenizer pads on the left (for trimming a group's padding).
     """
 
@@ -125,7 +155,7 @@ class OnnxRunner:
 
     def describe(self) -> dict[str, Any]:
         """What ``/info`` shows of this runner."""
-        return {"name": self.name, "exits": sorted(self.encoders), "threads": self.threads,
+        return {"name": self.name, **routes(self.encoders), "threads": self.threads,
                 "export_dir": self.export_dir, **({"why": self.why} if self.why else {})}
 
     @classmethod
@@ -150,7 +180,7 @@ class OnnxRunner:
 
         folders = exit_exports(model, folder, "onnx", check=session)
         left = getattr(model.tokenizer, "padding_side", "right") == "left"
-        return cls({n: session(path) for n, path in folders.items()}, left_padding=left, threads=threads,
+        return cls({route: session(path) for route, path in folders.items()}, left_padding=left, threads=threads,
                    export_dir=str(folder))
 
 
@@ -164,7 +194,8 @@ class OpenVinoRunner:
     mixed batch keeps every stream busy; each chunk's rows are answered when it finishes.
 
     Args:
-        encoders: ``{layer: OpenVinoEncoder}`` for every exit ``1..N``, compiled with ``streams`` streams.
+        encoders: ``{route: OpenVinoEncoder}`` for every exit ``1..N`` and ``-n`` for each exit with its own
+            query path, compiled with ``streams`` streams.
         streams: chunks in flight at once (1: the batcher thread runs the groups one after the other).
         left_padding: whether the tokenizer pads on the left.
         export_dir: where the exports are (for ``/info``).
@@ -193,8 +224,8 @@ class OpenVinoRunner:
         if self.streams == 1:
             return groups
 
-        def cost(layer: int, group: dict[str, np.ndarray]) -> int:
-            return layer * int(group["input_ids"].size)
+        def cost(route: int, group: dict[str, np.ndarray]) -> int:
+            return abs(route) * int(group["input_ids"].size)
 
         target = sum(cost(n, g) for n, _, g in groups) / (self.streams * CHUNKS_PER_STREAM)
         out = []
@@ -229,8 +260,8 @@ class OpenVinoRunner:
 
     def describe(self) -> dict[str, Any]:
         """What ``/info`` shows of this runner."""
-        first = self.encoders[min(self.encoders)]
-        return {"name": self.name, "exits": sorted(self.encoders), "precision": first.precision,
+        first = self.encoders[max(self.encoders)]
+        return {"name": self.name, **routes(self.encoders), "precision": first.precision,
                 "precision_reason": first.precision_reason, "streams": self.streams, "threads": first.threads,
                 "export_dir": self.export_dir, **({"why": self.why} if self.why else {})}
 
@@ -275,7 +306,8 @@ class OpenVinoRunner:
             choices = {n: auto_precision(read_export_meta(path)) for n, path in folders.items()}
             refused = {n: why for n, (p, why) in choices.items() if p != "bf16"}
             precision = "f32" if refused else "bf16"
-            reason = (f"auto: exit {min(refused)}: {refused[min(refused)]}" if refused
+            first = min(refused, key=abs) if refused else 0
+            reason = (f"auto: {'query ' if first < 0 else ''}exit {abs(first)}: {refused[first]}" if refused
                       else f"auto at every exit: {choices[max(choices)][1]}")
         streams = auto_streams(threads, batches=2)
         encoders = {n: OpenVinoEncoder(path, precision=precision, threads=threads, streams=streams,

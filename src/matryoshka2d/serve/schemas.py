@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
-from matryoshka2d.vocab import EncodingFormat, Precision
+from matryoshka2d.vocab import EncodingFormat, InputType, Precision
 
 
 def json_integer(value: Any) -> Any:
@@ -29,7 +29,8 @@ EmbeddingInput = StrictStr | list[StrictStr] | list[Integer] | list[list[Integer
 
 
 class EmbeddingRequest(BaseModel):
-    """``POST /v1/embeddings``: OpenAI's fields plus the extensions ``layer``, ``precision`` and ``truncate``."""
+    """``POST /v1/embeddings``: OpenAI's fields plus the extensions ``layer``, ``precision``, ``truncate`` and
+    ``input_type``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +51,11 @@ class EmbeddingRequest(BaseModel):
                                                                 "quantize_embeddings (int8/uint8 ranges [-1, 1])")
     truncate: StrictBool | None = Field(default=None, description="extension: cut inputs over the model's "
                                                                   "token limit (default: the server's setting)")
+    input_type: InputType | None = Field(
+        default=None, description="extension, as Cohere's and Voyage's APIs: query takes the own query path of "
+                                  "an exit aligned by m2d align (GET /info: document_space), so shallow queries "
+                                  "search the index built at the document exit; document (the default) takes "
+                                  "the shared path, what an index holds")
 
 
 class Embedding(BaseModel):
