@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# every extra: the tests need all of them (ray included: tests/test_corpus_ray.py); README installs the same set
+# every extra: the tests need all of them (ray included: tests/corpus/test_corpus_ray.py); README installs the same set
 EXTRAS ?= train,dev,plot,st,onnx,openvino,retrieval,corpus,ray,serve
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1

@@ -6,9 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from conftest import WORDS
 from matryoshka2d.training.config import Config, load_config
 from matryoshka2d.training.loop import LOG_FILE
+from tests.conftest import WORDS
 
 
 def sentence(rng: random.Random, n: int = 6) -> list[str]:

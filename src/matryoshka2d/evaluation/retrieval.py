@@ -58,7 +58,7 @@ def _ranx() -> Any:
     return ranx
 
 
-normalized_prefix = truncate  # the name tests/test_search.py uses
+normalized_prefix = truncate  # the name tests/search/test_search.py uses
 
 
 def exact_topk(queries: np.ndarray, docs: np.ndarray, k: int, *,
