@@ -106,7 +106,7 @@ def test_server_takes_input_type(aligned_dir: Path, aligned: MatryoshkaEncoder, 
     pytest.importorskip("fastapi")
     import httpx
 
-    from serve_helpers import running_server
+    from tests.helpers.serve import running_server
 
     with running_server(aligned_dir, tmp_path / "serve.log") as server:
         info = httpx.get(f"{server.url}/info").json()
