@@ -2,9 +2,10 @@
 
 Encodes ``ROWS`` texts of the ``benchmarks/encode_corpus.py`` pool (STS sentences, SciFact / NFCorpus
 documents and queries; seed 0) with the real MiniLM at exits 3:128,6:384, shards of 2,000, 2 threads, and
-after every shard records ``VmRSS`` (MiB) and the peak so far (``VmHWM``). ``encode_shard`` hands the C heap's
-free pages back after every shard (``release_free_memory``); ``--no-trim`` turns that off to show what it
-changes. Run it alone on the machine (it prints one JSON line at the end):
+after every shard (``encode_corpus``'s ``on_shard`` callback) records ``VmRSS`` (MiB) and the peak so far
+(``VmHWM``). The encoder hands the C heap's free pages back after every shard (``release_free_memory``); here
+the callback does it itself (``release_memory=False``), between its two samples, and ``--no-trim`` leaves it
+out to show what it changes. Run it alone on the machine (it prints one JSON line at the end):
 
     flock -x /tmp/m2d-cpu.lock env PYTHONPATH=src python benchmarks/corpus_rss_trace.py 20000 [--no-trim]
 """
@@ -43,28 +44,27 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    import matryoshka2d.corpus.shards as shards
     from matryoshka2d import MatryoshkaEncoder
     from matryoshka2d.corpus import encode_corpus, make_job
+    from matryoshka2d.encoder.memory import release_free_memory
 
     trace = []
-    real_release = shards.release_free_memory
 
-    def release() -> bool:  # called by encode_shard once its shard is written
+    def sample(spec: object) -> None:  # called once each shard is written; the trim is ours (release_memory=False)
         before = status()["VmRSS"]
-        done = False if args.no_trim else real_release()
+        if not args.no_trim:
+            release_free_memory()
         after = status()
         trace.append({"rss_after_shard": before, "rss_after_trim": after["VmRSS"], "peak_so_far": after["VmHWM"]})
-        return done
 
-    shards.release_free_memory = release
     with tempfile.TemporaryDirectory(prefix="m2d-rss-") as tmp:
         corpus = write_corpus(text_pool(Path(args.data_dir)), args.rows, Path(tmp) / "corpus.tsv")
         model = MatryoshkaEncoder.from_pretrained("minilm").eval()
         job = make_job(model, "minilm", [str(corpus)], "3:128,6:384", id_column="id", shard_size=2000,
                        batch_size=64)
         start = time.perf_counter()
-        encode_corpus(job, Path(tmp) / "out", engine="local", model=model, progress=False)
+        encode_corpus(job, Path(tmp) / "out", engine="local", model=model, progress=False, on_shard=sample,
+                      release_memory=False)
         seconds = time.perf_counter() - start
     print(json.dumps({"rows": args.rows, "trim": not args.no_trim, "seconds": round(seconds, 1),
                       "per_shard_mib": trace}))

@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,22 +58,20 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _trace_progress(dim: int, every: int = 10_000) -> list[tuple[int, int, int]]:
-    """Record RSS as encode's progress bar advances (wraps the bar class that model.py uses)."""
-    import matryoshka2d.encoder.model as model_module
-
+def rss_sampler(dim: int, total: int, every: int = 10_000) -> tuple[list[tuple[int, int, int]],
+                                                                   Callable[[int], None]]:
+    """A trace and the ``progress`` callback of ``model.encode`` that fills it: (texts done, RSS, output bytes
+    written so far) every ~``every`` texts and at the end."""
     trace: list[tuple[int, int, int]] = []
-    base = model_module.tqdm
+    done = 0
 
-    class Traced(base):  # type: ignore[misc, valid-type]
-        def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
-            if not trace or self.n - trace[-1][0] >= every or self.n == self.total:
-                trace.append((int(self.n), _status_kb("VmRSS") * 1024, int(self.n) * dim * 4))
-            return shown
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if not trace or done - trace[-1][0] >= every or done == total:
+            trace.append((done, _status_kb("VmRSS") * 1024, done * dim * 4))
 
-    model_module.tqdm = Traced
-    return trace
+    return trace, on_batch
 
 
 def worker(n: int, layer: int, batch_size: int, threads: int) -> dict:
@@ -88,13 +87,13 @@ def worker(n: int, layer: int, batch_size: int, threads: int) -> dict:
     pool, files = read_sentences(DATA)
     texts = [pool[i % len(pool)] for i in range(n)]  # references to the pool: the input costs n pointers
     model.encode(texts[:512], layer=layer, batch_size=batch_size)  # warm-up: allocator, thread pools
-    trace = _trace_progress(dim=model.hidden_size)
+    trace, on_batch = rss_sampler(dim=model.hidden_size, total=n)
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     baseline = _status_kb("VmRSS") * 1024
     start = time.perf_counter()
-    out = model.encode(texts, layer=layer, batch_size=batch_size, show_progress_bar=True)
+    out = model.encode(texts, layer=layer, batch_size=batch_size, show_progress_bar=True, progress=on_batch)
     seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM") * 1024
     after = _status_kb("VmRSS") * 1024

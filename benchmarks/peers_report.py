@@ -14,7 +14,7 @@ import argparse
 import json
 
 from matryoshka2d.bench.result import BenchmarkResult
-from matryoshka2d.cli.bench import plot_benchmark
+from matryoshka2d.evaluation.plots import plot_benchmark
 
 
 def merge(paths: list[str]) -> BenchmarkResult:

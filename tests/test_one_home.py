@@ -90,9 +90,9 @@ def test_applications_set_up_logging_in_one_place_and_quiet_third_parties(monkey
     setup_logging(logging.INFO, verbose=True)  # -v: nothing silenced
     assert logging.getLogger("faiss.loader").level == logging.NOTSET
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
-    setup_logging(logging.INFO)
-    assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING  # "Could not load ..." hidden
-    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # no "Writing model shards" bars
+    with setup_logging(logging.INFO):
+        assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING  # "Could not load ..." hidden
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # no "Writing model shards" bars
     assert logging.getLogger("matryoshka2d").getEffectiveLevel() == logging.INFO
 
 

@@ -80,6 +80,8 @@ Quantization = Literal["int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
+# the implementation labels of m2d bench's records: ours, ours under torch.compile, and the peer library
+OURS, COMPILED, PEER = "matryoshka2d", "matryoshka2d+compile", "sentence-transformers"
 # peers of m2d bench: sentence-transformers on torch (in process) and on its ONNX / OpenVINO backends (in a venv)
 Peer = Literal["sentence-transformers", "sentence-transformers:onnx", "sentence-transformers:onnx-int8",
                "sentence-transformers:openvino"]

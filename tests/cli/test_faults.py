@@ -559,9 +559,10 @@ def test_a_failed_onnx_export_prints_no_graph(tiny_dir, tmp_path) -> None:
 
 
 def test_quiet_filters_numba_warnings_and_the_training_bar(tiny_dir, train_tsv, tmp_path, capsys) -> None:
+    import logging
     import warnings
 
-    from matryoshka2d.cli.common import quiet_libraries
+    from matryoshka2d.logs import setup_logging
 
     def numba_warning() -> None:  # as numba raises them (ranx compiles its metrics with numba)
         warnings.warn_explicit("The TBB threading layer requires TBB version 2021 update 6 or later",
@@ -569,10 +570,10 @@ def test_quiet_filters_numba_warnings_and_the_training_bar(tiny_dir, train_tsv, 
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with quiet_libraries(True):
+        with setup_logging(logging.WARNING, quiet=True):
             numba_warning()
         assert seen == []
-        with quiet_libraries(False):
+        with setup_logging(logging.INFO, verbose=True):
             numba_warning()
         assert len(seen) == 1
     args = [a for a in train_args(tiny_dir, train_tsv, tmp_path / "run") if a != "--no-progress-bar"]

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-# the implementation labels of the records
-OURS, COMPILED, PEER = "matryoshka2d", "matryoshka2d+compile", "sentence-transformers"
+from matryoshka2d.vocab import COMPILED, OURS, PEER
+
+__all__ = ["COMPILED", "OURS", "PEER", "BenchmarkResult", "exact_enough", "impl_name"]
 MIN_COSINE, MAX_SPEARMAN_DROP = 0.999, 0.2  # a number-changing mode counts toward a target only within these
 PEER_GOAL = 1.5  # our best exact-enough mode / the fastest exact-enough peer, at every exit
 

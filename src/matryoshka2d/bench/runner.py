@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from matryoshka2d.bench.peers import load_peer, peer_runner, truncate_peer
-from matryoshka2d.bench.result import COMPILED, OURS, PEER, BenchmarkResult, impl_name
+from matryoshka2d.bench.result import BenchmarkResult, impl_name
 from matryoshka2d.bench.settings import DTYPES, BenchmarkSettings, cpu_info, resolve_dtypes
 from matryoshka2d.bench.timing import TimedConfig, add_quality, records_of, time_all
 from matryoshka2d.encoder import architectures
 from matryoshka2d.encoder.tokenization import tokenize_unpadded
 from matryoshka2d.io.manifest import library_versions
 from matryoshka2d.truncation import truncate
-from matryoshka2d.vocab import Attention
+from matryoshka2d.vocab import COMPILED, OURS, PEER, Attention
 
 if TYPE_CHECKING:
     from matryoshka2d.data.datasets import ScoredPairs

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from matryoshka2d.bench.result import COMPILED, OURS, PEER
 from matryoshka2d.bench.settings import BenchmarkSettings
 from matryoshka2d.evaluation.metrics import correlations, pair_cosines
 from matryoshka2d.truncation import cosine
+from matryoshka2d.vocab import COMPILED, OURS, PEER
 
 if TYPE_CHECKING:
     from matryoshka2d.data.datasets import ScoredPairs

@@ -51,11 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    setup_logging(level, verbose=args.verbose > 0)
-    from matryoshka2d.cli.common import quiet_libraries
-
     try:
-        with quiet_libraries(args.quiet):
+        with setup_logging(level, verbose=args.verbose > 0, quiet=args.quiet):
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         print(f"m2d {args.command}: interrupted", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from matryoshka2d.cli.common import add_model_args, check_plot_path, int_list, load_model
@@ -100,6 +99,8 @@ def benchmark(args: argparse.Namespace) -> int:
         save_or_rescue(args.output, lambda path: atomic_write_json(path, record), what="benchmark results")
         print(f"wrote {args.output}")
     if args.plot:
+        from matryoshka2d.evaluation.plots import plot_benchmark
+
         save_or_rescue(args.plot, lambda path: plot_benchmark(result, path), what="plot")
         print(f"wrote {args.plot}")
     return 0
@@ -116,49 +117,6 @@ def print_targets(result, rounds: int) -> None:  # noqa: ANN001
         for t in result.targets(metric):
             print(f"  {metric} time, batch {t['batch_size']}, {t['target']}: {t['value']:.2f} (goal >= {t['goal']}): "
                   f"{'met' if t['met'] else 'not met'}")
-
-
-def plot_benchmark(result, path: str | os.PathLike[str]) -> None:  # noqa: ANN001
-    """Throughput per exit layer, one panel per batch size; ours vs the peer in each dtype; band = min-max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matryoshka2d.bench.result import COMPILED, OURS
-    from matryoshka2d.io.atomic import atomic_open
-
-    meta, sizes = result.meta, result.meta["batch_sizes"]
-    dim, n_full = meta["dims"][-1], meta["num_layers"]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False, sharey=True)
-    impls = list(dict.fromkeys((r["impl"], r["dtype"]) for r in result.records))
-    colours = plt.get_cmap("tab10" if len(impls) <= 10 else "tab20")
-    for ax, bs in zip(axes[0], sizes, strict=True):
-        for i, (impl, dtype) in enumerate(impls):
-            recs = sorted(result.find(impl=impl, dtype=dtype, dim=dim, batch_size=bs), key=lambda r: r["layer"])
-            if recs:
-                x = [r["layer"] for r in recs]
-                style = "-.^" if impl == COMPILED else ("-o" if impl.startswith(OURS) else "--s")
-                colour = colours(i % colours.N)
-                ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colour, label=f"{impl} {dtype}")
-                ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
-                                [r["sentences_per_s_max"] for r in recs], color=colour, alpha=0.12)
-        full = result.find(impl=OURS, dtype="fp32", dim=dim, batch_size=bs, layer=n_full)
-        if full:
-            ax.plot(meta["layers"], [full[0]["sentences_per_s"] * n_full / n for n in meta["layers"]], ":",
-                    color="grey", label="ideal N/n x ours fp32 at N")
-        ax.set(title=f"batch size {bs}", xlabel="exit layer n (model physically truncated to n blocks)",
-               xticks=meta["layers"], yscale="log")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel(f"sentences / s (median of {meta['repeats']}; band = min-max)")
-    axes[0][-1].legend(fontsize=7, ncol=2)
-    name = Path(str(meta.get("model") or "model")).name
-    fig.suptitle(f"Encoding throughput per exit: {name}, {meta['sentences']['count']} sentences\n"
-                 f"{meta['device_name']}, {meta['threads']} thread(s), {meta['date'][:10]}", fontsize=11)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from matryoshka2d.vocab import POOLING_MODES, install_hint
@@ -90,47 +84,6 @@ def check_plot_path(path: str | None, *, flag: str = "--plot") -> None:
     if fmt not in formats:
         raise ValueError(f"{flag} {path}: matplotlib cannot write .{fmt} images; end the name with one of "
                          f"{', '.join('.' + f for f in sorted(formats))}")
-
-
-# library loggers whose INFO lines are noise for a user (faiss names every CPU build it tries: AVX512, AVX2)
-NOISY_LOGGERS = ("faiss.loader", "numba")
-# progress bars of the libraries underneath, switched off by environment before they are imported
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-@contextlib.contextmanager
-def quiet_libraries(quiet: bool) -> Iterator[None]:
-    """While a command runs with ``-q``: no progress bars and no known library warnings; all restored after.
-
-    Our own bars follow ``-q`` through ``show_progress_bar``; transformers' (e.g. "Writing model shards")
-    and huggingface_hub's are switched off by their own switches (environment before import, their API
-    after); numba's warnings (ranx compiles with it) are filtered. faiss's CPU-build notices are INFO lines
-    of ``faiss.loader``, kept below the log level always.
-    """
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-    if not quiet:
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in QUIET_ENV}
-    os.environ.update(QUIET_ENV)
-    hf_logging = sys.modules.get("transformers.utils.logging")
-    bar = hf_logging is not None and hf_logging.is_progress_bar_enabled()
-    if bar:
-        hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"numba(\.|$)")
-            warnings.filterwarnings("ignore", message=r"(?s).*\bnumba\b", category=Warning)
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 def add_input_type_arg(parser: argparse.ArgumentParser, *, default: str, when: str = "") -> None:

@@ -100,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
     from matryoshka2d.serve.exports import claim_folder
     from matryoshka2d.serve.launch import ServeSpec, build_app, check_spec, default_backend, prepare_model
 
-    if getattr(args, "quiet", False):
-        quiet_libraries()
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is out of range 0..65535; pass e.g. 8000")
     if args.threads is not None and args.threads < 1:
@@ -206,16 +204,6 @@ def serve_app(app: FastAPI, args: argparse.Namespace, sock: socket.socket, confi
                     max_connections=config.max_connections or http.connection_budget(),
                     graceful_timeout=config.abort_after_s, log_level="warning" if quiet else args.log_level,
                     on_signal=state.shut_down, on_response=state.metrics.on_response)
-
-
-def quiet_libraries() -> None:
-    """``-q``: no progress bars (tqdm, Hugging Face) and no known library warnings (numba's deprecations)."""
-    import warnings
-
-    os.environ["TQDM_DISABLE"] = "1"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    warnings.filterwarnings("ignore", module=r"numba(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*numba.*")
 
 
 def _after_graceful_stop(signum: int, frame: object) -> None:

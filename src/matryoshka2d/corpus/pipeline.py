@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,9 @@ def _run_record(job: CorpusJob) -> dict[str, Any]:
 
 def encode_corpus(job: CorpusJob, output: str | Path, *, engine: CorpusEngine = "local", model: Any = None,
                   workers: int = 2, threads_per_worker: int = 1, ray_address: str | None = None,
-                  ray_timeout: float = 60.0, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                  ray_timeout: float = 60.0, overwrite: bool = False, progress: bool = True,
+                  on_shard: Callable[[ShardSpec], None] | None = None,
+                  release_memory: bool = True) -> dict[str, Any]:
     """Encode ``job``'s corpus into Parquet shards under ``output``; resume what a killed run left.
 
     Args:
@@ -136,6 +138,10 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: CorpusEngine = 
         ray_timeout: seconds to wait for the cluster at ``ray_address``.
         overwrite: replace an earlier corpus output in ``output``.
         progress: show a progress bar.
+        on_shard: called in this process with each shard's spec once the shard is written (e.g. to sample
+            memory, or to report progress elsewhere); with Ray, as the driver receives each shard.
+        release_memory: the local engine hands the C heap's free pages back to the OS after every shard
+            (Ray's actors always do).
 
     Returns:
         The manifest (also written to ``output/manifest.json``), plus ``"run"`` timings that are not written.
@@ -161,12 +167,12 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: CorpusEngine = 
     if todo:
         if engine == "local":
             run_local(job, out, todo, total=stats.rows, done=stats.rows - sum(s.rows for s in todo),
-                      model=model, progress=progress)
+                      model=model, progress=progress, on_shard=on_shard, release_memory=release_memory)
         else:
             from matryoshka2d.corpus.ray_engine import run_ray
 
             run_ray(job, out, todo, workers=workers, threads_per_worker=threads_per_worker, address=ray_address,
-                    timeout=ray_timeout, progress=progress)
+                    timeout=ray_timeout, progress=progress, on_shard=on_shard)
     manifest = build_manifest(job, out, specs, skipped_empty=stats.skipped_empty)
     atomic_write_json(out / MANIFEST_NAME, manifest)
     seconds = time.perf_counter() - start
@@ -176,15 +182,22 @@ def encode_corpus(job: CorpusJob, output: str | Path, *, engine: CorpusEngine = 
 
 
 def run_local(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, total: int, done: int = 0,
-              model: Any = None, progress: bool = True) -> None:
-    """Encode ``specs`` one after another in this process (torch's own threads), with a tqdm bar."""
+              model: Any = None, progress: bool = True, on_shard: Callable[[ShardSpec], None] | None = None,
+              release_memory: bool = True) -> None:
+    """Encode ``specs`` one after another in this process (torch's own threads), with a tqdm bar.
+
+    ``on_shard(spec)`` is called after each shard is written; ``release_memory`` as in :func:`encode_shard`.
+    """
     model = job.load_model() if model is None else model
     reader = job.reader()
     with tqdm(total=total, initial=done, unit="text", desc="encode", disable=not progress,
               smoothing=0.05) as bar:
         for spec in specs:
             encode_shard(model, reader, spec, job.exits, output, fmt=job.format, normalize=job.normalize,
-                         batch_size=job.batch_size, progress=bar.update, input_type=job.input_type)
+                         batch_size=job.batch_size, progress=bar.update, release_memory=release_memory,
+                         input_type=job.input_type)
+            if on_shard is not None:
+                on_shard(spec)
 
 
 def build_manifest(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, skipped_empty: int) -> dict:

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,10 @@ def connect(ray: Any, address: str, timeout: float) -> None:
 
 def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers: int = 2,
             threads_per_worker: int = 1, address: str | None = None, timeout: float = 60.0,
-            progress: bool = True) -> None:
+            progress: bool = True, on_shard: Callable[[ShardSpec], None] | None = None) -> None:
     """Encode ``specs`` on Ray: a local cluster by default (``ray.init()``), or the one at ``address``.
+
+    ``on_shard(spec)`` is called in this process as each written shard comes back.
 
     Raises:
         ImportError: Ray Data is not installed.
@@ -140,10 +142,16 @@ def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers
         ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs=kwargs,
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
                             num_cpus=threads_per_worker)
-        done = {int(row["shard"]) for row in ds.iter_rows()}
+        by_index = {s.index: s for s in specs}
+        done = set()
+        for row in ds.iter_rows():
+            done.add(int(row["shard"]))
+            if on_shard is not None:
+                on_shard(by_index[int(row["shard"])])
     finally:
         if started:
             ray.shutdown()
     missing = sorted({s.index for s in specs} - done)
     if missing:
         raise RuntimeError(f"Ray returned no result for shards {missing[:10]}; rerun the same command to resume")
+

@@ -220,8 +220,12 @@ def plan_shards(reader: CorpusReader, shard_size: int) -> tuple[list[ShardSpec],
 
 def encode_shard(model: MultiExitModel, reader: CorpusReader, spec: ShardSpec, exits: Sequence[Exit],
                  output: str | Path, *, fmt: StorageFormat = "float32", normalize: bool = True, batch_size: int = 64,
-                 progress: Callable[[int], None] | None = None, input_type: InputType = "document") -> Path:
+                 progress: Callable[[int], None] | None = None, release_memory: bool = True,
+                 input_type: InputType = "document") -> Path:
     """Read shard ``spec`` from the corpus, embed it at every exit and write it atomically under ``output``.
+
+    ``progress(n)`` is called after each batch of ``n`` texts. With ``release_memory`` the C heap's free pages
+    go back to the OS once the shard is written (:func:`~matryoshka2d.encoder.memory.release_free_memory`).
 
     Raises:
         ValueError: the records at ``spec.start`` are not the ones planned (the input changed meanwhile).
@@ -244,7 +248,8 @@ def encode_shard(model: MultiExitModel, reader: CorpusReader, spec: ShardSpec, e
     with atomic_open(path, "wb") as f:
         pq.write_table(pa.table(columns), f)
     del vectors, columns, records
-    release_free_memory()
+    if release_memory:
+        release_free_memory()
     return path
 
 

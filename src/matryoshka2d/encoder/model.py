@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,7 @@ class MatryoshkaEncoder(nn.Module):
         show_progress_bar: bool | None = None,
         device: str | torch.device | None = None,
         input_type: InputType = "document",
+        progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Embed ``texts`` at exit ``(layer, dim)``.
 
@@ -226,6 +227,8 @@ class MatryoshkaEncoder(nn.Module):
             device: move the model there first.
             input_type: ``"query"`` takes the exit's own query path where it has one (see
                 :attr:`document_space`); ``"document"`` (the default) the shared path.
+            progress: called with the number of texts of each batch once it is embedded (a caller's own bar,
+                or a memory sample as the call goes).
 
         Returns:
             float32 array of shape ``(len(texts), dim)``.
@@ -240,7 +243,7 @@ class MatryoshkaEncoder(nn.Module):
             self.to(device)
         out = embed_layers(self, items, (layer,), dim=dim, normalize=normalize, batch_size=batch_size,
                            show_progress_bar=show_progress_bar, desc=f"encode L{layer} d{dim}",
-                           input_type=input_type)[layer]
+                           input_type=input_type, progress=progress)[layer]
         return out[0] if single else out
 
     # ----------------------------------------------------------------------------------- structure

@@ -300,3 +300,48 @@ def _pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, fl
         if not front or y > front[-1][1]:
             front.append((x, y))
     return sorted(front)
+
+
+@styled
+def plot_benchmark(result: Any, path: str | os.PathLike[str]) -> Path:
+    """Throughput per exit layer, one panel per batch size; ours vs the peers in each dtype; band = min-max.
+
+    Args:
+        result: an ``m2d bench`` result (:class:`~matryoshka2d.bench.result.BenchmarkResult`: ``meta`` and
+            ``records``).
+        path: the image file (its suffix names the format).
+    """
+    from matryoshka2d.vocab import COMPILED, OURS
+
+    meta, records, sizes = result.meta, result.records, result.meta["batch_sizes"]
+    dim, n_full = meta["dims"][-1], meta["num_layers"]
+    fig = new_figure(6.5 * len(sizes), 4.8)
+    axes = fig.subplots(1, len(sizes), squeeze=False, sharey=True)
+    impls = list(dict.fromkeys((r["impl"], r["dtype"]) for r in records))
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10" if len(impls) <= 10 else "tab20"]
+    for ax, bs in zip(axes[0], sizes, strict=True):
+        at = [r for r in records if r["dim"] == dim and r["batch_size"] == bs]
+        for i, (impl, dtype) in enumerate(impls):
+            recs = sorted((r for r in at if (r["impl"], r["dtype"]) == (impl, dtype)), key=lambda r: r["layer"])
+            if recs:
+                x = [r["layer"] for r in recs]
+                style = "-.^" if impl == COMPILED else ("-o" if impl.startswith(OURS) else "--s")
+                colour = colours(i % colours.N)
+                ax.plot(x, [r["sentences_per_s"] for r in recs], style, color=colour, label=f"{impl} {dtype}")
+                ax.fill_between(x, [r["sentences_per_s_min"] for r in recs],
+                                [r["sentences_per_s_max"] for r in recs], color=colour, alpha=0.12)
+        full = [r for r in at if (r["impl"], r["dtype"], r["layer"]) == (OURS, "fp32", n_full)]
+        if full:
+            ax.plot(meta["layers"], [full[0]["sentences_per_s"] * n_full / n for n in meta["layers"]], ":",
+                    color="grey", label="ideal N/n x ours fp32 at N")
+        ax.set(title=f"batch size {bs}", xlabel="exit layer n (model physically truncated to n blocks)",
+               xticks=meta["layers"], yscale="log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"sentences / s (median of {meta['repeats']}; band = min-max)")
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    name = Path(str(meta.get("model") or "model")).name
+    fig.suptitle(f"Encoding throughput per exit: {name}, {meta['sentences']['count']} sentences\n"
+                 f"{meta['device_name']}, {meta['threads']} thread(s), {meta['date'][:10]}", fontsize=11)
+    return save_figure(fig, path)

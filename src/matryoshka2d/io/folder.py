@@ -193,6 +193,11 @@ def read_model_folder(
 ) -> ModelFolder:
     """Read a model folder or hub id (see :meth:`MatryoshkaEncoder.from_pretrained`).
 
+    The steps, each its own function: what a local folder holds (:func:`inspect_local_folder`), the
+    architecture's config (:func:`load_backbone_config`), its depth and the weights' shapes against it, the
+    backbone and tokenizer (:func:`load_backbone_and_tokenizer`), then our facts and the exit heads and query
+    exits they name (:func:`split_metadata`).
+
     Args:
         name_or_path: a folder, a hub id, or an alias of the offline default model (``None``, ``minilm``).
         depth_of: the depth a ``transformers`` config gives its architecture; raises ``ValueError`` for an
@@ -203,8 +208,6 @@ def read_model_folder(
     read from safetensors, or from ``.bin`` with ``weights_only=True`` (no arbitrary unpickling); a folder
     with a manifest is verified first; config/weights disagreements and missing weights are refused.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     source = resolve_model_path(name_or_path)
     folder = Path(source)
     meta: dict[str, Any] = {}
@@ -212,31 +215,77 @@ def read_model_folder(
     found_len: int | None = None
     weights_dir: str = source
     if folder.exists():
-        if not folder.is_dir():
-            raise ValueError(f"{source} is a file, not a model folder; pass the folder that holds "
-                             "config.json")
-        if (folder / MANIFEST_NAME).exists():
-            verify_manifest(folder)
-        if (folder / CONFIG_NAME).exists():
-            meta = read_model_config(folder)
-            if (meta.get("export") or {}).get("format") == "onnx":
-                raise ValueError(
-                    f"{source} is an ONNX export (model.onnx), not a PyTorch model; run it with onnxruntime "
-                    "as its README.md shows, or export with --format hf to load it here"
-                )
-            found_pooling, found_len = meta.get("pooling"), meta.get("max_seq_length")
-        elif (folder / "modules.json").exists():
-            sub, found_pooling, found_len = read_sentence_transformers_folder(folder)
-            weights_dir = str(sub)
-        if not (Path(weights_dir) / "config.json").exists():
-            raise ValueError(
-                f"{weights_dir} is not a model folder (no config.json); pass a Hugging Face, "
-                "sentence-transformers or matryoshka2d model folder"
-            )
-        check_has_weights(Path(weights_dir))
+        meta, found_pooling, found_len, weights_dir = inspect_local_folder(source)
     elif _looks_like_path(source):
         raise ValueError(f"model path {source!r} does not exist; check the path or pass a hub id like "
                          "org/name")
+    config = load_backbone_config(weights_dir, source=source, local=folder.exists(),
+                                  trust_remote_code=trust_remote_code)
+    try:
+        depth = depth_of(config)
+    except ValueError as e:
+        raise ValueError(f"{Path(weights_dir) / 'config.json'}: {e}") from e
+    _check_weights_match_config(Path(weights_dir), config, depth)
+    backbone, tokenizer = load_backbone_and_tokenizer(weights_dir, config, trust_remote_code=trust_remote_code)
+    hidden = int(backbone.config.hidden_size)
+    check_metadata(folder / CONFIG_NAME, meta, num_layers=depth, hidden_size=hidden)
+    meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
+    heads, query_exits = split_metadata(folder, meta, num_layers=depth, hidden_size=hidden)
+    return ModelFolder(backbone, tokenizer, found_pooling, found_len, meta, heads, query_exits)
+
+
+def inspect_local_folder(source: str) -> tuple[dict[str, Any], PoolingMode | None, int | None, str]:
+    """What the local model folder ``source`` holds, checked before transformers reads it.
+
+    Returns:
+        ``(meta, pooling, max_seq_length, weights_dir)``: our ``matryoshka2d.json`` (empty for a foreign
+        folder), the pooling and sequence length it or a sentence-transformers layout names, and the folder
+        that holds the backbone's ``config.json`` and weights.
+
+    Raises:
+        ValueError: a file, an ONNX export, no ``config.json``, no weights, or a manifest that does not match.
+    """
+    folder = Path(source)
+    meta: dict[str, Any] = {}
+    found_pooling: PoolingMode | None = None
+    found_len: int | None = None
+    weights_dir = source
+    if not folder.is_dir():
+        raise ValueError(f"{source} is a file, not a model folder; pass the folder that holds "
+                         "config.json")
+    if (folder / MANIFEST_NAME).exists():
+        verify_manifest(folder)
+    if (folder / CONFIG_NAME).exists():
+        meta = read_model_config(folder)
+        if (meta.get("export") or {}).get("format") == "onnx":
+            raise ValueError(
+                f"{source} is an ONNX export (model.onnx), not a PyTorch model; run it with onnxruntime "
+                "as its README.md shows, or export with --format hf to load it here"
+            )
+        found_pooling, found_len = meta.get("pooling"), meta.get("max_seq_length")
+    elif (folder / "modules.json").exists():
+        sub, found_pooling, found_len = read_sentence_transformers_folder(folder)
+        weights_dir = str(sub)
+    if not (Path(weights_dir) / "config.json").exists():
+        raise ValueError(
+            f"{weights_dir} is not a model folder (no config.json); pass a Hugging Face, "
+            "sentence-transformers or matryoshka2d model folder"
+        )
+    check_has_weights(Path(weights_dir))
+    return meta, found_pooling, found_len, weights_dir
+
+
+def load_backbone_config(weights_dir: str, *, source: str, local: bool, trust_remote_code: bool) -> Any:
+    """The ``transformers`` config of the backbone in ``weights_dir`` (a folder or hub id).
+
+    Custom code named by ``auto_map`` never runs without ``trust_remote_code``: without it the standard
+    architecture of ``model_type`` is loaded, with a warning.
+
+    Raises:
+        ValueError: a config that cannot be read (naming the field, the custom code, or the hub id).
+    """
+    from transformers import AutoConfig
+
     custom_code = _custom_code(Path(weights_dir))
     try:
         config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
@@ -247,7 +296,7 @@ def read_model_folder(
                 "matryoshka2d never runs code from a model folder unless asked; pass --trust-remote-code "
                 "(trust_remote_code=True) only if you trust its author"
             ) from e
-        hint = "" if folder.exists() else " (offline? pass a local folder)"
+        hint = "" if local else " (offline? pass a local folder)"
         raise ValueError(f"could not load model {source!r}: {str(e).splitlines()[0]}{hint}") from e
     except Exception as e:  # e.g. transformers' strict config validation (a field of the wrong type)
         detail = " ".join(str(e).split())[:300] or type(e).__name__
@@ -257,11 +306,17 @@ def read_model_folder(
         logger.warning("%s: config.json names custom code (%s) that was NOT run; loading the standard %r "
                        "architecture (pass --trust-remote-code to run it)", weights_dir, custom_code,
                        config.model_type)
-    try:
-        depth = depth_of(config)
-    except ValueError as e:
-        raise ValueError(f"{Path(weights_dir) / 'config.json'}: {e}") from e
-    _check_weights_match_config(Path(weights_dir), config, depth)
+    return config
+
+
+def load_backbone_and_tokenizer(weights_dir: str, config: Any, *, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The backbone (without the task pooler, which would get no gradient) and its tokenizer.
+
+    Raises:
+        ValueError: an unreadable tokenizer, or one with more tokens than the embedding table has rows.
+    """
+    from transformers import AutoTokenizer
+
     extra = {"add_pooling_layer": False} if config.model_type in _HAS_POOLER else {}
     with _quiet_transformers():
         backbone = _load_backbone(weights_dir, trust_remote_code=trust_remote_code, **extra)
@@ -278,17 +333,28 @@ def read_model_folder(
             f"{weights_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
             f"{rows} rows, so some token ids would index past it; the folder mixes two models, re-save it"
         )
-    check_metadata(folder / CONFIG_NAME, meta, num_layers=depth, hidden_size=int(backbone.config.hidden_size))
-    meta.setdefault("source", meta.get("source") or str(name_or_path or DEFAULT_MODEL))
+    return backbone, tokenizer
+
+
+def split_metadata(folder: Path, meta: dict[str, Any], *, num_layers: int,
+                   hidden_size: int) -> tuple[ExitHeadsState | None, tuple[dict[str, Any], dict[str, Any]] | None]:
+    """Take the file-format entries out of ``meta`` (in place) and read the exit heads and query exits they name.
+
+    What stays in ``meta`` are the model's facts (source, trained layers and dims, ...); the pooling and
+    sequence length were read before, and the format version and library versions are the file's, not the
+    model's.
+
+    Returns:
+        ``(heads, query_exits)``, each ``None`` when the folder has none.
+    """
     heads_entry = meta.pop("exit_heads", None)
     query_entry = meta.pop("query_exits", None)
     for key in ("format_version", "pooling", "max_seq_length", "library_versions"):
         meta.pop(key, None)
-    heads = None if heads_entry is None else read_heads(
-        folder, heads_entry, num_layers=depth, hidden_size=int(backbone.config.hidden_size)
-    )
-    query_exits = None if query_entry is None else read_query_exits(folder, query_entry, num_layers=depth)
-    return ModelFolder(backbone, tokenizer, found_pooling, found_len, meta, heads, query_exits)
+    heads = None if heads_entry is None else read_heads(folder, heads_entry, num_layers=num_layers,
+                                                        hidden_size=hidden_size)
+    query_exits = None if query_entry is None else read_query_exits(folder, query_entry, num_layers=num_layers)
+    return heads, query_exits
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -1,4 +1,4 @@
-"""The training loop: one function, :func:`train`, on Hugging Face Accelerate.
+"""The training loop: :func:`train` on Hugging Face Accelerate, with each part of a step a named function.
 
 It runs as one process (CPU or GPU) or as several under ``accelerate launch`` / ``torchrun`` (DDP; gloo
 on CPU). ``train.batch_size`` is the GLOBAL micro-batch: every process draws the same seeded order and
@@ -62,9 +62,43 @@ class TrainResult:
     best_score: float | None = None
 
 
+@dataclass
+class TrainingRun:
+    """Everything the steps share, built once before step 1 by :func:`start_run`.
+
+    Attributes:
+        objective: the 2D objective as Accelerate prepared it (DDP-wrapped on several processes).
+        inner: the same objective unwrapped; ``inner.model`` is the encoder.
+        order: the seeded data order every process draws alike.
+        total: the last step; ``start`` the step the run resumes after (0 for a new run).
+        best: the best dev score so far, ``{"step", "score"}``.
+        truncated: training texts cut at ``max_seq_length`` so far (warned once at the end).
+    """
+
+    config: Config
+    run_dir: Path
+    accelerator: Any
+    objective: Any
+    inner: Any
+    optimizer: Any
+    scheduler: Any
+    data: Any
+    dev: dict[str, Any]
+    unlabelled: list[str]
+    order: DataOrder
+    total: int
+    start: int
+    best: dict[str, Any]
+    truncated: int = 0
+
+
 def train(config: Config, *, resume: bool = False, overwrite: bool = False,
           on_step: StepHook | None = None) -> TrainResult:
     """Train ``config.model`` with the 2D Matryoshka objective; see ``docs/training.md``.
+
+    Each step reads top to bottom: gradients accumulated over the micro-batches
+    (:func:`accumulate_gradients`), one optimizer step and the step's record (:func:`optimizer_step`), then
+    logging, dev evaluation, checkpoints and a requested stop (:func:`after_step`).
 
     Args:
         config: the run's configuration.
@@ -80,17 +114,40 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
         TrainingDivergedError: a NaN/inf loss part or gradient (the run stops, its checkpoints stay).
         TrainingInterrupted: Ctrl-C (SIGINT); the current step finished and was saved as a checkpoint.
     """
+    run = start_run(config, resume=resume, overwrite=overwrite)
+    main = run.accelerator.is_main_process
+    log = open(run.run_dir / LOG_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
+    bar = tqdm(total=run.total, initial=run.start, desc="train", unit="step",
+               disable=not (main and config.run.progress_bar))
+    began = time.perf_counter()
+    sigint = SigintFlag()
+    try:
+        for step in range(run.start + 1, run.total + 1):
+            tick = time.perf_counter()
+            parts, layers, dims = accumulate_gradients(run, step)
+            record = optimizer_step(run, step, parts, layers=layers, dims=dims, tick=tick)
+            after_step(run, step, record, log=log, bar=bar, sigint=sigint, on_step=on_step)
+    finally:
+        sigint.restore()
+        bar.close()
+        if log is not None:
+            log.close()
+    return finish_run(run, began=began)
+
+
+def start_run(config: Config, *, resume: bool, overwrite: bool) -> TrainingRun:
+    """Everything before step 1: checks, the model, data and objective, the optimizer, Accelerate, and the run
+    folder (new, replaced with ``overwrite``, or resumed from its latest checkpoint with ``resume``)."""
     require_accelerate()
     from accelerate.utils import set_seed
 
     run_dir = Path(config.run.output_dir)
     accelerator = make_accelerator(config.train.mixed_precision)
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     resume_from = check_run_dir(config, resume=resume, overwrite=overwrite)
     set_seed(config.train.seed)
     model, data, dev, objective = build(config, world_size=world)
     unlabelled = load_unlabelled(config)
-    extra_batch = config.data.unlabelled_batch_size or config.train.batch_size
     accelerator.wait_for_everyone()  # every process has checked everything before anything is written
     t = config.train
     order = DataOrder(len(data), t.batch_size, t.seed)
@@ -106,103 +163,132 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False,
     start, best = 0, {"step": None, "score": None}
     if resume_from is not None:
         start, best = _restore(resume_from, accelerator, inner, optimizer, scheduler, order)
-    elif main:
+    elif accelerator.is_main_process:
         if run_dir.exists() and overwrite:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
     accelerator.wait_for_everyone()
+    return TrainingRun(config, run_dir, accelerator, objective, inner, optimizer, scheduler, data, dev,
+                       unlabelled, order, total, start, best)
 
-    per_rank, accum = t.batch_size // world, t.grad_accumulation
-    truncated = 0
-    log = open(run_dir / LOG_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
-    bar = tqdm(total=total, initial=start, desc="train", unit="step",
-               disable=not (main and config.run.progress_bar))
-    began = time.perf_counter()
-    sigint = SigintFlag()
-    try:
-        for step in range(start + 1, total + 1):
-            objective.train()
-            tick = time.perf_counter()
-            parts: dict[str, torch.Tensor] = {}
-            layers, dims = set(), set()
-            for micro in range(accum):  # gradients are all-reduced only on the last micro-batch
-                rows = order.next_batch()[rank * per_rank : (rank + 1) * per_rank]
-                features, labels, cut = _collate(inner.model, data, rows, accelerator.device)
-                truncated += cut
-                kwargs = {}
-                if unlabelled:  # the same texts for a step on every run (resume included)
-                    first = ((step - 1) * accum + micro) * extra_batch * world + rank * extra_batch
-                    chosen = [unlabelled[(first + i) % len(unlabelled)] for i in range(extra_batch)]
-                    batch = inner.model.tokenize(chosen)
-                    truncated += int(batch.pop("num_truncated", 0))
-                    kwargs["unlabelled"] = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective):
-                    out = objective(features, labels, **kwargs)
-                    accelerator.backward(out["loss"] / accum)
-                for key, value in out.items():
-                    parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
-                layers.update(inner.last_sample.get("layers", ()))
-                dims.update(inner.last_sample.get("dims", ()))
-            # one all-reduce per step: the logged parts are the mean over processes, and a NaN on any
-            # process is seen by all of them, so they stop together
-            names = list(parts)
-            record = dict(zip(names, accelerator.reduce(torch.stack(list(parts.values())), "mean").tolist(),
-                              strict=True))
-            max_norm = t.max_grad_norm or math.inf  # inf: measure the norm (for logs and checks), never clip
-            grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), max_norm))
-            _check_finite(step, record, grad_norm, fp16=t.mixed_precision == "fp16")
-            lrs = scheduler.get_last_lr()  # the first group is the backbone at the full lr
-            lr = lrs[0]
-            heads = [x for g, x in zip(optimizer.param_groups, lrs, strict=True) if g.get("name") == "heads"]
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - tick
-            record = {"step": step, "epoch": round(order.epochs_done, 4), "lr": lr,
-                      **({"head_lr": heads[0]} if heads else {}), **record,
-                      "grad_norm": grad_norm, "layers": sorted(layers), "dims": sorted(dims),
-                      "samples_per_s": round(t.batch_size * accum / seconds, 2), "step_s": round(seconds, 4)}
-            if log is not None and (step % config.run.log_every == 0 or step == total):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar.update(1)
-            shown = {k.removeprefix("loss/"): f"{v:.3f}" for k, v in record.items() if k.startswith("loss")}
-            bar.set_postfix({**shown, "L": record["layers"], "d": record["dims"],
-                             "ex/s": f"{record['samples_per_s']:.0f}"})
-            if dev and (step % config.run.eval_every == 0 or step == total):
-                best = _evaluate(accelerator, inner, dev, config, step, best, log)
-            saved = bool(config.run.save_every and step % config.run.save_every == 0) or step == total
-            if saved:
-                _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
-                            config.run.keep_last)
-            if main and on_step is not None:
-                on_step(step, record)
-            if stop_requested(accelerator, sigint.raised) and step < total:
-                if not saved:
-                    _checkpoint(accelerator, run_dir, step, inner, optimizer, scheduler, order, best,
-                                config.run.keep_last)
-                folder = ckpt.checkpoint_dir(run_dir, step)
-                if main:
-                    logger.warning("interrupted after step %d of %d; checkpoint saved in %s; resume with: "
-                                   "m2d train --config %s --resume", step, total, folder, run_dir / CONFIG_FILE)
-                raise TrainingInterrupted(step, folder, sigint.signum)
-    finally:
-        sigint.restore()
-        bar.close()
-        if log is not None:
-            log.close()
-    if truncated:
+
+def accumulate_gradients(run: TrainingRun, step: int) -> tuple[dict[str, torch.Tensor], set[int], set[int]]:
+    """Forward and backward over the step's ``grad_accumulation`` micro-batches (this process's share of each).
+
+    Gradients are all-reduced only on the last micro-batch.
+
+    Returns:
+        The loss parts averaged over the micro-batches, and the exit layers and dims the objective sampled.
+    """
+    t, accelerator, inner = run.config.train, run.accelerator, run.inner
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, t.grad_accumulation
+    per_rank = t.batch_size // world
+    extra_batch = run.config.data.unlabelled_batch_size or t.batch_size
+    run.objective.train()
+    parts: dict[str, torch.Tensor] = {}
+    layers: set[int] = set()
+    dims: set[int] = set()
+    for micro in range(accum):
+        rows = run.order.next_batch()[rank * per_rank : (rank + 1) * per_rank]
+        features, labels, cut = _collate(inner.model, run.data, rows, accelerator.device)
+        run.truncated += cut
+        kwargs = {}
+        if run.unlabelled:  # the same texts for a step on every run (resume included)
+            first = ((step - 1) * accum + micro) * extra_batch * world + rank * extra_batch
+            chosen = [run.unlabelled[(first + i) % len(run.unlabelled)] for i in range(extra_batch)]
+            batch = inner.model.tokenize(chosen)
+            run.truncated += int(batch.pop("num_truncated", 0))
+            kwargs["unlabelled"] = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(run.objective):
+            out = run.objective(features, labels, **kwargs)
+            accelerator.backward(out["loss"] / accum)
+        for key, value in out.items():
+            parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
+        layers.update(inner.last_sample.get("layers", ()))
+        dims.update(inner.last_sample.get("dims", ()))
+    return parts, layers, dims
+
+
+def optimizer_step(run: TrainingRun, step: int, parts: dict[str, torch.Tensor], *, layers: set[int],
+                   dims: set[int], tick: float) -> dict[str, Any]:
+    """Clip, check and take the optimizer and schedule step; return the step's log record.
+
+    One all-reduce per step: the logged parts are the mean over processes, and a NaN on any process is seen by
+    all of them, so they stop together.
+
+    Raises:
+        TrainingDivergedError: a NaN/inf loss part or gradient norm.
+    """
+    t, accelerator, optimizer = run.config.train, run.accelerator, run.optimizer
+    names = list(parts)
+    record = dict(zip(names, accelerator.reduce(torch.stack(list(parts.values())), "mean").tolist(),
+                      strict=True))
+    max_norm = t.max_grad_norm or math.inf  # inf: measure the norm (for logs and checks), never clip
+    grad_norm = float(accelerator.clip_grad_norm_(run.objective.parameters(), max_norm))
+    _check_finite(step, record, grad_norm, fp16=t.mixed_precision == "fp16")
+    lrs = run.scheduler.get_last_lr()  # the first group is the backbone at the full lr
+    heads = [x for g, x in zip(optimizer.param_groups, lrs, strict=True) if g.get("name") == "heads"]
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - tick
+    return {"step": step, "epoch": round(run.order.epochs_done, 4), "lr": lrs[0],
+            **({"head_lr": heads[0]} if heads else {}), **record,
+            "grad_norm": grad_norm, "layers": sorted(layers), "dims": sorted(dims),
+            "samples_per_s": round(t.batch_size * t.grad_accumulation / seconds, 2), "step_s": round(seconds, 4)}
+
+
+def after_step(run: TrainingRun, step: int, record: dict[str, Any], *, log: Any, bar: Any, sigint: SigintFlag,
+               on_step: StepHook | None) -> None:
+    """Log the step, evaluate on the dev sets, checkpoint, call ``on_step``, and stop if asked (Ctrl-C / SIGTERM).
+
+    Raises:
+        TrainingInterrupted: a stop was requested before the last step; the step's checkpoint is saved first.
+    """
+    config, accelerator, total = run.config, run.accelerator, run.total
+    if log is not None and (step % config.run.log_every == 0 or step == total):
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    bar.update(1)
+    shown = {k.removeprefix("loss/"): f"{v:.3f}" for k, v in record.items() if k.startswith("loss")}
+    bar.set_postfix({**shown, "L": record["layers"], "d": record["dims"], "ex/s": f"{record['samples_per_s']:.0f}"})
+    if run.dev and (step % config.run.eval_every == 0 or step == total):
+        run.best = _evaluate(accelerator, run.inner, run.dev, config, step, run.best, log)
+    saved = bool(config.run.save_every and step % config.run.save_every == 0) or step == total
+    if saved:
+        _checkpoint(accelerator, run.run_dir, step, run.inner, run.optimizer, run.scheduler, run.order, run.best,
+                    config.run.keep_last)
+    if accelerator.is_main_process and on_step is not None:
+        on_step(step, record)
+    if stop_requested(accelerator, sigint.raised) and step < total:
+        if not saved:
+            _checkpoint(accelerator, run.run_dir, step, run.inner, run.optimizer, run.scheduler, run.order,
+                        run.best, config.run.keep_last)
+        folder = ckpt.checkpoint_dir(run.run_dir, step)
+        if accelerator.is_main_process:
+            logger.warning("interrupted after step %d of %d; checkpoint saved in %s; resume with: "
+                           "m2d train --config %s --resume", step, total, folder, run.run_dir / CONFIG_FILE)
+        raise TrainingInterrupted(step, folder, sigint.signum)
+
+
+def finish_run(run: TrainingRun, *, began: float) -> TrainResult:
+    """After the last step: warn about truncated texts once and save ``final/`` from the main process.
+
+    The run's seconds are counted from ``began`` (a ``time.perf_counter()``) to when ``final/`` is saved.
+    """
+    if run.truncated:
         logger.warning("%d training texts were longer than max_seq_length=%d tokens and were truncated",
-                       truncated, inner.model.max_seq_length)
-    final = run_dir / "final"
-    if main:
-        _save_model(inner, config, data, final, steps=total, epochs=order.epochs_done, world=world, best=best)
-    accelerator.wait_for_everyone()
+                       run.truncated, run.inner.model.max_seq_length)
+    final = run.run_dir / "final"
+    if run.accelerator.is_main_process:
+        _save_model(run.inner, run.config, run.data, final, steps=run.total, epochs=run.order.epochs_done,
+                    world=run.accelerator.num_processes, best=run.best)
+    run.accelerator.wait_for_everyone()
     seconds = time.perf_counter() - began
-    logger.info("trained %d steps in %.1fs; final model in %s", total - start, seconds, final)
-    return TrainResult(run_dir, final, total, seconds, best["step"], best["score"])
+    logger.info("trained %d steps in %.1fs; final model in %s", run.total - run.start, seconds, final)
+    return TrainResult(run.run_dir, final, run.total, seconds, run.best["step"], run.best["score"])
 
 
 def _check_finite(step: int, record: dict[str, float], grad_norm: float, *, fp16: bool) -> None:
