@@ -164,13 +164,7 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
             model that already has query exits.
     """
     items, dropped = unlabelled_texts(texts)
-    doc = model.check_layer(config.document_exit if config.document_exit is not None else model.num_layers)
-    exits = [model.check_layer(n) for n in config.exits]
-    if exits[-1] >= doc:
-        raise ValueError(f"query exits {exits} must lie below the document exit {doc}; pass exits in 1..{doc - 1}")
-    if model.query_path is not None and config.method != "separate":
-        raise ValueError(f"this model already has query exits {model.query_path.layers}; align the original model")
-    dims = [model.check_dim(d) for d in config.dims] if config.dims else matryoshka_dims(model.hidden_size)
+    doc, exits, dims = _checked_exits(model, config)
     if show_progress_bar is None:
         show_progress_bar = logger.isEnabledFor(logging.INFO)
     started = time.perf_counter()
@@ -184,70 +178,13 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
         raise ValueError(f"vectors must hold {len(items)} rows at layers {wanted} (the unlabelled texts' pooled "
                          f"vectors), got layers { {n: len(v) for n, v in vectors.items()} }; pass vectors=None")
     tokens = tokenize_unpadded(model.tokenizer, items, min(config.max_seq_length, model.max_seq_length))
-    teacher = torch.from_numpy(vectors[doc])
     teacher_s = time.perf_counter() - started
     result = AlignResult(model)
-    device = model.device
-
-    def features(rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(device) for k, v in tokens.collate(rows).items()}
-
-    def loss_of(student: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        return mean_over_dims(embedding_alignment, dims, student, teacher[rows].to(student.device),
-                              distance=config.distance)
-
-    step: Callable[[np.ndarray], torch.Tensor]
-    if config.method == "separate":
-        students = {}
-        for n in exits:
-            sub = model.truncate(n)
-            sub.add_exit_heads("linear", layers=[n])  # kept as it is when the exit already has one
-            for p in sub.parameters():
-                p.requires_grad_(True)
-            sub.eval()
-            students[n] = sub
-        result.separate = students
-        params = [p for sub in students.values() for p in sub.parameters()]
-
-        def step(rows: np.ndarray) -> torch.Tensor:
-            f = features(rows)
-            return torch.stack([loss_of(students[n](f, [n])[n], rows) for n in exits]).sum()
-    else:
-        path = model.add_query_path(exits, rank=config.rank if config.method == "lora" else 0,
-                                    alpha=config.alpha, document_exit=doc)
-        path.eval()
-        params = list(path.parameters())
-        if config.method == "head":
-            cached = {n: torch.from_numpy(vectors[n]) for n in exits}
-
-            def step(rows: np.ndarray) -> torch.Tensor:
-                return torch.stack([loss_of(path.exits[str(n)].head(cached[n][rows].to(device)), rows)
-                                    for n in exits]).sum()
-        else:
-            def step(rows: np.ndarray) -> torch.Tensor:
-                out = model(features(rows), exits, input_type="query")
-                return torch.stack([loss_of(out[n], rows) for n in exits]).sum()
-
-    for p in params:
-        p.requires_grad_(True)
+    step, params = _student(model, config, exits, doc, result, tokens,
+                            {n: torch.from_numpy(v) for n, v in vectors.items() if n in wanted}, dims)
     order = _batches(tokens.input_ids, config.batch_size, config.epochs, config.seed)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = int(config.warmup_ratio * len(order))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (len(order) - s) / max(len(order) - warmup, 1))))
-    losses: list[float] = []
-    with tqdm(order, desc=f"align {config.method} {exits}", unit="step", disable=not show_progress_bar) as bar:
-        for i, rows in enumerate(bar):
-            loss = step(rows)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()) / len(exits))
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    for p in params:
-        p.requires_grad_(False)
+    losses = _optimise(step, params, order, config, f"align {config.method} {exits}", show_progress_bar)
+    losses = [loss / len(exits) for loss in losses]
     window = max(1, min(20, len(losses) // 4))  # the loss at the start and at the end, over this many steps
     if config.method != "separate":
         # the document path is the source model's, bit for bit: an index built from that model stays valid
@@ -268,6 +205,90 @@ def align_query_exits(model: MatryoshkaEncoder, texts: Sequence[str], config: Al
                 config.method, len(items), len(order), result.stats["seconds"], result.stats["loss_first"],
                 result.stats["loss_last"])
     return result
+
+
+def _checked_exits(model: MatryoshkaEncoder, config: AlignConfig) -> tuple[int, list[int], list[int]]:
+    """``(document exit, query exits, dims)`` of ``config`` checked against ``model``.
+
+    Raises:
+        ValueError: an exit out of range or not below the document exit, a dim out of range, or a model that
+            already has query exits (``head`` / ``lora``).
+    """
+    doc = model.check_layer(config.document_exit if config.document_exit is not None else model.num_layers)
+    exits = [model.check_layer(n) for n in config.exits]
+    if exits[-1] >= doc:
+        raise ValueError(f"query exits {exits} must lie below the document exit {doc}; pass exits in 1..{doc - 1}")
+    if model.query_path is not None and config.method != "separate":
+        raise ValueError(f"this model already has query exits {model.query_path.layers}; align the original model")
+    dims = [model.check_dim(d) for d in config.dims] if config.dims else matryoshka_dims(model.hidden_size)
+    return doc, exits, dims
+
+
+def _student(model: MatryoshkaEncoder, config: AlignConfig, exits: list[int], doc: int, result: AlignResult,
+             tokens: Any, vectors: dict[int, torch.Tensor], dims: list[int]
+             ) -> tuple[Callable[[np.ndarray], torch.Tensor], list[torch.nn.Parameter]]:
+    """What is trained, and the loss of one batch of rows: the separate encoders (put in ``result.separate``),
+    or the query path added to ``model`` (heads on the cached exit vectors, or heads + LoRA on the texts)."""
+    device, teacher = model.device, vectors[doc]
+
+    def features(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(device) for k, v in tokens.collate(rows).items()}
+
+    def loss_of(student: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return mean_over_dims(embedding_alignment, dims, student, teacher[rows].to(student.device),
+                              distance=config.distance)
+
+    if config.method == "separate":
+        for n in exits:
+            sub = model.truncate(n)
+            sub.add_exit_heads("linear", layers=[n])  # kept as it is when the exit already has one
+            result.separate[n] = sub.eval()
+        students = result.separate
+
+        def separate(rows: np.ndarray) -> torch.Tensor:
+            f = features(rows)
+            return torch.stack([loss_of(students[n](f, [n])[n], rows) for n in exits]).sum()
+
+        return separate, [p for sub in students.values() for p in sub.parameters()]
+    path = model.add_query_path(exits, rank=config.rank if config.method == "lora" else 0, alpha=config.alpha,
+                                document_exit=doc)
+    path.eval()
+
+    def head(rows: np.ndarray) -> torch.Tensor:
+        return torch.stack([loss_of(path.exits[str(n)].head(vectors[n][rows].to(device)), rows)
+                            for n in exits]).sum()
+
+    def lora(rows: np.ndarray) -> torch.Tensor:
+        out = model(features(rows), exits, input_type="query")
+        return torch.stack([loss_of(out[n], rows) for n in exits]).sum()
+
+    return (head if config.method == "head" else lora), list(path.parameters())
+
+
+def _optimise(step: Callable[[np.ndarray], torch.Tensor], params: list[torch.nn.Parameter],
+              order: list[np.ndarray], config: AlignConfig, label: str, show_progress_bar: bool) -> list[float]:
+    """AdamW over ``params`` (linear warm-up, then linear decay), one ``step(rows)`` loss per batch of ``order``;
+    the losses. ``params`` train only here."""
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    warmup = int(config.warmup_ratio * len(order))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (len(order) - s) / max(len(order) - warmup, 1))))
+    losses: list[float] = []
+    with tqdm(order, desc=label, unit="step", disable=not show_progress_bar) as bar:
+        for i, rows in enumerate(bar):
+            loss = step(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    for p in params:
+        p.requires_grad_(False)
+    return losses
 
 
 def teacher_vectors(model: MatryoshkaEncoder, texts: Sequence[str], layers: Sequence[int], max_seq_length: int, *,
