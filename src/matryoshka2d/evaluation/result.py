@@ -374,7 +374,7 @@ class GridResult:
         result = GridResult.of_task(task, str(obj["model"]), records, metadata=obj.get("metadata") or {},
                                     metrics=metrics, asymmetric=obj.get("asymmetric") or [])
         arrays = read_sidecar(path, info) if info else None
-        if arrays is not None:
+        if arrays is not None and info:
             read_predictions(arrays, path.with_name(info["file"]), path, result, list(info["sets"]))
         return result
 
@@ -556,7 +556,7 @@ def predictions_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{path.stem}.preds.npz")
 
 
-def named_sets(sets: Any, kind: type, loader: str, example: str) -> dict[str, Any]:
+def named_sets(sets: Any, kind: type[Any], loader: str, example: str) -> dict[str, Any]:
     """The sets a task evaluates, keyed by name: ``sets`` is ``{name: set}``, a sequence of sets of type
     ``kind`` (keyed by their ``name``) or one such set.
 
@@ -566,10 +566,10 @@ def named_sets(sets: Any, kind: type, loader: str, example: str) -> dict[str, An
     """
     if isinstance(sets, kind):
         sets = [sets]
+    items: dict[str, Any] = {}
     if isinstance(sets, Mapping):
         items = dict(sets)
     else:
-        items = {}
         for s in sets:
             if not isinstance(s, kind):
                 raise ValueError(f"sets must hold {kind.__name__} (see {loader}), got {type(s).__name__}")
