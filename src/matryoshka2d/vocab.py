@@ -71,6 +71,8 @@ EXIT_HEADS: tuple[str, ...] = get_args(ExitHeads)
 # ----------------------------------------------------------------------------------- evaluation, export, bench
 Metric = Literal["spearman", "pearson"]
 METRICS: tuple[str, ...] = get_args(Metric)
+EvalTask = Literal["sts", "retrieval"]  # what an evaluation grid scores: sentence pairs, or queries over a corpus
+EVAL_TASKS: tuple[str, ...] = get_args(EvalTask)
 StsVariant = Literal["original", "senteval_tok"]  # the STS files as published, or SentEval's tokenised copies
 STS_VARIANTS: tuple[str, ...] = get_args(StsVariant)
 ExportFormat = Literal["hf", "sentence-transformers", "onnx", "openvino"]

@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples (0 = no bootstrap)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval mass")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--metric", default=None, help="retrieval results: metric compared (default: nDCG@10)")
+    p.add_argument("--metric", default=None,
+                   help="metric compared (default: the results' headline, Spearman or nDCG@10)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +46,7 @@ def compare(args: argparse.Namespace) -> int:
     """The work of ``m2d compare`` once its outputs are locked."""
     from matryoshka2d.cli.common import check_plot_path
     from matryoshka2d.evaluation.compare import compare_results
-    from matryoshka2d.evaluation.grid import GridResult
+    from matryoshka2d.evaluation.result import load_result
     from matryoshka2d.io.atomic import atomic_write_text
     from matryoshka2d.io.outputs import save_or_rescue
 
@@ -55,14 +56,7 @@ def compare(args: argparse.Namespace) -> int:
         raise ValueError("--benchmark and --pareto go together: pass both to draw the quality-vs-speed plot")
     check_plot_path(args.plot)
     check_plot_path(args.pareto, flag="--pareto")
-    from matryoshka2d.evaluation.retrieval_result import RetrievalResult, result_kind
-
-    kinds = {result_kind(path) for path in args.results}
-    if len(kinds) > 1:
-        raise ValueError(f"cannot compare STS results with retrieval results ({args.results}); compare each "
-                         f"kind separately (m2d eval writes mixed runs to res.json and res.retrieval.json)")
-    retrieval = kinds == {"retrieval"}
-    results = [(RetrievalResult if retrieval else GridResult).load(path) for path in args.results]
+    results = [load_result(path) for path in args.results]
     if args.labels:
         labels = [s.strip() for s in args.labels.split(",")]
         if len(labels) != len(results):
@@ -71,14 +65,8 @@ def compare(args: argparse.Namespace) -> int:
         labels = [r.model for r in results]
         if max(Counter(labels).values()) > 1:  # same model name twice: use the file names
             labels = [Path(p).stem for p in args.results]
-    if retrieval:
-        from matryoshka2d.evaluation.retrieval_compare import compare_retrieval
-
-        comparison = compare_retrieval(results, labels, metric=args.metric, draws=args.draws, seed=args.seed,
-                                       confidence=args.confidence)
-    else:
-        comparison = compare_results(results, labels, draws=args.draws, seed=args.seed,
-                                     confidence=args.confidence, show_progress_bar=not args.quiet)
+    comparison = compare_results(results, labels, metric=args.metric, draws=args.draws, seed=args.seed,
+                                 confidence=args.confidence, show_progress_bar=not args.quiet)
     report = comparison.to_markdown()
     print(report)
     if args.output:
@@ -87,14 +75,14 @@ def compare(args: argparse.Namespace) -> int:
     if args.plot:
         from matryoshka2d.evaluation.plots import plot_dim_curves
 
-        extra = {"metric": comparison.metric} if retrieval else {}
-        save_or_rescue(args.plot, lambda path: plot_dim_curves(results, path, labels=labels,
-                                                               set_name=args.plot_set, **extra), what="plot")
+        save_or_rescue(args.plot, lambda path: plot_dim_curves(results, path, labels=labels, set_name=args.plot_set,
+                                                               metric=comparison.metric), what="plot")
         print(f"wrote {args.plot}")
     if args.pareto:
         from matryoshka2d.evaluation.plots import plot_pareto
 
         save_or_rescue(args.pareto, lambda path: plot_pareto(results[0], args.benchmark, path,
-                                                             set_name=args.plot_set), what="plot")
+                                                             set_name=args.plot_set, metric=comparison.metric),
+                       what="plot")
         print(f"wrote {args.pareto}")
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka2d.evaluation.grid import AVG, GridResult
+from matryoshka2d.evaluation.result import AVG, GridResult, metric_label
 from matryoshka2d.vocab import Metric, install_hint
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,6 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _label(metric: str) -> str:
-    return f"{metric.capitalize()} x100"
-
-
 def _default_set(result: GridResult) -> str:
     return AVG if result.has_average() else result.sets[0]
 
@@ -110,11 +106,11 @@ def plot_heatmaps(result: GridResult, path: str | os.PathLike[str], *, sets: Seq
         ax.set_xlabel("embedding dim d")
         ax.set_ylabel("exit layer n")
         where = "average of 7 STS sets" if name == AVG else f"{name} (n={result.n_pairs(name)})"
-        ax.set_title(f"{where}: {_label(metric)}")
-        fig.colorbar(image, ax=ax, label=_label(metric), shrink=0.9)
+        ax.set_title(f"{where}: {metric_label(metric)}")
+        fig.colorbar(image, ax=ax, label=metric_label(metric), shrink=0.9)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    fig.suptitle(f"{result.model}: {_label(metric)} per exit (layer x dim)")
+    fig.suptitle(f"{result.model}: {metric_label(metric)} per exit (layer x dim)")
     return save_figure(fig, path)
 
 
@@ -149,10 +145,10 @@ def plot_dim_curves(results: Sequence[GridResult], path: str | os.PathLike[str],
         ax.grid(True, alpha=0.3)
         where = "avg of 7 STS sets" if set_name == AVG else set_name
         ax.set_title(f"{label}: {where}")
-    axes[0].set_ylabel(_label(metric))
+    axes[0].set_ylabel(metric_label(metric))
     ncols = 2 if len(results[-1].layers) > 6 else 1
     axes[-1].legend(title="exit", fontsize=8, loc="lower right", ncols=ncols)
-    fig.suptitle(f"{_label(metric)} vs embedding dim, one line per exit layer")
+    fig.suptitle(f"{metric_label(metric)} vs embedding dim, one line per exit layer")
     return save_figure(fig, path)
 
 
@@ -285,11 +281,11 @@ def plot_pareto(result: GridResult, benchmark: str | os.PathLike[str] | Mapping[
     ax.xaxis.set_minor_formatter(plain)
     ax.tick_params(axis="x", which="both", labelsize=9)
     ax.set_xlabel("throughput (sentences / s, log scale)")
-    ax.set_ylabel(_label(metric))
+    ax.set_ylabel(metric_label(metric))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title="impl / dtype / batch", title_fontsize=8)
     where = "average of 7 STS sets" if set_name == AVG else set_name
-    ax.set_title(f"{result.model}: {where}, {_label(metric)} vs speed")
+    ax.set_title(f"{result.model}: {where}, {metric_label(metric)} vs speed")
     return save_figure(fig, path)
 
 

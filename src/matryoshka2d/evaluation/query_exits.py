@@ -3,7 +3,7 @@
 The corpus is encoded once, at the document exit (the full depth by default), exactly as an index holds it;
 each query is encoded at every requested exit (``input_type="query"``, so exits with a query path of their own
 take it). Every query exit ``(n, d)`` is scored against the documents at ``(doc_layer, d)``: both truncated to
-the same width ``d``. The result is a :class:`~matryoshka2d.evaluation.retrieval_result.RetrievalResult` whose
+the same width ``d``. The result is a :class:`~matryoshka2d.evaluation.result.RetrievalResult` whose
 ``layer`` is the QUERY layer (``metadata["doc_layer"]`` names the index's exit), so ``m2d compare`` gives
 paired bootstrap CIs over queries between two models or methods, exit by exit.
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from matryoshka2d.data.beir import BeirSet
 from matryoshka2d.encoder.batching import embed_layers
-from matryoshka2d.evaluation.grid import matryoshka_dims
+from matryoshka2d.evaluation.result import RetrievalResult, grid_exits, model_label
 from matryoshka2d.evaluation.retrieval import (
     CORPUS_CHUNK,
     RETRIEVAL_METRICS,
@@ -31,7 +31,6 @@ from matryoshka2d.evaluation.retrieval import (
     run_metrics,
     search_depth,
 )
-from matryoshka2d.evaluation.retrieval_result import RetrievalResult
 from matryoshka2d.truncation import truncate
 from matryoshka2d.vocab import INPUT_TYPES, InputType, check_choice
 
@@ -82,8 +81,7 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
     """
     check_choice("input_type", input_type, INPUT_TYPES)
     doc = model.check_layer(doc_layer if doc_layer is not None else model.document_space["document_exit"])
-    layers = sorted({model.check_layer(n) for n in layers}) if layers else list(range(1, model.num_layers + 1))
-    dims = sorted({model.check_dim(d) for d in dims}) if dims else matryoshka_dims(model.hidden_size)
+    layers, dims = grid_exits(model, layers, dims)
     metrics = list(dict.fromkeys(metrics))
     depth = search_depth(metrics)
     records: list[dict[str, Any]] = []
@@ -122,5 +120,5 @@ def evaluate_query_exits(model: Any, sets: Mapping[str, BeirSet], *, layers: Seq
             "num_layers": model.num_layers, "hidden_size": model.hidden_size,
             "max_seq_length": getattr(model, "max_seq_length", None),
             "split": {name: s.split for name, s in sets.items()}, "timings": timings}
-    name = model_name or str(getattr(model, "metadata", {}).get("source") or type(model).__name__)
-    return RetrievalResult(name, records, metrics, per_query, {k: list(s.query_ids) for k, s in sets.items()}, meta)
+    return RetrievalResult(model_label(model, model_name), records, metrics, per_query,
+                           {k: list(s.query_ids) for k, s in sets.items()}, meta)

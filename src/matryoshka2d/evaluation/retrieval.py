@@ -25,8 +25,14 @@ import numpy as np
 
 from matryoshka2d.data.beir import BeirSet
 from matryoshka2d.encoder.batching import embed_layers
-from matryoshka2d.evaluation.grid import matryoshka_dims
-from matryoshka2d.evaluation.retrieval_result import HEADLINE_METRIC, RETRIEVAL_METRICS, RetrievalResult
+from matryoshka2d.evaluation.result import (
+    HEADLINE_METRIC,
+    RETRIEVAL_METRICS,
+    RetrievalResult,
+    grid_exits,
+    model_label,
+    named_sets,
+)
 from matryoshka2d.truncation import truncate
 from matryoshka2d.vocab import install_hint
 
@@ -204,23 +210,6 @@ def encode_retrieval_set(model: Any, data: BeirSet, layers: Sequence[int], *, di
     return queries, docs, info
 
 
-def _as_sets(sets: Mapping[str, BeirSet] | Sequence[BeirSet] | BeirSet) -> dict[str, BeirSet]:
-    if isinstance(sets, BeirSet):
-        sets = [sets]
-    items = dict(sets) if isinstance(sets, Mapping) else {}
-    if not isinstance(sets, Mapping):
-        for s in sets:
-            if not isinstance(s, BeirSet):
-                raise ValueError(f"sets must hold BeirSet (see matryoshka2d.data.beir.load_beir), got "
-                                 f"{type(s).__name__}")
-            if s.name in items:
-                raise ValueError(f"two sets are named {s.name!r}; give each a unique name")
-            items[s.name] = s
-    if not items:
-        raise ValueError("sets is empty; pass e.g. {'scifact': load_beir('scifact')}")
-    return items
-
-
 def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSet] | BeirSet, *,
                        layers: Sequence[int] | None = None, dims: Sequence[int] | None = None,
                        metrics: Sequence[str] = RETRIEVAL_METRICS, asymmetric_dims: Sequence[int] | None = None,
@@ -232,7 +221,7 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
         model: a :class:`~matryoshka2d.encoder.model.MatryoshkaEncoder`.
         sets: ``{name: BeirSet}`` or a sequence of BeirSets (keyed by their ``name``).
         layers: exits in ``1..N``; ``None`` means all.
-        dims: widths in ``1..D``; ``None`` means :func:`~matryoshka2d.evaluation.grid.matryoshka_dims`.
+        dims: widths in ``1..D``; ``None`` means :func:`~matryoshka2d.encoder.model.matryoshka_dims`.
         metrics: ranx metric names; the first is the headline (default nDCG@10).
         asymmetric_dims: also score queries at every layer against documents at every layer, at these dims
             (each must be in ``dims``); ``None`` skips it.
@@ -244,16 +233,16 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
             MTEB's default).
 
     Returns:
-        The grid with per-query scores (for :func:`~matryoshka2d.evaluation.retrieval_compare.compare_retrieval`).
+        The grid (task ``"retrieval"``) with per-query scores (for
+        :func:`~matryoshka2d.evaluation.compare.compare_results`).
 
     Raises:
         ValueError: empty sets, a layer / dim / metric out of range.
         ImportError: ranx is not installed.
     """
     _ranx()
-    items = _as_sets(sets)
-    layers = sorted({model.check_layer(n) for n in layers}) if layers else list(range(1, model.num_layers + 1))
-    dims = sorted({model.check_dim(d) for d in dims}) if dims else matryoshka_dims(model.hidden_size)
+    items = named_sets(sets, BeirSet, "matryoshka2d.data.beir.load_beir", "{'scifact': load_beir('scifact')}")
+    layers, dims = grid_exits(model, layers, dims)
     metrics = list(dict.fromkeys(metrics))
     depth = search_depth(metrics)
     asym = sorted({model.check_dim(d) for d in asymmetric_dims}) if asymmetric_dims else []
@@ -299,5 +288,4 @@ def evaluate_retrieval(model: Any, sets: Mapping[str, BeirSet] | Sequence[BeirSe
             "hidden_size": model.hidden_size, "max_seq_length": getattr(model, "max_seq_length", None),
             "split": {name: s.split for name, s in items.items()}, "timings": timings,
             "ignore_identical_ids": bool(ignore_identical_ids)}
-    name = model_name or str(getattr(model, "metadata", {}).get("source") or type(model).__name__)
-    return RetrievalResult(name, records, metrics, per_query, query_ids, meta, asym_records)
+    return RetrievalResult(model_label(model, model_name), records, metrics, per_query, query_ids, meta, asym_records)

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from matryoshka2d.data.datasets import STS_SETS
-from matryoshka2d.evaluation.compare import PairedBootstrap
-from matryoshka2d.evaluation.grid import GridResult
+from matryoshka2d.evaluation.compare import MeanBootstrap, PairedBootstrap, set_seed
 from matryoshka2d.evaluation.plots import (
     load_benchmark,
     new_figure,
@@ -26,8 +25,7 @@ from matryoshka2d.evaluation.plots import (
     save_figure,
     styled,
 )
-from matryoshka2d.evaluation.retrieval_compare import set_resamples
-from matryoshka2d.evaluation.retrieval_result import RetrievalResult, load_result, metric_label
+from matryoshka2d.evaluation.result import GridResult, load_result, metric_label
 from matryoshka2d.io.atomic import atomic_write_json, atomic_write_text
 from matryoshka2d.study.config import separate_families
 
@@ -44,7 +42,7 @@ OVERLAP_NOTE = ("STS12-16 share sentence pairs with STS-B train (PROVENANCE.md),
 
 class Study:
     """The loaded results: ``runs[label] = [result per seed]``, each a GridResult with per-pair predictions
-    or (a retrieval study) a RetrievalResult with per-query scores."""
+    or (a retrieval study) one of task "retrieval" with per-query scores."""
 
     def __init__(self, evals: dict[Unit, Path], num_layers: int, variants: tuple[str, ...] = (),
                  families: tuple[str, ...] = ()) -> None:
@@ -65,7 +63,7 @@ class Study:
         dims = next(iter(self.runs.values()))[0].dims if self.runs else [64]
         self.key_dims = sorted({d for d in (64, max(dims)) if d in dims})  # a narrow and the full width
         first = next(iter(self.runs.values()))[0] if self.runs else GridResult("", [])
-        self.retrieval = isinstance(first, RetrievalResult)
+        self.retrieval = first.task == "retrieval"
         self.metric = first.metric  # "spearman", or the retrieval headline ("ndcg@10")
         self.label = metric_label(self.metric).removesuffix(" x100") if self.retrieval else "Spearman"
         self.units = "queries" if self.retrieval else "pairs"  # what the bootstrap resamples
@@ -116,19 +114,15 @@ class Study:
 
     def _draws(self, result: Any, set_name: str, layer: int, dim: int, draws: int) -> np.ndarray:
         """The exit's score on each of the set's ``draws`` shared resamples."""
-        if isinstance(result, RetrievalResult):
-            if set_name not in self._boot:
-                counts = set_resamples(set_name, result.n_queries(set_name), draws=draws, seed=0)
-                self._boot[set_name] = (counts, result.query_ids[set_name])
-            counts, ids = self._boot[set_name]
-            if result.query_ids[set_name] != ids:
-                raise ValueError(f"{result.model}: its {set_name} queries differ from the other runs'; evaluate "
-                                 "every run on the same set")
-            return counts @ result.query_scores(set_name, layer, dim).astype(np.float64) / counts.shape[1]
-        if set_name not in self._boot:
-            self._boot[set_name] = PairedBootstrap(result.gold[set_name], draws=draws, seed=0)
-        i, j = result.layers.index(layer), result.dims.index(dim)
-        return self._boot[set_name].spearman_draws(result.predictions[set_name][i, j])
+        if set_name not in self._boot:  # STS pairs on seed 0, queries on the set's own stream (as compare draws)
+            boot = (MeanBootstrap(result.n_units(set_name), draws=draws, seed=set_seed(set_name, 0))
+                    if self.retrieval else PairedBootstrap(result.units[set_name], draws=draws, seed=0))
+            self._boot[set_name] = (boot, result.units[set_name])
+        boot, units = self._boot[set_name]
+        if not np.array_equal(result.units[set_name], units):
+            raise ValueError(f"{result.model}: its {set_name} {self.units} differ from the other runs'; evaluate "
+                             "every run on the same set")
+        return boot.resample(result.unit_values(set_name, layer, dim))
 
 
 def _table(study: Study, set_name: str, labels: list[str]) -> list[str]:

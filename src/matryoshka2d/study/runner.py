@@ -128,7 +128,7 @@ def evaluate_unit(study: StudyConfig, unit: Unit, model_dir: Path, sets: dict[st
     JSON path."""
     from matryoshka2d.data.beir import BeirSet
     from matryoshka2d.encoder.model import MatryoshkaEncoder
-    from matryoshka2d.evaluation.retrieval_result import load_result
+    from matryoshka2d.evaluation.result import load_result
 
     out = unit.folder(Path(study.runs_dir)) / f"{tag}.json"
     done = load_result(out) if out.is_file() else None
@@ -171,7 +171,7 @@ def _selection_units(study: StudyConfig) -> dict[tuple[str, str], Unit]:
 
 def _score_selection(study: StudyConfig, units: dict[tuple[str, str], Unit]) -> tuple[float | None, dict[str, Any]]:
     """The learning rate whose selection runs have the best mean dev score (their ``dev.json`` must exist)."""
-    from matryoshka2d.evaluation.retrieval_result import load_result
+    from matryoshka2d.evaluation.result import load_result
 
     results = {key: load_result(unit.folder(Path(study.runs_dir)) / "dev.json") for key, unit in units.items()}
     metric = next(iter(results.values())).metric  # every run is scored on the same dev set
