@@ -118,16 +118,20 @@ def test_a_huge_input_is_tokenised_off_the_event_loop(server) -> None:
     answers: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answers.append(
         httpx.post(f"{server.url}/v1/embeddings", json={"input": text}, headers=AUTH, timeout=120)))
+    started = time.perf_counter()
     sender.start()
     latencies = []
     while sender.is_alive():
         began = time.perf_counter()
-        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
         latencies.append(time.perf_counter() - began)
         time.sleep(0.05)
     sender.join()
+    in_flight = time.perf_counter() - started
     assert answers[0].status_code == 200 and answers[0].json()["usage"]["prompt_tokens"] == 128
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # a blocked event loop would hold one health check for the whole tokenisation; a free one answers many
+    # while the big request is in flight (relative to that time, so a loaded machine does not fail it)
+    assert len(latencies) >= 3 and max(latencies) < in_flight / 3, (in_flight, latencies)
 
 
 def test_slow_and_half_open_clients_time_out_with_json(server) -> None:
