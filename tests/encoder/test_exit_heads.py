@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.encoder.pooling import pool
 from matryoshka2d.export.exporter import export_model
-from matryoshka2d.io.folder import HEADS_FILE
+from matryoshka2d.io.exit_files import HEADS_FILE
 from matryoshka2d.training import checkpoint
 from matryoshka2d.training.config import Config
 from tests.conftest import SENTENCES

@@ -154,4 +154,3 @@ def run_ray(job: CorpusJob, output: Path, specs: Sequence[ShardSpec], *, workers
     missing = sorted({s.index for s in specs} - done)
     if missing:
         raise RuntimeError(f"Ray returned no result for shards {missing[:10]}; rerun the same command to resume")
-

@@ -10,7 +10,7 @@ so adding heads changes no embedding until they are trained.
 
 A model folder stores its heads in ``exit_heads.safetensors`` (tensors ``"{layer}.weight"`` and
 ``"{layer}.bias"``) and names them in ``matryoshka2d.json`` as ``"exit_heads": {"kind": ..., "layers": [...]}``
-(see :mod:`matryoshka2d.io.folder`).
+(see :mod:`matryoshka2d.io.exit_files`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from matryoshka2d.encoder.batching import embed_layers
 from matryoshka2d.encoder.pooling import check_pooling, pool
 from matryoshka2d.encoder.query_path import QueryPath
 from matryoshka2d.encoder.tokenization import FEATURE_KEYS, check_texts, default_max_length
-from matryoshka2d.io.folder import ExitHeadsState, read_model_folder, write_model_folder
+from matryoshka2d.io.exit_files import ExitHeadsState
+from matryoshka2d.io.folder import read_model_folder, write_model_folder
 from matryoshka2d.vocab import INPUT_TYPES, ExitHeadKind, InputType, PoolingMode, check_choice
 
 logger = logging.getLogger(__name__)

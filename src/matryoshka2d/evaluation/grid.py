@@ -26,9 +26,9 @@ from matryoshka2d.evaluation.result import (
     grid_exits,
     model_label,
     named_sets,
-    predictions_path,
     read_result_json,
 )
+from matryoshka2d.evaluation.sidecar import predictions_path
 
 logger = logging.getLogger(__name__)
 

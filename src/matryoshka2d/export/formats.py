@@ -26,7 +26,7 @@ from matryoshka2d.export.hf import (
     write_runtime_fields,
     write_sentence_transformers_layout,
 )
-from matryoshka2d.io.folder import write_heads
+from matryoshka2d.io.exit_files import write_heads
 from matryoshka2d.io.manifest import CONFIG_NAME, MANIFEST_NAME
 from matryoshka2d.vocab import QUANTIZATIONS, ExportFormat, check_choice
 

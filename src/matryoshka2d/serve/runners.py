@@ -77,13 +77,14 @@ class TorchRunner:
 
         device = self.model.device
         left = getattr(self.model.tokenizer, "padding_side", "right") == "left"
-        shared = np.flatnonzero(np.asarray(exits) > 0)
+        route_of = np.asarray(exits)
+        shared = np.flatnonzero(route_of > 0)
         if len(shared):
             rows, group = (shared, arrays) if len(shared) == len(exits) else trimmed(arrays, shared, left)
             features = {k: torch.from_numpy(v).to(device) for k, v in group.items()}
             forward_mixed_depth(self.model, features, [exits[i] for i in rows], on_exit=lambda positions, pooled:
                                 on_exit(rows[positions.numpy()], pooled.detach().float().cpu().numpy()))
-        own = np.flatnonzero(np.asarray(exits) < 0)
+        own = np.flatnonzero(route_of < 0)
         if len(own):  # queries at exits with their own path: one pass per exit, with that exit's weights
             query = {k: v[own] for k, v in arrays.items()}
             for route, rows, group in exit_groups(query, [exits[i] for i in own], lambda n: [], left_padding=left):
