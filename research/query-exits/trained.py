@@ -62,9 +62,10 @@ def main() -> None:
     overrides.update({"run.output_dir": str(run), "train.seed": 42 + args.seed})
     start = time.perf_counter()
     final = run / "final"
+    trained_s = None  # a run trained before is only scored again
     if not final.is_dir():
         train(load_config(args.config, overrides=overrides), overwrite=True)
-    trained_s = time.perf_counter() - start
+        trained_s = round(time.perf_counter() - start, 1)
     model = MatryoshkaEncoder.from_pretrained(final)
     sets = {name: load_beir(name, "test") for name in args.sets.split(",")}
     docs: dict[str, dict[int, np.ndarray]] = {}
@@ -85,7 +86,7 @@ def main() -> None:
                                    for n in range(1, full + 1)}, name)
     out = Path(args.out)
     for kind, result in results.items():
-        result.metadata.update(train_s=round(trained_s, 1), overrides=overrides, encode=encoded)
+        result.metadata.update(train_s=trained_s, overrides=overrides, encode=encoded)
         result.save(out / f"trained-{name}-{kind}.json")
         for s in sets:
             print(kind, s, {n: round(result.score(s, n, 384), 2) for n in result.layers}, flush=True)
@@ -95,14 +96,14 @@ def main() -> None:
         align_start = time.perf_counter()
         stats = align_query_exits(model, texts, config).stats
         aligned = one_index(f"{name}+{args.align}")
-        aligned.metadata.update(train_s=round(trained_s, 1), overrides=overrides, encode=encoded,
+        aligned.metadata.update(train_s=trained_s, overrides=overrides, encode=encoded,
                                 align={**stats, "lr": config.learning_rate, "rank": config.rank},
                                 align_s=round(time.perf_counter() - align_start, 1))
         aligned.save(out / f"trained-{args.name}+{args.align}-s{args.seed}-one-index.json")
         for s in sets:
             assert aligned.score(s, full, 384) == results["one-index"].score(s, full, 384), "the index moved"
             print(f"+{args.align}", s, {n: round(aligned.score(s, n, 384), 2) for n in aligned.layers}, flush=True)
-    print(json.dumps({"name": name, "train_s": round(trained_s, 1), "wall_s": round(time.perf_counter() - start, 1)}))
+    print(json.dumps({"name": name, "train_s": trained_s, "wall_s": round(time.perf_counter() - start, 1)}))
 
 
 if __name__ == "__main__":
