@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from choose_lr import dev_score  # research/query-exits/choose_lr.py, beside this script
 
 from matryoshka2d.evaluation.retrieval_compare import compare_retrieval
 from matryoshka2d.evaluation.retrieval_result import RetrievalResult
@@ -16,11 +17,14 @@ from matryoshka2d.evaluation.retrieval_result import RetrievalResult
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DIMS = (64, 128, 256, 384)
-POSTHOC = (("none", "original MiniLM (shared exits, no alignment)"), ("head", "post-hoc: query heads"),
-           ("lora", "post-hoc: heads + LoRA r16"),
+POSTHOC = (("none", "original MiniLM (shared exits, no alignment)"), ("head", "post-hoc: query heads, lr 1e-3"),
+           ("lora-lr3e-4", "post-hoc: heads + LoRA r16, lr 3e-4"), ("lora", "post-hoc: heads + LoRA r16, lr 1e-3"),
+           ("lora-lr3e-3", "post-hoc: heads + LoRA r16, lr 3e-3"),
+           ("lora-lr1e-2", "post-hoc: heads + LoRA r16, lr 1e-2"),
            ("separate", "baseline: separate query encoder (Wang & Lyu), lr 5e-5"),
-           ("separate-lr2e-4", "baseline: separate query encoder, lr 2e-4 (chosen on NFCorpus dev)"))
-TRAINED = ("dense-heads", "cross", "align", "score-kd", "all", "full")
+           ("separate-lr2e-4", "baseline: separate query encoder, lr 2e-4"),
+           ("separate-lr5e-4", "baseline: separate query encoder, lr 5e-4"))
+TRAINED = ("dense-heads", "dense-heads+lora", "dense-heads+lora-lr0.003", "cross", "align", "score-kd", "all", "full")
 
 
 def load(name: str) -> RetrievalResult | None:
@@ -105,19 +109,73 @@ def cis(a: str, b: str) -> list[str]:
     return ["```", comp.to_markdown(), "```"]
 
 
-def trained() -> list[str]:
-    out = ["| run (seed 0) | exit | one-index nDCG@10 d384 (% of its full exit) | symmetric nDCG@10 d384 |",
-           "|---|---|---|---|"]
+def trained_runs(name: str, kind: str) -> list[RetrievalResult]:
+    """Every seed of a trained row; ``dense-heads+lora`` keeps dense-heads' documents, so its symmetric grid."""
+    if kind == "symmetric":
+        name = name.split("+")[0]
+    return [r for s in range(10) if (r := load(f"trained-{name}-s{s}-{kind}")) is not None]
+
+
+def mean_score(runs: list[RetrievalResult], set_name: str, n: int, d: int) -> tuple[float, float]:
+    v = [r.score(set_name, n, d) for r in runs]
+    return float(np.mean(v)), float(np.std(v))
+
+
+def trained(set_name: str) -> list[str]:
+    """Every trained row, seed mean ± std: one index (query exits vs the run's own full-exit documents), then
+    the symmetric grid, at d64 and d384."""
+    out = []
+    for kind in ("one-index", "symmetric"):
+        for d in (384, 64):
+            what = ("queries at exit n against the run's ONE full-exit index (% of that full exit)"
+                    if kind == "one-index" else "queries and documents at the same exit n")
+            out += [f"#### {set_name} test, nDCG@10 x100 at d{d}: {what}", "",
+                    "| run | seeds | L1 | L2 | L3 | L4 | L5 | L6 |", "|---|---|---|---|---|---|---|---|"]
+            for name in TRAINED:
+                runs = trained_runs(name, kind)
+                if not runs or set_name not in runs[0].sets:
+                    out.append(f"| {name} | 0 | not run |  |  |  |  |  |")
+                    continue
+                full = mean_score(runs, set_name, 6, d)[0]
+                cells = []
+                for n in range(1, 7):
+                    if n not in runs[0].layers:
+                        cells.append("-")
+                        continue
+                    m, sd = mean_score(runs, set_name, n, d)
+                    share = f" ({100 * m / full:.0f}%)" if kind == "one-index" and n < 6 else ""
+                    cells.append(f"{m:.2f} ± {sd:.2f}{share}" if len(runs) > 1 else f"{m:.2f}{share}")
+                out.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+            out.append("")
+    return out + trained_goals(set_name)
+
+
+def trained_goals(set_name: str) -> list[str]:
+    """The two guards of the shared-space goals: the full exit against plain fine-tuning (``full``), and the
+    worst symmetric cell (exits 1-6, d64-d384) against today's dense + heads."""
+    full_runs, base = trained_runs("full", "one-index"), trained_runs("dense-heads", "symmetric")
+    out = [f"Guards on {set_name} (seed means): full exit minus `full`'s; worst symmetric cell (exits 1-6, "
+           "d64-d384) minus dense + heads'", ""]
     for name in TRAINED:
-        one, sym = load(f"trained-{name}-s0-one-index"), load(f"trained-{name}-s0-symmetric")
-        if one is None:
-            out.append(f"| {name} | - | not run | - |")
+        one, sym = trained_runs(name, "one-index"), trained_runs(name, "symmetric")
+        if not one or not full_runs or not base or set_name not in one[0].sets:
             continue
-        full = one.score("scifact", 6, 384)
-        for n in one.layers:
-            v = one.score("scifact", n, 384)
-            s = sym.score("scifact", n, 384) if sym is not None else float("nan")
-            out.append(f"| {name} | {n} | {v:.2f} ({100 * v / full:.0f}%) | {s:.2f} |")
+        gap = mean_score(one, set_name, 6, 384)[0] - mean_score(full_runs, set_name, 6, 384)[0]
+        worst = min((mean_score(sym, set_name, n, d)[0] - mean_score(base, set_name, n, d)[0], n, d)
+                    for n in range(1, 7) for d in DIMS)
+        out.append(f"- {name}: full exit {gap:+.2f}; worst symmetric cell {worst[0]:+.2f} (L{worst[1]} d{worst[2]})")
+    return [*out, ""]
+
+
+def lr_choice() -> list[str]:
+    """Seed 0 of every learning rate run, scored by choose_lr.py's rule (NFCorpus dev, exits 1-3, d64-d384)."""
+    out = ["| method | lr | NFCorpus dev nDCG@10, mean of exits 1-3 x d64-d384 | chosen |", "|---|---|---|---|"]
+    for method in ("lora", "separate"):
+        runs = [r for path in sorted(RESULTS.glob(f"{method}-*s0.json"))  # lora-s0.json and lora-lr3e-3-s0.json
+                if "nfcorpus-dev" in (r := RetrievalResult.load(path)).sets]
+        scored = sorted(((dev_score(r), r.metadata["align"]["lr"]) for r in runs), key=lambda x: x[1])
+        best = max(scored)[1] if scored else None
+        out += [f"| {method} | {lr:g} | {score:.2f} | {'yes' if lr == best else ''} |" for score, lr in scored]
     return out
 
 
@@ -133,7 +191,11 @@ def main() -> None:
     lines += ["## LoRA vs the separate query encoders, paired bootstrap over queries (seed-averaged scores)", "",
               *cis("lora", "separate-lr2e-4"), "",
               *cis("lora", "separate"),
-              "", "## Shared-space training on SciFact train (seed 0), SciFact test", "", *trained(), ""]
+              "", "## The post-hoc LoRA learning rate, chosen on NFCorpus dev (research/query-exits/choose_lr.py)",
+              "", *lr_choice(), "",
+              "## Shared-space training on SciFact train (SciFact test in domain, NFCorpus test as transfer)", ""]
+    for s in ("scifact", "nfcorpus"):
+        lines += trained(s)
     print("\n".join(lines))
 
 

@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--sets", default="scifact,nfcorpus")
     p.add_argument("--align", choices=["lora"], default=None, help="then align the query exits 1-3 post-hoc")
     p.add_argument("--texts-dir", type=Path, default=None, help="the unlabelled texts (*.txt) for --align")
+    p.add_argument("--align-lr", type=float, default=None, help="--align's learning rate (default: m2d align's)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {k: ast.literal_eval(v) if v[:1] in "[{0123456789.-" or v in ("True", "False") else v
@@ -92,14 +93,15 @@ def main() -> None:
             print(kind, s, {n: round(result.score(s, n, 384), 2) for n in result.layers}, flush=True)
     if args.align:
         texts, _ = unlabelled_texts([t for f in sorted(args.texts_dir.glob("*.txt")) for t in read_sentences(f)])
-        config = AlignConfig(exits=[1, 2, 3], method=args.align, seed=args.seed)
+        config = AlignConfig(exits=[1, 2, 3], method=args.align, seed=args.seed, lr=args.align_lr)
         align_start = time.perf_counter()
         stats = align_query_exits(model, texts, config).stats
         aligned = one_index(f"{name}+{args.align}")
         aligned.metadata.update(train_s=trained_s, overrides=overrides, encode=encoded,
                                 align={**stats, "lr": config.learning_rate, "rank": config.rank},
                                 align_s=round(time.perf_counter() - align_start, 1))
-        aligned.save(out / f"trained-{args.name}+{args.align}-s{args.seed}-one-index.json")
+        tag = f"+{args.align}" + (f"-lr{args.align_lr:g}" if args.align_lr else "")
+        aligned.save(out / f"trained-{args.name}{tag}-s{args.seed}-one-index.json")
         for s in sets:
             assert aligned.score(s, full, 384) == results["one-index"].score(s, full, 384), "the index moved"
             print(f"+{args.align}", s, {n: round(aligned.score(s, n, 384), 2) for n in aligned.layers}, flush=True)
