@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (method lora)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the texts")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: lora 3e-3, head 1e-3, separate 2e-4)")
+                   help="learning rate (default: lora 3e-3, head 1e-3, separate 5e-4)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per step")
     p.add_argument("--train-seq-length", type=int, default=128, help="tokens per text while training")
     p.add_argument("--distance", choices=ALIGN_DISTANCES, default="cosine", help="alignment distance")

@@ -40,8 +40,8 @@ from matryoshka2d.vocab import ALIGN_DISTANCES, ALIGN_METHODS, AlignDistance, Al
 logger = logging.getLogger(__name__)
 
 # lora and separate: the best of their sweeps on the NFCorpus dev split (all-MiniLM-L6-v2, 41,908 unlabelled texts,
-# research/query-exits/choose_lr.py: lora 3e-4 / 1e-3 / 3e-3, separate 5e-5 / 2e-4); head was not swept
-DEFAULT_LR: dict[str, float] = {"head": 1e-3, "lora": 3e-3, "separate": 2e-4}
+# research/query-exits/choose_lr.py: lora 3e-4 / 1e-3 / 3e-3 / 1e-2, separate 5e-5 / 2e-4 / 5e-4); head was not swept
+DEFAULT_LR: dict[str, float] = {"head": 1e-3, "lora": 3e-3, "separate": 5e-4}
 LENGTH_BUCKET = 50  # batches per bucket of similar-length texts (less padding, still shuffled)
 
 
