@@ -452,9 +452,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-backend", default="openvino")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--soak-only", action="store_true", help="only the soak on --soak-backend (after a warm-up)")
-    parser.add_argument("--soak-shape-caches", default=None,
-                        help="with --soak-only on openvino: one soak per --shape-cache value, e.g. 128,5000 (the "
-                             "library's bound against OpenVINO's default), each a fresh server, back to back")
     parser.add_argument("--trim-interval-s", type=float, default=2.0, help="the server's --trim-interval-s")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
@@ -496,13 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "bounds": {"requests_per_level": args.requests, "seconds_per_phase": args.seconds}, "ours": {},
     }
     if not args.peer_install_only:
-        if args.soak_only and args.soak_shape_caches:
-            for cache in args.soak_shape_caches.split(","):
-                result["ours"][f"openvino --shape-cache {cache}"] = ours(
-                    args, "openvino", texts, depth, log_dir, threads=args.threads, soak=True,
-                    extra=["--shape-cache", cache])
-        for backend in [] if args.soak_shape_caches else [args.soak_backend] if args.soak_only else \
-                args.backends.split(","):
+        for backend in [args.soak_backend] if args.soak_only else args.backends.split(","):
             result["ours"][backend] = ours(args, backend, texts, depth, log_dir, threads=args.threads,
                                            soak=backend == args.soak_backend)
         if not args.soak_only:

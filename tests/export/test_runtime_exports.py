@@ -101,33 +101,6 @@ def test_openvino_streams_give_the_same_vectors_in_input_order(openvino_dir):
             OpenVinoEncoder(openvino_dir, streams=bad)
 
 
-def test_openvino_keeps_a_bounded_shape_cache(openvino_dir, monkeypatch):
-    """Every compiled model caps the CPU plugin's per-shape executors (its default, 5,000, let a server's memory
-    grow by gigabytes over varied batches); the cap changes no number."""
-    import openvino as ov
-
-    from matryoshka2d.export import runtime
-
-    configs = []
-    original = ov.Core.compile_model
-
-    def spy(self, model, device, config):  # noqa: ANN001, ANN202
-        configs.append(dict(config))
-        return original(self, model, device, config)
-
-    monkeypatch.setattr(ov.Core, "compile_model", spy)
-    texts = [f"{s} {'word ' * i}" for i in range(6) for s in SENTENCES]  # many shapes, more than the cap
-    capped = runtime.OpenVinoEncoder(openvino_dir, precision="f32", streams=2, shape_cache=2)
-    got = [capped.encode(texts[i: i + 1 + i % 4], batch_size=2) for i in range(0, len(texts), 3)]
-    default = runtime.OpenVinoEncoder(openvino_dir, precision="f32", streams=1)
-    want = [default.encode(texts[i: i + 1 + i % 4], batch_size=2) for i in range(0, len(texts), 3)]
-    np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), atol=1e-5)
-    assert [c["CPU_RUNTIME_CACHE_CAPACITY"] for c in configs] == ["2", str(runtime.SHAPE_CACHE)]
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match=r"shape_cache .* is not an int >= 0"):
-            runtime.OpenVinoEncoder(openvino_dir, shape_cache=bad)
-
-
 def test_openvino_export_of_an_exit_with_a_head(tiny_dir, tmp_path):
     pytest.importorskip("openvino")
     from matryoshka2d.export.runtime import load_exported

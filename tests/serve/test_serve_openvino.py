@@ -148,8 +148,7 @@ def test_server_on_the_openvino_backend_with_the_openai_client(heads_dir, model,
     """Every exit and width through the real openai client (f32, two streams), mixed layers at once, /info."""
     openai = pytest.importorskip("openai")
     with running_server(heads_dir, tmp_path / "server.log", "--backend", "openvino", "--export-dir", str(exports),
-                        "--precision", "f32", "--threads", "2", "--served-model-name", NAME, "--shape-cache", "16",
-                        timeout=180) as s:
+                        "--precision", "f32", "--threads", "2", "--served-model-name", NAME, timeout=180) as s:
         client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=30)
         for layer, dim in ((1, 8), (2, 32), (3, 5), (4, 16), (None, None)):
             extra = {"layer": layer} if layer else {}
@@ -170,7 +169,6 @@ def test_server_on_the_openvino_backend_with_the_openai_client(heads_dir, model,
         assert info["backend"] == "openvino" and info["exits"] == [1, 2, 3, 4]
         runner = info["runner"]
         assert runner["precision"] == "f32" and runner["streams"] == 2 and runner["export_dir"] == str(exports)
-        assert runner["shape_cache"] == 16
         assert httpx.post(f"{s.url}/v1/embeddings", json={"input": "a", "layer": 5}).status_code == 400
     assert "backend {'name': 'openvino'" in s.log_text()
 
@@ -260,8 +258,6 @@ def test_backend_flags_refuse_what_they_cannot_run(heads_dir, capsys, monkeypatc
         (["--backend", "openvino", "--dtype", "bf16"], "dtype 'bf16' is torch only: the openvino backend"),
         (["--backend", "openvino", "--device", "cuda"], "the openvino backend runs on the CPU"),
         (["--backend", "torch", "--precision", "bf16"], "--precision bf16 is OpenVINO's"),
-        (["--backend", "torch", "--shape-cache", "16"], "--shape-cache 16 is for --backend openvino"),
-        (["--backend", "openvino", "--shape-cache", "-1"], "--shape-cache -1 is for --backend openvino (an int >= 0"),
         (["--backend", "torch", "--dtype", "fp16"], "fp16 is for GPUs (--device cuda)"),
         (["--replicas", "0"], "--replicas 0 is out of range 1..1024"),
         (["--replicas", "2", "--autoscale", "3,4"], "need 1 <= MIN <= --replicas <= MAX"),

@@ -40,9 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"],
                    help="openvino: auto (default: bf16 where the CPU runs it natively and every exit's recorded "
                         "bf16 checks hold, STS-B within 0.2 of fp32 where the data is found; else f32), f32 or bf16")
-    p.add_argument("--shape-cache", type=int, default=None,
-                   help="openvino: (rows, tokens) shapes whose executors each exit keeps (default 128: bounded "
-                        "memory; OpenVINO's own default, 5000, grows by gigabytes under varied traffic)")
     p.add_argument("--dtype", default="fp32", choices=SERVE_DTYPES,
                    help="torch backend's backbone dtype (default fp32; fp16 on a GPU)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda for a GPU, torch backend)")
@@ -120,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ServeSpec(model=str(args.model), config=config, pooling=args.pooling,
                      trust_remote_code=args.trust_remote_code, max_seq_length=args.max_seq_length,
                      device=args.device, threads=args.threads, precision=args.precision,
-                     shape_cache=args.shape_cache, export_dir=args.export_dir, backend_why=why)
+                     export_dir=args.export_dir, backend_why=why)
     check_spec(spec)
     check_device(args.device)
     replicas = replica_options(args)

@@ -25,11 +25,6 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_NAME = "sentence_embedding"  # the graph's output: (batch, dim), L2-normalised
 OPENVINO_FILE = "openvino_model.xml"  # with openvino_model.bin beside it
-# OpenVINO's CPU plugin keeps an executor per input shape it has run, up to CPU_RUNTIME_CACHE_CAPACITY (5,000 by
-# default). A server sees a new (batch, tokens) shape on most calls, so with the default its memory grows for
-# thousands of calls (MiniLM exit 2: 157 MiB -> 2,288 MiB over 1,500 random shapes and still rising; capped at
-# 128: 448 MiB, flat from 900). benchmarks/serve.py's soak measures the server's memory with the cap.
-SHAPE_CACHE = 128
 INT8_FILES = {"onnx": "model_int8.onnx", "openvino": "openvino_model_int8.xml"}
 FP32_FILES = {"onnx": "model.onnx", "openvino": OPENVINO_FILE}
 
@@ -204,13 +199,10 @@ class OpenVinoEncoder(ExportedEncoder):
             more is THROUGHPUT with that many streams sharing the threads, batches queued through an
             ``AsyncInferQueue`` while the next ones are tokenised. The numbers are the same, only the schedule
             differs (docs/benchmarks.md measures it).
-        shape_cache: input shapes whose compiled executors the CPU plugin keeps (least recently used go first);
-            bounds the memory of a long run with varied batch and sentence lengths (:data:`SHAPE_CACHE`).
     """
 
     def __init__(self, folder: str | os.PathLike[str], *, file: str = OPENVINO_FILE, precision: str = "auto",
-                 threads: int | None = None, max_seq_length: int | None = None, streams: int | None = None,
-                 shape_cache: int = SHAPE_CACHE) -> None:
+                 threads: int | None = None, max_seq_length: int | None = None, streams: int | None = None) -> None:
         require_openvino()
         import openvino as ov
 
@@ -221,14 +213,11 @@ class OpenVinoEncoder(ExportedEncoder):
                                     or not 1 <= streams <= 64):
             raise ValueError(f"OpenVINO streams {streams!r} is out of range 1..64; pass 1 (one batch at a time), "
                              "e.g. the thread count, or None (automatic)")
-        if isinstance(shape_cache, bool) or not isinstance(shape_cache, int) or shape_cache < 0:
-            raise ValueError(f"OpenVINO shape_cache {shape_cache!r} is not an int >= 0; pass e.g. {SHAPE_CACHE} "
-                             "(0 keeps no executor between calls)")
         if precision == "auto":
             self.precision, self.precision_reason = auto_precision(read_export_meta(folder))
         else:
             self.precision, self.precision_reason = precision, "asked for"
-        self.file, self.threads, self.streams, self.shape_cache = file, threads, streams, shape_cache
+        self.file, self.threads, self.streams = file, threads, streams
         self._core = ov.Core()
         self._model = self._core.read_model(str(Path(folder) / file))
         self._compiled: dict[int, Any] = {}
@@ -245,8 +234,7 @@ class OpenVinoEncoder(ExportedEncoder):
             import openvino as ov
 
             config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
-                                      "INFERENCE_PRECISION_HINT": self.precision,
-                                      "CPU_RUNTIME_CACHE_CAPACITY": str(self.shape_cache)}
+                                      "INFERENCE_PRECISION_HINT": self.precision}
             if streams > 1:
                 config["NUM_STREAMS"] = str(streams)
             if self.threads:

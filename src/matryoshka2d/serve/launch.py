@@ -41,8 +41,6 @@ class ServeSpec:
         device: torch's device (``cpu``, ``cuda``, ``cuda:1``); the exported backends run on the CPU.
         threads: inference threads of the runner (``None``: the runtime's default).
         precision: OpenVINO's ``auto``, ``f32`` or ``bf16``.
-        shape_cache: OpenVINO's per-shape executors kept per compiled exit (``None``: the library's bound,
-            :data:`~matryoshka2d.export.runtime.SHAPE_CACHE`).
         export_dir: where ``onnx`` / ``openvino`` keep their exported exits (``None``: a temporary folder).
         backend_why: why this backend runs (``/info`` and the start-up log say it).
     """
@@ -55,7 +53,6 @@ class ServeSpec:
     device: str = "cpu"
     threads: int | None = None
     precision: str = "auto"
-    shape_cache: int | None = None
     export_dir: str | None = None
     backend_why: str = ""
 
@@ -111,9 +108,6 @@ def check_spec(spec: ServeSpec) -> None:
     if spec.precision != "auto" and backend != "openvino":
         raise ValueError(f"--precision {spec.precision} is OpenVINO's; the {backend} backend has --dtype; drop "
                          "--precision or pass --backend openvino")
-    if spec.shape_cache is not None and (backend != "openvino" or spec.shape_cache < 0):
-        raise ValueError(f"--shape-cache {spec.shape_cache} is for --backend openvino (an int >= 0; this is "
-                         f"{backend}); pass e.g. --shape-cache 128 with --backend openvino, or drop it")
     if backend == "onnx":
         from matryoshka2d.export.runtime import require_onnx
 
@@ -156,8 +150,7 @@ def _openvino_runner(model: MatryoshkaEncoder, spec: ServeSpec, folder: Callable
     from matryoshka2d.serve.runners import OpenVinoRunner
 
     sts = bf16_sts() if spec.precision == "auto" else None
-    return OpenVinoRunner.from_model(model, folder(), threads=spec.threads, precision=spec.precision, sts=sts,
-                                     shape_cache=spec.shape_cache)
+    return OpenVinoRunner.from_model(model, folder(), threads=spec.threads, precision=spec.precision, sts=sts)
 
 
 BACKENDS: dict[str, Callable[[MatryoshkaEncoder, ServeSpec, Callable[[], str]], Any]] = {

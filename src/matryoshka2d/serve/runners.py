@@ -264,13 +264,11 @@ class OpenVinoRunner:
         first = self.encoders[max(self.encoders)]
         return {"name": self.name, **routes(self.encoders), "precision": first.precision,
                 "precision_reason": first.precision_reason, "streams": self.streams, "threads": first.threads,
-                "shape_cache": first.shape_cache, "export_dir": self.export_dir,
-                **({"why": self.why} if self.why else {})}
+                "export_dir": self.export_dir, **({"why": self.why} if self.why else {})}
 
     @classmethod
     def from_model(cls, model: MatryoshkaEncoder, folder: str | os.PathLike[str], *, threads: int | None = None,
-                   precision: str = "auto", sts: ScoredPairs | None = None,
-                   shape_cache: int | None = None) -> OpenVinoRunner:
+                   precision: str = "auto", sts: ScoredPairs | None = None) -> OpenVinoRunner:
         """Export every exit of ``model`` to OpenVINO under ``folder`` (reusing exports that still match), load them.
 
         Precision and streams follow the library's one rule (:func:`~matryoshka2d.export.runtime.auto_precision`
@@ -283,14 +281,12 @@ class OpenVinoRunner:
             threads: OpenVINO threads, all streams together (``None``: the machine's CPUs).
             precision: ``auto``, ``f32`` or ``bf16``.
             sts: an STS set each export scores itself on in f32 and bf16 (what ``auto`` reads).
-            shape_cache: per-shape executors each exit keeps (``None``: the library's bound).
 
         Raises:
             ImportError: openvino missing (the ``openvino`` extra).
             ValueError: an export that does not reproduce the model, or a folder in the way.
         """
         from matryoshka2d.export.runtime import (
-            SHAPE_CACHE,
             OpenVinoEncoder,
             auto_precision,
             auto_streams,
@@ -315,9 +311,8 @@ class OpenVinoRunner:
             reason = (f"auto: {'query ' if first < 0 else ''}exit {abs(first)}: {refused[first]}" if refused
                       else f"auto at every exit: {choices[max(choices)][1]}")
         streams = auto_streams(threads, batches=2)
-        cache = SHAPE_CACHE if shape_cache is None else shape_cache
         encoders = {n: OpenVinoEncoder(path, precision=precision, threads=threads, streams=streams,
-                                       max_seq_length=length, shape_cache=cache) for n, path in folders.items()}
+                                       max_seq_length=length) for n, path in folders.items()}
         for encoder in encoders.values():
             encoder.precision_reason = reason
         left = getattr(model.tokenizer, "padding_side", "right") == "left"
