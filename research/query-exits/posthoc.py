@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import read_texts, stitch_layers  # beside this script
 
 from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.data.beir import load_beir
-from matryoshka2d.data.datasets import read_sentences
 from matryoshka2d.evaluation.query_exits import evaluate_query_exits
-from matryoshka2d.evaluation.retrieval_result import RetrievalResult
-from matryoshka2d.training.align import AlignConfig, align_query_exits, teacher_vectors, unlabelled_texts
+from matryoshka2d.training.align import AlignConfig, align_query_exits, teacher_vectors
 
 DIMS = [64, 128, 256, 384]
 
@@ -36,14 +35,8 @@ def evaluate(model, sets, docs, layers, name):  # noqa: ANN001, ANN201
 
 def evaluate_separate(students, sets, docs, name):  # noqa: ANN001, ANN201
     """One grid from standalone query encoders of depth n (each scored at its own last exit)."""
-    parts = {n: evaluate_query_exits(sub, sets, layers=[n], dims=DIMS, doc_layer=n, doc_vectors=docs, model_name=name)
-             for n, sub in students.items()}
-    layers = sorted(parts)
-    first = parts[layers[0]]
-    records = [r for n in layers for r in parts[n].records]
-    per_query = {s: np.concatenate([parts[n].per_query[s] for n in layers], axis=1) for s in first.per_query}
-    meta = {**first.metadata, "layers": layers, "doc_layer": 6}
-    return RetrievalResult(name, records, first.metrics, per_query, first.query_ids, meta)
+    return stitch_layers({n: evaluate_query_exits(sub, sets, layers=[n], dims=DIMS, doc_layer=n, doc_vectors=docs,
+                                                  model_name=name) for n, sub in students.items()}, name, 6)
 
 
 def main() -> None:
@@ -77,7 +70,7 @@ def main() -> None:
         docs = documents()
         result = evaluate(model, sets, docs, list(range(1, 7)), "minilm")
     else:
-        texts, _ = unlabelled_texts([t for f in sorted(args.texts_dir.glob("*.txt")) for t in read_sentences(f)])
+        texts = read_texts(args.texts_dir)
         config = AlignConfig(exits=exits, method=args.method, rank=args.rank, epochs=args.epochs, lr=args.lr,
                              seed=args.seed)
         cache = args.texts_dir / f"vectors-{config.max_seq_length}.npz"  # every layer of every text, once

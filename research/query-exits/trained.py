@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import read_texts, stitch_layers  # beside this script
 
 from matryoshka2d import MatryoshkaEncoder
 from matryoshka2d.data.beir import load_beir
-from matryoshka2d.data.datasets import read_sentences
 from matryoshka2d.evaluation.query_exits import evaluate_query_exits
 from matryoshka2d.evaluation.retrieval import encode_retrieval_set
 from matryoshka2d.evaluation.retrieval_result import RetrievalResult
-from matryoshka2d.training.align import AlignConfig, align_query_exits, unlabelled_texts
+from matryoshka2d.training.align import AlignConfig, align_query_exits
 from matryoshka2d.training.config import load_config
 from matryoshka2d.training.loop import train
 
@@ -35,19 +35,11 @@ HERE = Path(__file__).resolve().parent
 DIMS = [64, 128, 256, 384]
 
 
-def stitch(parts: dict[int, RetrievalResult], name: str) -> RetrievalResult:
-    layers = sorted(parts)
-    first = parts[layers[0]]
-    per_query = {s: np.concatenate([parts[n].per_query[s] for n in layers], axis=1) for s in first.per_query}
-    return RetrievalResult(name, [r for n in layers for r in parts[n].records], first.metrics, per_query,
-                           first.query_ids, {**first.metadata, "layers": layers, "doc_layer": "same as query"})
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--name", required=True)
     p.add_argument("--config", default=str(HERE / "scifact-dense-heads.toml"))
-    p.add_argument("--set", action="append", default=[], help="key=value (a Python literal)")
+    p.add_argument("--set", action="append", default=[], help="key=value (a Python literal, else text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default="runs/query-exits")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -57,6 +49,7 @@ def main() -> None:
     p.add_argument("--align-lr", type=float, default=None, help="--align's learning rate (default: m2d align's)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # not training.config.parse_assignment: it reads "none" as None, which model.exit_heads refuses
     overrides = {k: ast.literal_eval(v) if v[:1] in "[{0123456789.-" or v in ("True", "False") else v
                  for k, v in (s.split("=", 1) for s in args.set)}
     run = Path(args.runs) / f"{args.name}-s{args.seed}"
@@ -81,10 +74,10 @@ def main() -> None:
                                     doc_vectors={s: d[full] for s, d in docs.items()})
 
     results = {"one-index": one_index(name)}
-    results["symmetric"] = stitch({n: evaluate_query_exits(model, sets, layers=[n], dims=DIMS, doc_layer=n,
-                                                           doc_vectors={s: d[n] for s, d in docs.items()},
-                                                           input_type="document", model_name=name)
-                                   for n in range(1, full + 1)}, name)
+    symmetric = {n: evaluate_query_exits(model, sets, layers=[n], dims=DIMS, doc_layer=n, input_type="document",
+                                         doc_vectors={s: d[n] for s, d in docs.items()}, model_name=name)
+                 for n in range(1, full + 1)}
+    results["symmetric"] = stitch_layers(symmetric, name, "same as query")
     out = Path(args.out)
     for kind, result in results.items():
         result.metadata.update(train_s=trained_s, overrides=overrides, encode=encoded)
@@ -92,7 +85,7 @@ def main() -> None:
         for s in sets:
             print(kind, s, {n: round(result.score(s, n, 384), 2) for n in result.layers}, flush=True)
     if args.align:
-        texts, _ = unlabelled_texts([t for f in sorted(args.texts_dir.glob("*.txt")) for t in read_sentences(f)])
+        texts = read_texts(args.texts_dir)
         config = AlignConfig(exits=[1, 2, 3], method=args.align, seed=args.seed, lr=args.align_lr)
         align_start = time.perf_counter()
         stats = align_query_exits(model, texts, config).stats
